@@ -1,0 +1,96 @@
+"""Calls from gRPC server threads into the reactor, bounded by the RPC's deadline.
+
+grpcio runs each RPC in a thread of its own pool; the registry and the worker
+connections live on the reactor thread.  Twisted's ``blockingCallFromThread``
+does the hop but waits forever if the reactor never answers (or has stopped),
+so this is the same hop with two bounds:
+
+* on the reactor side the Deferred gets ``addTimeout(timeout, reactor)``: when
+  the deadline passes it is cancelled (which sends CANCEL to the worker) and
+  fails with DEADLINE_EXCEEDED;
+* on the thread side the wait gives up ``grace`` seconds after that, in case
+  the reactor itself is stuck.
+
+When the client cancels the RPC, gRPC's done-callback cancels the Deferred too.
+"""
+import threading
+
+import grpc
+from twisted.internet.defer import CancelledError, TimeoutError, maybeDeferred
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from anyserve_tw.errors import InferenceError
+
+log = Logger()
+
+
+def run_bounded(reactor, timeout, f, *args):
+    """Reactor side: call ``f`` and bound its Deferred by ``timeout`` seconds."""
+    d = maybeDeferred(f, *args)
+    if timeout is not None:
+        d.addTimeout(timeout, reactor)
+    return d
+
+
+def as_inference_error(failure):
+    """The InferenceError a failed call should reach the client as."""
+    if failure.check(InferenceError):
+        return failure.value
+    if failure.check(TimeoutError):
+        return InferenceError(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded")
+    if failure.check(CancelledError):
+        return InferenceError(grpc.StatusCode.CANCELLED, "request cancelled")
+    log.failure("unexpected error in the ingress", failure)
+    return InferenceError(grpc.StatusCode.INTERNAL, "ingress error: %s" % failure.getErrorMessage())
+
+
+class _Call:
+    """One pending reactor call, owned by the gRPC thread waiting for it."""
+
+    __slots__ = ("done", "result", "deferred")
+
+    def __init__(self):
+        self.done = threading.Event()
+        self.result = None
+        self.deferred = None
+
+    def finish(self, result):
+        self.result = result
+        self.done.set()
+
+    def cancel(self):
+        if self.deferred is not None:
+            self.deferred.cancel()
+
+
+class ReactorBridge:
+    """Runs Deferred-returning reactor code on behalf of gRPC threads."""
+
+    def __init__(self, reactor, grace=1.0):
+        self.reactor = reactor
+        self.grace = grace
+
+    def call(self, timeout, f, *args, context=None):
+        """Run ``f(*args)`` on the reactor and return its result in this thread.
+
+        Raises :class:`InferenceError` for any failure, DEADLINE_EXCEEDED when
+        ``timeout`` (seconds, or None) passes.  ``context`` is the RPC's
+        ``grpc.ServicerContext``: its cancellation cancels the call.
+        """
+        call = _Call()
+        self.reactor.callFromThread(self._start, call, timeout, f, args)
+        if context is not None:
+            context.add_callback(lambda: call.done.is_set() or self.reactor.callFromThread(call.cancel))
+        if not call.done.wait(None if timeout is None else timeout + self.grace):
+            self.reactor.callFromThread(call.cancel)
+            raise InferenceError(
+                grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded (the ingress did not answer)"
+            )
+        if isinstance(call.result, Failure):
+            raise as_inference_error(call.result)
+        return call.result
+
+    def _start(self, call, timeout, f, args):
+        call.deferred = run_bounded(self.reactor, timeout, f, *args)
+        call.deferred.addBoth(call.finish)

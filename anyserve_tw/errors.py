@@ -1,0 +1,45 @@
+"""One error type that carries a gRPC status from wherever it is raised.
+
+Raised by the registry (NOT_FOUND, UNAVAILABLE), the worker pool (UNAVAILABLE
+when a worker dies), the worker SDK (INVALID_ARGUMENT, INTERNAL) and the
+bridge (DEADLINE_EXCEEDED); the gRPC servicers turn it into the RPC's status.
+"""
+import grpc
+
+_BY_CODE = {code.value[0]: code for code in grpc.StatusCode}
+
+
+class InferenceError(Exception):
+    """A failure the client should see as ``code`` with ``message``."""
+
+    def __init__(self, code, message):
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+    def __repr__(self):
+        return "InferenceError(%s, %r)" % (self.code.name, self.message)
+
+
+def status_from_number(number):
+    """The ``grpc.StatusCode`` for its numeric value (UNKNOWN if unheard of)."""
+    return _BY_CODE.get(number, grpc.StatusCode.UNKNOWN)
+
+
+def not_found(name, version=""):
+    if version:
+        return InferenceError(
+            grpc.StatusCode.NOT_FOUND,
+            "Request for unknown model: '%s' version '%s' is not found" % (name, version),
+        )
+    return InferenceError(
+        grpc.StatusCode.NOT_FOUND, "Request for unknown model: '%s' is not found" % (name,)
+    )
+
+
+def unavailable(message):
+    return InferenceError(grpc.StatusCode.UNAVAILABLE, message)
+
+
+def invalid_argument(message):
+    return InferenceError(grpc.StatusCode.INVALID_ARGUMENT, message)

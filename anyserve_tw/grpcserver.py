@@ -1,0 +1,69 @@
+"""A grpcio server as a Twisted service.
+
+The server is created in ``startService``, never earlier: grpc objects do not
+survive a fork, and twistd may daemonize between ``makeService`` and
+``startService``.  ``stopService`` stops taking new RPCs at once (new ones get
+UNAVAILABLE from grpc), lets in-flight ones finish for ``grace`` seconds, and
+waits for that off the reactor thread, so the reactor keeps serving the
+forwarded requests those RPCs are waiting on.
+"""
+from concurrent import futures
+
+import grpc
+from twisted.application.service import Service
+from twisted.internet.threads import deferToThreadPool
+from twisted.logger import Logger
+
+
+def channel_options(max_message_size):
+    """Options shared by our servers and clients: the message caps both ways."""
+    return [
+        ("grpc.max_receive_message_length", max_message_size),
+        ("grpc.max_send_message_length", max_message_size),
+    ]
+
+
+class GrpcServerService(Service):
+    """Serves ``handlers`` on ``host:port`` from a pool of ``threads`` threads."""
+
+    log = Logger()
+
+    def __init__(self, reactor, label, host, port, handlers, threads=32,
+                 max_message_size=64 * 1024 * 1024, max_concurrent_rpcs=None, grace=10.0):
+        self.reactor = reactor
+        self.label = label
+        self.host = host
+        self.port = port
+        self.handlers = handlers
+        self.threads = threads
+        self.max_message_size = max_message_size
+        self.max_concurrent_rpcs = max_concurrent_rpcs
+        self.grace = grace
+        self.server = None
+        self.bound_port = None
+
+    def startService(self):
+        self.server = grpc.server(
+            futures.ThreadPoolExecutor(max_workers=self.threads, thread_name_prefix=self.label),
+            handlers=self.handlers,
+            options=channel_options(self.max_message_size) + [("grpc.so_reuseport", 0)],
+            maximum_concurrent_rpcs=self.max_concurrent_rpcs,
+        )
+        address = "%s:%d" % (self.host, self.port)
+        self.bound_port = self.server.add_insecure_port(address)
+        if not self.bound_port:
+            raise RuntimeError("%s: cannot listen on %s" % (self.label, address))
+        self.server.start()
+        super().startService()
+        self.log.info("{label} gRPC listening on {host}:{port}",
+                      label=self.label, host=self.host, port=self.bound_port)
+
+    def stopService(self):
+        super().stopService()
+        if self.server is None:
+            return None
+        stopped = self.server.stop(self.grace)
+        self.log.info("{label} gRPC draining (grace {grace}s)", label=self.label, grace=self.grace)
+        return deferToThreadPool(
+            self.reactor, self.reactor.getThreadPool(), stopped.wait, self.grace + 5
+        )

@@ -1,0 +1,61 @@
+"""The ingress's service tree.
+
+Started in this order and stopped in reverse, one after another:
+
+1. ``router``: registry, worker connections, heartbeat eviction;
+2. ``management``: the WorkerManagement gRPC server (loopback by default);
+3. ``workers``: the supervised worker scripts, if any (they need 2 to register);
+4. ``inference``: the KServe v2 gRPC server.
+
+So on SIGTERM the inference server first stops taking RPCs and drains the ones
+in flight (the router still forwards them), then the workers are stopped (they
+unregister through the still-running management server), then the rest.
+"""
+from anyserve_tw import __version__, framing
+from anyserve_tw.bridge import ReactorBridge
+from anyserve_tw.grpcserver import GrpcServerService
+from anyserve_tw.inference import InferenceServicer, inference_handler
+from anyserve_tw.management import ManagementServicer, management_handler
+from anyserve_tw.router import Router
+from anyserve_tw.services import SequentialMultiService
+from anyserve_tw.supervisor import WorkerSupervisor
+
+
+def make_ingress_service(reactor, port=8000, host="0.0.0.0", mgmt_port=9000,
+                         mgmt_host="127.0.0.1", worker_scripts=(), copies=1, pool_size=2,
+                         heartbeat_timeout=10.0, grace=10.0,
+                         max_message_size=framing.DEFAULT_MAX_PAYLOAD, threads=64,
+                         max_concurrent_rpcs=1024, request_timeout=600.0, socket_dir=None):
+    top = SequentialMultiService()
+    router = Router(reactor, pool_size=pool_size, heartbeat_timeout=heartbeat_timeout,
+                    max_payload=max_message_size)
+    router.setName("router")
+    router.setServiceParent(top)
+
+    bridge = ReactorBridge(reactor)
+    management = GrpcServerService(
+        reactor, "management", mgmt_host, mgmt_port,
+        [management_handler(ManagementServicer(bridge, router))],
+        threads=8, max_message_size=4 * 1024 * 1024, grace=1.0,
+    )
+    management.setName("management")
+    management.setServiceParent(top)
+
+    if worker_scripts:
+        client_host = "127.0.0.1" if mgmt_host in ("0.0.0.0", "::", "[::]") else mgmt_host
+        supervisor = WorkerSupervisor(
+            reactor, worker_scripts, copies, "%s:%d" % (client_host, mgmt_port),
+            heartbeat_interval=min(2.0, heartbeat_timeout / 4.0), socket_dir=socket_dir,
+        )
+        supervisor.setName("workers")
+        supervisor.setServiceParent(top)
+
+    inference = GrpcServerService(
+        reactor, "inference", host, port,
+        [inference_handler(InferenceServicer(bridge, router, request_timeout, __version__))],
+        threads=threads, max_message_size=max_message_size,
+        max_concurrent_rpcs=max_concurrent_rpcs, grace=grace,
+    )
+    inference.setName("inference")
+    inference.setServiceParent(top)
+    return top

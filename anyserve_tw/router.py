@@ -1,0 +1,155 @@
+"""The ingress core: the registry, the worker pools, and heartbeat eviction.
+
+Everything here runs on the reactor thread.  The gRPC servicers call in through
+:class:`anyserve_tw.bridge.ReactorBridge`; nothing here blocks.
+"""
+from twisted.application.service import Service
+from twisted.internet.defer import fail
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
+
+from anyserve_tw import framing
+from anyserve_tw.errors import unavailable
+from anyserve_tw.registry import ModelRegistry
+from anyserve_tw.workerpool import WorkerHandle
+
+
+class Router(Service):
+    """Routes each inference request to a live worker of its model.
+
+    A worker is dropped from routing at once when a connection to it drops, and
+    after ``heartbeat_timeout`` seconds without a heartbeat (a hung or stopped
+    process keeps its sockets open, so only silence reveals it).
+    """
+
+    log = Logger()
+
+    def __init__(self, reactor, pool_size=2, heartbeat_timeout=10.0,
+                 max_payload=framing.DEFAULT_MAX_PAYLOAD, connect_timeout=5.0):
+        self.reactor = reactor
+        self.registry = ModelRegistry()
+        self.workers = {}  # worker_id -> WorkerHandle
+        self.pool_size = pool_size
+        self.heartbeat_timeout = heartbeat_timeout
+        self.max_payload = max_payload
+        self.connect_timeout = connect_timeout
+        self._reaper = None
+
+    def startService(self):
+        super().startService()
+        self._reaper = LoopingCall(self.evict_silent_workers)
+        self._reaper.clock = self.reactor
+        self._reaper.start(max(self.heartbeat_timeout / 4.0, 0.05), now=False).addErrback(
+            lambda f: self.log.failure("heartbeat reaper stopped", f)
+        )
+
+    def stopService(self):
+        super().stopService()
+        if self._reaper is not None and self._reaper.running:
+            self._reaper.stop()
+        for handle in list(self.workers.values()):
+            handle.close("ingress shutting down")
+
+    # -- management -----------------------------------------------------
+
+    def register_model(self, worker_id, address, name, version="", platform="",
+                       inputs=(), outputs=()):
+        """Add (name, version) for a worker, connecting to it first if new.
+
+        A Deferred that fires once the worker is reachable and the model routed
+        to it; UNAVAILABLE if its socket can't be reached.
+        """
+        handle = self.workers.get(worker_id)
+        if handle is not None and (handle.address != address or handle.closed):
+            self._forget(handle, "re-registered at %s" % address)
+            handle = None
+        if handle is None:
+            handle = WorkerHandle(
+                self.reactor, worker_id, address, self._worker_lost,
+                pool_size=self.pool_size, max_payload=self.max_payload,
+                connect_timeout=self.connect_timeout,
+            )
+            self.workers[worker_id] = handle
+            self.log.info("worker {worker} at {address}: connecting", worker=worker_id, address=address)
+
+        def connected(handle):
+            if self.workers.get(worker_id) is not handle:
+                raise unavailable("worker %s went away while registering" % worker_id)
+            handle.last_heartbeat = self.reactor.seconds()
+            self.registry.register(handle, name, version, platform, inputs, outputs)
+            self.log.info(
+                "model {name}:{version} served by worker {worker}",
+                name=name, version=version or "-", worker=worker_id,
+            )
+            return True
+
+        def failed(failure):
+            if self.workers.get(worker_id) is handle:
+                del self.workers[worker_id]
+            return failure
+
+        return handle.connect().addCallbacks(connected, failed)
+
+    def unregister_model(self, worker_id, name, version=""):
+        removed = self.registry.unregister(worker_id, name, version)
+        if removed:
+            self.log.info("model {name}:{version} withdrawn by worker {worker}",
+                          name=name, version=version or "-", worker=worker_id)
+        return removed
+
+    def heartbeat(self, worker_id):
+        """Note a worker's heartbeat; False if the worker is unknown here."""
+        handle = self.workers.get(worker_id)
+        if handle is None or handle.closed:
+            return False
+        handle.last_heartbeat = self.reactor.seconds()
+        return True
+
+    def evict_silent_workers(self):
+        """Drop every worker whose last heartbeat is older than the timeout."""
+        now = self.reactor.seconds()
+        for handle in list(self.workers.values()):
+            silent = now - handle.last_heartbeat
+            if silent > self.heartbeat_timeout:
+                self.log.warn("worker {worker} missed heartbeats for {silent:.1f}s: evicting",
+                              worker=handle.worker_id, silent=silent)
+                self._forget(handle, "no heartbeat for %.1fs" % silent)
+
+    def _forget(self, handle, reason):
+        if self.workers.get(handle.worker_id) is handle:
+            del self.workers[handle.worker_id]
+        self.registry.remove_worker(handle.worker_id)
+        handle.close(reason)
+
+    def _worker_lost(self, handle):
+        if self.workers.get(handle.worker_id) is handle:
+            self.log.warn("worker {worker} disconnected ({reason})",
+                          worker=handle.worker_id, reason=handle.lost_reason)
+            del self.workers[handle.worker_id]
+            self.registry.remove_worker(handle.worker_id)
+
+    # -- inference --------------------------------------------------------
+
+    def infer(self, name, version, payload, timeout=None):
+        """Forward request bytes to a worker of (name, version).
+
+        Fails at once with NOT_FOUND for an unknown model and UNAVAILABLE for a
+        model with no live worker; no worker is touched in either case.
+        """
+        try:
+            model = self.registry.resolve(name, version)
+            worker = self.registry.pick_worker(model)
+            return worker.forward(payload, timeout)
+        except Exception:
+            return fail()
+
+    def model_ready(self, name, version=""):
+        return self.registry.is_ready(name, version)
+
+    def server_ready(self):
+        return self.running and self.registry.all_ready()
+
+    def model_metadata(self, name, version=""):
+        """(name, versions, platform, inputs, outputs) of a model; NOT_FOUND if unknown."""
+        model = self.registry.resolve(name, version)
+        return model, self.registry.versions(name)

@@ -1,0 +1,56 @@
+"""gRPC method tables built from the descriptor pool, for servers and clients.
+
+``protoc``'s ``_pb2_grpc`` modules would register their messages in protobuf's
+default pool (see :mod:`anyserve_tw.protos`), so handlers and stubs are built
+here from the service descriptors instead: the same paths
+(``/inference.GRPCInferenceService/ModelInfer``) and messages on the wire.
+"""
+import grpc
+from google.protobuf import message_factory
+
+from anyserve_tw import protos
+
+
+def _methods(service_name):
+    service = protos.service_descriptor(service_name)
+    for method in service.methods:
+        yield (
+            method.name,
+            message_factory.GetMessageClass(method.input_type),
+            message_factory.GetMessageClass(method.output_type),
+        )
+
+
+def generic_handler(service_name, servicer, raw_methods=()):
+    """A ``grpc.GenericRpcHandler`` calling ``servicer.<Method>(request, context)``.
+
+    Methods named in ``raw_methods`` take and return serialized bytes untouched:
+    the ingress forwards ModelInfer without ever parsing it.
+    """
+    handlers = {}
+    for name, request_class, response_class in _methods(service_name):
+        if name in raw_methods:
+            handlers[name] = grpc.unary_unary_rpc_method_handler(getattr(servicer, name))
+        else:
+            handlers[name] = grpc.unary_unary_rpc_method_handler(
+                getattr(servicer, name),
+                request_deserializer=request_class.FromString,
+                response_serializer=response_class.SerializeToString,
+            )
+    return grpc.method_handlers_generic_handler(service_name, handlers)
+
+
+class Stub:
+    """A client for ``service_name`` on ``channel``: ``stub.Method(request, timeout=...)``."""
+
+    def __init__(self, channel, service_name):
+        for name, request_class, response_class in _methods(service_name):
+            setattr(
+                self,
+                name,
+                channel.unary_unary(
+                    "/%s/%s" % (service_name, name),
+                    request_serializer=request_class.SerializeToString,
+                    response_deserializer=response_class.FromString,
+                ),
+            )

@@ -1,0 +1,74 @@
+"""Worker processes started and restarted by the ingress.
+
+Twisted's ProcessMonitor does the supervising (restart on exit, doubling
+back-off for processes that die at once); this adds what the ingress needs on
+top: a private socket directory, each worker told the management address by
+environment variables, and a ``stopService`` that waits until every child has
+really exited (ProcessMonitor's own does not) and then removes the sockets.
+"""
+import os
+import shutil
+import sys
+import tempfile
+
+from twisted.internet.task import LoopingCall
+from twisted.runner.procmon import ProcessMonitor
+
+
+class WorkerSupervisor(ProcessMonitor):
+    """Runs ``copies`` of each worker script, restarting any that exits."""
+
+    maxRestartDelay = 10
+    killTime = 10
+
+    def __init__(self, reactor, scripts, copies, ingress_address, heartbeat_interval,
+                 socket_dir=None, python=sys.executable):
+        super().__init__(reactor)
+        self.reactor = reactor
+        self.scripts = list(scripts)
+        self.copies = copies
+        self.ingress_address = ingress_address
+        self.heartbeat_interval = heartbeat_interval
+        self.python = python
+        self._socket_dir = socket_dir
+        self._own_dir = socket_dir is None
+        self.socket_dir = None
+
+    def startService(self):
+        self.socket_dir = self._socket_dir or tempfile.mkdtemp(prefix="anyserve-")
+        for script in self.scripts:
+            base = os.path.splitext(os.path.basename(script))[0]
+            for index in range(self.copies):
+                name = "%s-%d" % (base, index)
+                env = dict(os.environ)  # ProcessMonitor's default environment is empty
+                env.update(
+                    ANYSERVE_INGRESS=self.ingress_address,
+                    ANYSERVE_SOCKET=os.path.join(self.socket_dir, name + ".sock"),
+                    ANYSERVE_HEARTBEAT_INTERVAL=str(self.heartbeat_interval),
+                    ANYSERVE_SUPERVISED="1",
+                    PYTHONUNBUFFERED="1",
+                )
+                env.pop("ANYSERVE_WORKER_ID", None)
+                self.addProcess(name, [self.python, os.path.abspath(script)], env=env)
+        super().startService()
+
+    def stopService(self):
+        """SIGTERM every worker (SIGKILL after ``killTime``); fire when all have exited."""
+        super().stopService()
+
+        def check_exited():
+            if not self.protocols:
+                loop.stop()
+
+        loop = LoopingCall(check_exited)
+        loop.clock = self.reactor
+        return loop.start(0.05, now=True).addCallback(self._remove_sockets)
+
+    def _remove_sockets(self, _):
+        if self._own_dir and self.socket_dir:
+            shutil.rmtree(self.socket_dir, ignore_errors=True)
+        elif self.socket_dir:
+            for name in self._processes:
+                path = os.path.join(self.socket_dir, name + ".sock")
+                if os.path.exists(path):
+                    os.unlink(path)

@@ -1,0 +1,72 @@
+"""``twistd anyserve``: command-line options and the service they build.
+
+This is the one place that imports the global reactor; everything below it
+takes the reactor as a parameter.
+"""
+from twisted.python import usage
+
+from anyserve_tw import framing
+
+
+class Options(usage.Options):
+    synopsis = "[options]"
+    longdesc = (
+        "Serves the KServe v2 gRPC protocol on --port and routes each ModelInfer "
+        "to a Python worker that registered the model on --mgmt. --worker SCRIPT "
+        "(repeatable) starts and supervises worker scripts."
+    )
+    optParameters = [
+        ["port", "p", 8000, "KServe v2 gRPC port.", int],
+        ["host", None, "0.0.0.0", "Address the KServe v2 gRPC server binds."],
+        ["mgmt", "m", 9000, "Worker management gRPC port.", int],
+        ["mgmt-host", None, "127.0.0.1", "Address the management server binds."],
+        ["workers", "n", 1, "Processes to start for each --worker script.", int],
+        ["pool-size", None, 2, "Unix-socket connections kept open to each worker.", int],
+        ["heartbeat-timeout", None, 10.0, "Seconds without a heartbeat before a worker is evicted.", float],
+        ["grace", None, 10.0, "Seconds in-flight requests get to finish on shutdown.", float],
+        ["max-message-size", None, framing.DEFAULT_MAX_PAYLOAD, "Largest request or response, bytes.", int],
+        ["threads", None, 64, "gRPC server threads (one per RPC in flight).", int],
+        ["max-concurrent-rpcs", None, 1024, "RPCs in flight before RESOURCE_EXHAUSTED.", int],
+        ["request-timeout", None, 600.0, "Longest wait for a worker when the client sets no deadline.", float],
+        ["socket-dir", None, None, "Directory for supervised workers' sockets (default: a new temp dir)."],
+    ]
+
+    def __init__(self):
+        super().__init__()
+        self["worker"] = []
+
+    def opt_worker(self, script):
+        """Worker script to start and supervise (repeatable)."""
+        self["worker"].append(script)
+
+    def postOptions(self):
+        for name in ("workers", "pool-size", "threads", "max-concurrent-rpcs", "max-message-size"):
+            if self[name] < 1:
+                raise usage.UsageError("--%s must be at least 1" % name)
+        for name in ("heartbeat-timeout", "grace", "request-timeout"):
+            if self[name] <= 0:
+                raise usage.UsageError("--%s must be positive" % name)
+
+
+def makeService(options):
+    from twisted.internet import reactor
+
+    from anyserve_tw.ingress import make_ingress_service
+
+    return make_ingress_service(
+        reactor,
+        port=options["port"],
+        host=options["host"],
+        mgmt_port=options["mgmt"],
+        mgmt_host=options["mgmt-host"],
+        worker_scripts=options["worker"],
+        copies=options["workers"],
+        pool_size=options["pool-size"],
+        heartbeat_timeout=options["heartbeat-timeout"],
+        grace=options["grace"],
+        max_message_size=options["max-message-size"],
+        threads=options["threads"],
+        max_concurrent_rpcs=options["max-concurrent-rpcs"],
+        request_timeout=options["request-timeout"],
+        socket_dir=options["socket-dir"],
+    )

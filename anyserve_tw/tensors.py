@@ -1,0 +1,147 @@
+"""KServe v2 datatypes and their numpy forms.
+
+Only workers decode tensors; the ingress uses :data:`DATATYPES` to check the
+specs workers register.  Raw contents are little-endian, row-major; BYTES
+elements are each prefixed by their length as a 4-byte little-endian integer,
+as Triton and tritonclient do.
+"""
+import struct
+
+import numpy as np
+
+from anyserve_tw.errors import invalid_argument
+
+#: v2 datatype -> numpy dtype (little-endian).
+DATATYPES = {
+    "BOOL": np.dtype(np.bool_),
+    "INT8": np.dtype("<i1"),
+    "INT16": np.dtype("<i2"),
+    "INT32": np.dtype("<i4"),
+    "INT64": np.dtype("<i8"),
+    "UINT8": np.dtype("<u1"),
+    "UINT16": np.dtype("<u2"),
+    "UINT32": np.dtype("<u4"),
+    "UINT64": np.dtype("<u8"),
+    "FP16": np.dtype("<f2"),
+    "FP32": np.dtype("<f4"),
+    "FP64": np.dtype("<f8"),
+    "BYTES": np.dtype(object),
+}
+
+#: v2 datatype -> the InferTensorContents field holding it when sent typed.
+#: FP16 has no field of its own in the protocol; it is accepted in fp32_contents.
+CONTENTS_FIELD = {
+    "BOOL": "bool_contents",
+    "INT8": "int_contents",
+    "INT16": "int_contents",
+    "INT32": "int_contents",
+    "INT64": "int64_contents",
+    "UINT8": "uint_contents",
+    "UINT16": "uint_contents",
+    "UINT32": "uint_contents",
+    "UINT64": "uint64_contents",
+    "FP16": "fp32_contents",
+    "FP32": "fp32_contents",
+    "FP64": "fp64_contents",
+    "BYTES": "bytes_contents",
+}
+
+_LENGTH = struct.Struct("<I")
+
+
+_BY_KIND = {
+    (dtype.kind, dtype.itemsize): name for name, dtype in DATATYPES.items() if name != "BYTES"
+}
+
+
+def datatype_of(array):
+    """The v2 datatype of a numpy array (object/str/bytes arrays are BYTES)."""
+    if array.dtype.kind in "OSU":
+        return "BYTES"
+    try:
+        return _BY_KIND[array.dtype.kind, array.dtype.itemsize]
+    except KeyError:
+        raise invalid_argument("no KServe v2 datatype for numpy dtype %s" % array.dtype) from None
+
+
+def element_count(shape):
+    count = 1
+    for dim in shape:
+        if dim < 0:
+            raise invalid_argument("negative dimension in shape %s" % (list(shape),))
+        count *= dim
+    return count
+
+
+def decode_bytes(buffer, count=None):
+    """Split length-prefixed BYTES elements into a list of bytes objects."""
+    view = memoryview(buffer)
+    items = []
+    pos = 0
+    size = len(view)
+    while pos < size:
+        if pos + 4 > size:
+            raise invalid_argument("BYTES tensor: truncated length prefix")
+        (length,) = _LENGTH.unpack_from(view, pos)
+        pos += 4
+        if pos + length > size:
+            raise invalid_argument("BYTES tensor: element runs past the end")
+        items.append(bytes(view[pos:pos + length]))
+        pos += length
+    if count is not None and len(items) != count:
+        raise invalid_argument(
+            "BYTES tensor holds %d elements, its shape needs %d" % (len(items), count)
+        )
+    return items
+
+
+def encode_bytes(items):
+    """Length-prefix each element (bytes, or str encoded as UTF-8)."""
+    parts = []
+    for item in items:
+        if isinstance(item, str):
+            item = item.encode("utf-8")
+        elif not isinstance(item, (bytes, bytearray, memoryview)):
+            item = str(item).encode("utf-8")
+        parts.append(_LENGTH.pack(len(item)))
+        parts.append(bytes(item))
+    return b"".join(parts)
+
+
+def from_raw(datatype, shape, raw):
+    """A numpy array viewing raw little-endian contents (no copy for numbers)."""
+    count = element_count(shape)
+    if datatype == "BYTES":
+        array = np.empty(count, dtype=object)
+        array[:] = decode_bytes(raw, count)
+        return array.reshape(shape)
+    dtype = DATATYPES[datatype]
+    if len(raw) != count * dtype.itemsize:
+        raise invalid_argument(
+            "raw content is %d bytes, expected %d for %s %s"
+            % (len(raw), count * dtype.itemsize, datatype, list(shape))
+        )
+    return np.frombuffer(raw, dtype=dtype).reshape(shape)
+
+
+def from_contents(datatype, shape, contents):
+    """A numpy array built from typed InferTensorContents."""
+    values = getattr(contents, CONTENTS_FIELD[datatype])
+    count = element_count(shape)
+    if len(values) != count:
+        raise invalid_argument(
+            "%s holds %d elements, expected %d for shape %s"
+            % (CONTENTS_FIELD[datatype], len(values), count, list(shape))
+        )
+    if datatype == "BYTES":
+        array = np.empty(count, dtype=object)
+        array[:] = list(values)
+        return array.reshape(shape)
+    return np.array(values, dtype=DATATYPES[datatype]).reshape(shape)
+
+
+def to_raw(datatype, array):
+    """Raw little-endian bytes of ``array`` as ``datatype``."""
+    if datatype == "BYTES":
+        return encode_bytes(array.reshape(-1).tolist())
+    return np.ascontiguousarray(array, dtype=DATATYPES[datatype]).tobytes()

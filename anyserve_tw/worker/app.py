@@ -1,0 +1,81 @@
+"""The model author's API: ``app = AnyServe()``, ``@app.model(...)``, ``app.run()``."""
+import grpc
+
+from anyserve_tw.errors import InferenceError, not_found
+from anyserve_tw.peek import peek_request
+from anyserve_tw.registry import natural_key
+from anyserve_tw.worker.model import Model
+
+
+class AnyServe:
+    """A set of models served by one worker process.
+
+    ``@app.model("cls", version="v1", inputs=[("x", "FP32", [-1, 4])],
+    outputs=[("label", "INT64", [-1])])`` registers a handler.  A handler takes
+    an :class:`~anyserve_tw.worker.model.InferRequest` and returns a dict of
+    output name -> numpy array or list (or a single array when the model
+    declares exactly one output).  Plain functions run in a thread pool, off the
+    worker's event loop; ``async def`` handlers (and ones marked
+    ``asynchronous=True``, returning a Deferred) run on the loop.
+    """
+
+    def __init__(self):
+        self.models = {}
+
+    def model(self, name, version=None, inputs=None, outputs=None, platform="python",
+              asynchronous=None):
+        """Decorator registering a handler for (name, version)."""
+
+        def register(handler):
+            model = Model(handler, name, version or "", inputs, outputs, platform, asynchronous)
+            if model.key in self.models:
+                raise ValueError("model %s version %r registered twice" % (name, model.version))
+            self.models[model.key] = model
+            return handler
+
+        return register
+
+    def route(self, payload):
+        """The Model a request's bytes are for (same default-version rule as the ingress)."""
+        name, version, _ = peek_request(payload)
+        if not version:
+            versions = [v for (n, v) in self.models if n == name]
+            if not versions:
+                raise not_found(name)
+            version = "" if "" in versions else max(versions, key=natural_key)
+        model = self.models.get((name, version))
+        if model is None:
+            raise not_found(name, version)
+        return model
+
+    def handle(self, payload):
+        """Serve one request synchronously: request bytes in, response bytes out.
+
+        Errors come out as :class:`InferenceError`; a handler's own exception
+        becomes INTERNAL carrying its message.
+        """
+        model = self.route(payload)
+        request = model.decode(payload)
+        try:
+            result = model.handler(request)
+        except InferenceError:
+            raise
+        except Exception as e:
+            raise handler_error(model, e) from e
+        return model.encode(request, result)
+
+    def run(self, ingress=None, socket_path=None, worker_id=None, threads=None,
+            heartbeat_interval=None):
+        """Serve until SIGTERM/SIGINT; options default to ANYSERVE_* env vars."""
+        from anyserve_tw.worker.server import run
+
+        run(self, ingress=ingress, socket_path=socket_path, worker_id=worker_id,
+            threads=threads, heartbeat_interval=heartbeat_interval)
+
+
+def handler_error(model, exception):
+    """INTERNAL carrying what the handler raised."""
+    return InferenceError(
+        grpc.StatusCode.INTERNAL,
+        "model '%s' failed: %s: %s" % (model.name, type(exception).__name__, exception),
+    )

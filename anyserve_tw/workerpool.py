@@ -1,0 +1,198 @@
+"""The ingress's connections to one worker, and request forwarding over them.
+
+Each worker gets a small pool of persistent Unix-socket connections
+(:class:`WorkerConnection`), each carrying many requests at once, told apart by
+request id (see :mod:`anyserve_tw.framing`).  A request is a Deferred: it fires
+with the worker's response bytes, fails with the worker's status, and, when
+cancelled (deadline passed, client gone), sends CANCEL so the worker can drop
+the work.
+
+If any connection to a worker drops, the worker is treated as gone at once: its
+other connections are closed, every request in flight on them fails with
+UNAVAILABLE, and ``on_lost`` tells the router to stop routing to it.  A worker
+that is in fact still alive finds out from its next heartbeat and registers
+again, so no reconnect loop is needed here.
+"""
+import itertools
+
+import grpc
+from twisted.internet.defer import Deferred, fail, gatherResults
+from twisted.internet.endpoints import UNIXClientEndpoint, connectProtocol
+from twisted.python.failure import Failure
+
+from anyserve_tw import framing
+from anyserve_tw.errors import InferenceError, invalid_argument, status_from_number, unavailable
+
+UNIX_PREFIX = "unix://"
+
+
+def endpoint_for(reactor, address, timeout=5):
+    """A client endpoint for a worker address (``unix:///path``)."""
+    if address.startswith(UNIX_PREFIX) and len(address) > len(UNIX_PREFIX):
+        return UNIXClientEndpoint(reactor, address[len(UNIX_PREFIX):], timeout=timeout)
+    raise invalid_argument(
+        "unsupported worker address %r: expected unix:///path/to/socket" % (address,)
+    )
+
+
+class WorkerConnection(framing.FramedProtocol):
+    """One connection to a worker, multiplexing requests by id."""
+
+    def __init__(self, handle, max_payload):
+        self.handle = handle
+        self.max_payload = max_payload
+        self._pending = {}
+        self._ids = itertools.count(1)
+
+    @property
+    def outstanding(self):
+        return len(self._pending)
+
+    def forward(self, payload, timeout=None):
+        """Send one ModelInferRequest; a Deferred of the response bytes."""
+        request_id = next(self._ids)
+        d = Deferred(lambda _: self._cancel(request_id))
+        self._pending[request_id] = d
+        timeout_ms = 0 if timeout is None else max(1, min(int(timeout * 1000), 0xFFFFFFFF))
+        self.sendFrame(framing.REQUEST, request_id, payload, timeout_ms)
+        return d
+
+    def _cancel(self, request_id):
+        if self._pending.pop(request_id, None) is not None and self.transport.connected:
+            self.sendFrame(framing.CANCEL, request_id)
+
+    def frameReceived(self, kind, request_id, aux, payload):
+        d = self._pending.pop(request_id, None)
+        if d is None:
+            return  # cancelled while the worker was answering
+        if kind == framing.RESPONSE:
+            d.callback(payload)
+        elif kind == framing.ERROR:
+            d.errback(InferenceError(status_from_number(aux), payload.decode("utf-8", "replace")))
+        else:
+            d.errback(unavailable("worker sent an unexpected frame type %d" % kind))
+            self.transport.loseConnection()
+
+    def frameTooLong(self, kind, request_id, length):
+        d = self._pending.pop(request_id, None)
+        if d is not None:
+            d.errback(
+                InferenceError(
+                    grpc.StatusCode.RESOURCE_EXHAUSTED,
+                    "worker response of %d bytes exceeds the %d-byte limit"
+                    % (length, self.max_payload),
+                )
+            )
+
+    def connectionLost(self, reason):
+        pending, self._pending = self._pending, {}
+        error = unavailable(
+            "worker %s went away mid-request (%s)" % (self.handle.worker_id, self.handle.lost_reason)
+        )
+        for d in pending.values():
+            d.errback(error)
+        self.handle._connectionLost(self)
+
+
+class WorkerHandle:
+    """The ingress's view of one worker: its address, connections and load."""
+
+    def __init__(self, reactor, worker_id, address, on_lost, pool_size=2,
+                 max_payload=framing.DEFAULT_MAX_PAYLOAD, connect_timeout=5):
+        self.worker_id = worker_id
+        self.address = address
+        self.last_heartbeat = reactor.seconds()
+        self.lost_reason = "connection closed"
+        self._reactor = reactor
+        self._on_lost = on_lost
+        self._pool_size = pool_size
+        self._max_payload = max_payload
+        self._connect_timeout = connect_timeout
+        self._connections = []
+        self._waiters = []
+        self._ready = False
+        self._closed = False
+
+    def __repr__(self):
+        return "<WorkerHandle %s %s>" % (self.worker_id, self.address)
+
+    @property
+    def outstanding(self):
+        return sum(c.outstanding for c in self._connections)
+
+    @property
+    def closed(self):
+        return self._closed
+
+    def connect(self):
+        """Open the pool; a Deferred that fires when every connection is up.
+
+        Concurrent callers (a worker registering several models at once) share
+        the same attempt.  Fails with UNAVAILABLE if the worker can't be reached.
+        """
+        if self._closed:
+            return fail(unavailable("worker %s is gone" % self.worker_id))
+        d = Deferred()
+        if self._ready:
+            d.callback(self)
+            return d
+        self._waiters.append(d)
+        if len(self._waiters) == 1:
+            endpoint = endpoint_for(self._reactor, self.address, self._connect_timeout)
+            attempts = [
+                connectProtocol(endpoint, WorkerConnection(self, self._max_payload))
+                .addCallback(self._connections.append)
+                for _ in range(self._pool_size)
+            ]
+            gatherResults(attempts, consumeErrors=True).addCallbacks(
+                self._connected, self._connectFailed
+            ).addBoth(self._notifyWaiters)
+        return d
+
+    def _connected(self, _):
+        if self._closed:
+            raise unavailable("worker %s went away while connecting" % self.worker_id)
+        self._ready = True
+        return self
+
+    def _connectFailed(self, failure):
+        reason = failure.value.subFailure.getErrorMessage()
+        self.close("connect failed")
+        raise unavailable(
+            "cannot reach worker %s at %s: %s" % (self.worker_id, self.address, reason)
+        )
+
+    def _notifyWaiters(self, result):
+        waiters, self._waiters = self._waiters, []
+        for d in waiters:
+            if isinstance(result, Failure):
+                d.errback(result)
+            else:
+                d.callback(result)
+
+    def forward(self, payload, timeout=None):
+        """Forward request bytes on the least busy connection."""
+        connections = self._connections
+        if not self._ready or self._closed:
+            raise unavailable("worker %s is not connected" % self.worker_id)
+        best = connections[0]
+        for c in connections[1:]:
+            if c.outstanding < best.outstanding:
+                best = c
+        return best.forward(payload, timeout)
+
+    def close(self, reason):
+        """Drop every connection; requests in flight fail with UNAVAILABLE."""
+        if not self._closed:
+            self.lost_reason = reason
+        self._closed = True
+        for c in list(self._connections):
+            c.transport.abortConnection()
+
+    def _connectionLost(self, connection):
+        if connection in self._connections:
+            self._connections.remove(connection)
+        self.close(self.lost_reason)
+        if self._on_lost is not None:
+            on_lost, self._on_lost = self._on_lost, None
+            on_lost(self)
