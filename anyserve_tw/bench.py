@@ -285,8 +285,19 @@ class Server:
         return "\n    " + "\n    ".join(text[-lines:]) if text else "(empty)"
 
     def stop(self, timeout=10.0):
-        """SIGTERM the group and known descendants, SIGKILL what remains."""
-        self.tree() if self.alive() else None
+        """SIGTERM the group and known descendants, SIGKILL what remains.
+
+        A second Ctrl-C must not cut this short and leave servers behind.
+        """
+        previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+        try:
+            self._stop(timeout)
+        finally:
+            signal.signal(signal.SIGINT, previous)
+
+    def _stop(self, timeout):
+        if self.alive():
+            self.tree()
         self._signal_all(signal.SIGTERM)
         try:
             self.proc.wait(timeout)
@@ -485,13 +496,15 @@ def fmt(value, spec):
 
 def print_table(results):
     """Plain aligned table; the peer's CPU sits in ingress (main process)."""
+    if not results:
+        return
     head = ["server", "case", "in-flight", "requests", "req/s", "mean ms",
             "ingress CPU us/req", "worker CPU us/req", "total CPU us/req", "failed"]
     rows = [[r.server, r.case.name, str(r.case.inflight), str(r.succeeded + max(r.failed, 0)),
              fmt(r.req_per_s, ".1f"), fmt(r.mean_ms, ".3f"), fmt(r.ingress_us, ".1f"),
              fmt(r.worker_us, ".1f"), fmt(r.total_us, ".1f"), str(r.failed)]
             for r in results]
-    widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(head)]
+    widths = [max([len(h)] + [len(row[i]) for row in rows]) for i, h in enumerate(head)]
     line = lambda cells: "  ".join(c.rjust(w) if i >= 2 else c.ljust(w)
                                    for i, (c, w) in enumerate(zip(cells, widths)))
     print()
@@ -609,9 +622,15 @@ def main(argv=None):
     starters += [start_kserve] if args.peer == "kserve" else []
     results, setup_errors = [], []
     bodies = write_bodies(cases, logdir)
+    print("%d CPUs, load average %.2f (other load skews the figures)"
+          % (os.cpu_count(), os.getloadavg()[0]), flush=True)
     try:
         for start in starters:
-            server = start(args, logdir)
+            try:
+                server = start(args, logdir)
+            except OSError as e:
+                setup_errors.append("could not start: %s" % e)
+                continue
             try:
                 results.extend(bench_server(args, server, cases, bodies))
             except RuntimeError as e:

@@ -1,0 +1,338 @@
+"""Tests for anyserve_tw.registry: which workers serve which (model, version)."""
+import grpc
+
+from twisted.trial.unittest import SynchronousTestCase
+
+from anyserve_tw.errors import InferenceError
+from anyserve_tw.registry import ModelRegistry, natural_key
+
+
+class FakeWorker:
+    """Just what the registry looks at."""
+
+    def __init__(self, worker_id, outstanding=0):
+        self.worker_id = worker_id
+        self.outstanding = outstanding
+
+    def __repr__(self):
+        return "<FakeWorker %s/%d>" % (self.worker_id, self.outstanding)
+
+
+class RegisterResolveTests(SynchronousTestCase):
+    """register() and resolve()."""
+
+    def setUp(self):
+        self.registry = ModelRegistry()
+
+    def test_register_and_resolve(self):
+        """A registered (name, version) resolves to its ModelVersion."""
+        worker = FakeWorker("w1")
+        model = self.registry.register(worker, "resnet", "1", platform="python",
+                                       inputs=[("x", "FP32", (-1,))], outputs=[("y", "FP32", (-1,))])
+        resolved = self.registry.resolve("resnet", "1")
+        self.assertIs(resolved, model)
+        self.assertEqual((resolved.name, resolved.version), ("resnet", "1"))
+        self.assertEqual(resolved.platform, "python")
+        self.assertEqual(resolved.inputs, (("x", "FP32", (-1,)),))
+        self.assertEqual(resolved.outputs, (("y", "FP32", (-1,)),))
+        self.assertEqual(resolved.workers, [worker])
+        self.assertTrue(resolved.ready)
+        self.assertTrue(self.registry.is_ready("resnet", "1"))
+
+    def test_same_worker_twice(self):
+        """Registering one worker twice for the same model lists it once."""
+        worker = FakeWorker("w1")
+        self.registry.register(worker, "m")
+        self.registry.register(FakeWorker("w1"), "m")
+        self.assertEqual(len(self.registry.resolve("m").workers), 1)
+
+    def test_several_workers(self):
+        """Several workers for one model are all listed."""
+        a, b = FakeWorker("a"), FakeWorker("b")
+        self.registry.register(a, "m", "1")
+        self.registry.register(b, "m", "1")
+        self.assertEqual(self.registry.resolve("m", "1").workers, [a, b])
+
+    def test_unknown_model(self):
+        """An unknown model is NOT_FOUND, worded as Triton does."""
+        error = self.assertRaises(InferenceError, self.registry.resolve, "nope")
+        self.assertEqual(error.code, grpc.StatusCode.NOT_FOUND)
+        self.assertEqual(error.message, "Request for unknown model: 'nope' is not found")
+
+    def test_unknown_model_with_version(self):
+        """An unknown model asked with a version is still NOT_FOUND."""
+        error = self.assertRaises(InferenceError, self.registry.resolve, "nope", "3")
+        self.assertEqual(error.code, grpc.StatusCode.NOT_FOUND)
+        self.assertIn("'nope'", error.message)
+
+    def test_unknown_version(self):
+        """A known model at an unknown version: NOT_FOUND naming the version."""
+        self.registry.register(FakeWorker("w"), "m", "1")
+        error = self.assertRaises(InferenceError, self.registry.resolve, "m", "2")
+        self.assertEqual(error.code, grpc.StatusCode.NOT_FOUND)
+        self.assertEqual(error.message, "Request for unknown model: 'm' version '2' is not found")
+        self.assertFalse(self.registry.is_ready("m", "2"))
+        self.assertFalse(self.registry.is_ready("other"))
+
+    def test_versions_natural_order(self):
+        """versions() lists every version in natural order."""
+        for version in ("v10", "v2", "v1", ""):
+            self.registry.register(FakeWorker(version), "m", version)
+        self.assertEqual(self.registry.versions("m"), ["", "v1", "v2", "v10"])
+        self.assertEqual(self.registry.versions("unknown"), [])
+
+    def test_models(self):
+        """models() lists every known ModelVersion."""
+        self.registry.register(FakeWorker("a"), "m", "1")
+        self.registry.register(FakeWorker("a"), "m", "2")
+        self.registry.register(FakeWorker("a"), "n")
+        self.assertEqual(
+            sorted((m.name, m.version) for m in self.registry.models()),
+            [("m", "1"), ("m", "2"), ("n", "")],
+        )
+
+    def test_metadata_latest_wins(self):
+        """A later registration replaces platform and tensor specs."""
+        self.registry.register(FakeWorker("a"), "m", "1", platform="old",
+                               inputs=[("x", "FP32", (1,))], outputs=[("y", "FP32", (1,))])
+        self.registry.register(FakeWorker("b"), "m", "1", platform="new",
+                               inputs=[("x2", "INT64", (-1, 3))], outputs=[])
+        model = self.registry.resolve("m", "1")
+        self.assertEqual(model.platform, "new")
+        self.assertEqual(model.inputs, (("x2", "INT64", (-1, 3)),))
+        self.assertEqual(model.outputs, ())
+        self.assertEqual([w.worker_id for w in model.workers], ["a", "b"])
+
+    def test_metadata_stored_as_tuples(self):
+        """Specs given as lists or generators are stored as tuples."""
+        self.registry.register(FakeWorker("a"), "m", inputs=(s for s in [("x", "BOOL", (1,))]))
+        self.assertEqual(self.registry.resolve("m").inputs, (("x", "BOOL", (1,)),))
+
+
+class DefaultVersionTests(SynchronousTestCase):
+    """The version a request without one goes to."""
+
+    def setUp(self):
+        self.registry = ModelRegistry()
+
+    def register(self, *versions):
+        for version in versions:
+            self.registry.register(FakeWorker("w-" + version), "m", version)
+
+    def test_unversioned_wins(self):
+        """A version registered as '' is the default, even next to higher ones."""
+        self.register("5", "", "v9")
+        self.assertEqual(self.registry.default_version("m"), "")
+        self.assertEqual(self.registry.resolve("m").version, "")
+
+    def test_highest_numeric(self):
+        """Numbers compare as numbers: '10' beats '2' and '9'."""
+        self.register("2", "10", "9")
+        self.assertEqual(self.registry.default_version("m"), "10")
+        self.assertEqual(self.registry.resolve("m").version, "10")
+        self.assertEqual(self.registry.resolve("m", "").version, "10")
+
+    def test_highest_prefixed(self):
+        """Digit runs inside names compare as numbers: v10 beats v2."""
+        self.register("v2", "v10", "v1")
+        self.assertEqual(self.registry.default_version("m"), "v10")
+
+    def test_multi_part(self):
+        """1.10 beats 1.9; 2.0 beats both."""
+        self.register("1.9", "1.10")
+        self.assertEqual(self.registry.default_version("m"), "1.10")
+        self.register("2.0")
+        self.assertEqual(self.registry.default_version("m"), "2.0")
+
+    def test_unknown(self):
+        """default_version of an unknown model is NOT_FOUND."""
+        error = self.assertRaises(InferenceError, self.registry.default_version, "m")
+        self.assertEqual(error.code, grpc.StatusCode.NOT_FOUND)
+
+    def test_explicit_version_not_default(self):
+        """Naming a version still gets exactly that version."""
+        self.register("2", "10")
+        self.assertEqual(self.registry.resolve("m", "2").version, "2")
+
+    def test_natural_key(self):
+        """natural_key orders mixed versions as people expect."""
+        versions = ["v10", "v2", "10", "2", "v1", "1", "a", "v2b", "v2a"]
+        self.assertEqual(
+            sorted(versions, key=natural_key),
+            ["1", "2", "10", "a", "v1", "v2", "v2a", "v2b", "v10"],
+        )
+
+
+class WorkerLossTests(SynchronousTestCase):
+    """Models whose workers go away stay known but not ready."""
+
+    def setUp(self):
+        self.registry = ModelRegistry()
+
+    def test_last_worker_removed(self):
+        """Known, not ready, and pick_worker says UNAVAILABLE."""
+        self.registry.register(FakeWorker("w"), "m", "1")
+        self.assertEqual(self.registry.remove_worker("w"), [("m", "1")])
+        model = self.registry.resolve("m", "1")
+        self.assertFalse(model.ready)
+        self.assertFalse(self.registry.is_ready("m", "1"))
+        error = self.assertRaises(InferenceError, self.registry.pick_worker, model)
+        self.assertEqual(error.code, grpc.StatusCode.UNAVAILABLE)
+        self.assertIn("'m'", error.message)
+        self.assertIn("'1'", error.message)
+
+    def test_unversioned_unavailable_message(self):
+        """The UNAVAILABLE message of an unversioned model names no version."""
+        self.registry.register(FakeWorker("w"), "m")
+        self.registry.remove_worker("w")
+        error = self.assertRaises(InferenceError, self.registry.pick_worker, self.registry.resolve("m"))
+        self.assertEqual(error.code, grpc.StatusCode.UNAVAILABLE)
+        self.assertEqual(error.message, "model 'm' has no live worker")
+
+    def test_remove_worker_returns_what_it_served(self):
+        """remove_worker lists every (name, version) it left, and only those."""
+        a, b = FakeWorker("a"), FakeWorker("b")
+        self.registry.register(a, "m", "1")
+        self.registry.register(a, "m", "2")
+        self.registry.register(a, "n")
+        self.registry.register(b, "m", "1")
+        self.registry.register(b, "o")
+        self.assertEqual(sorted(self.registry.remove_worker("a")), [("m", "1"), ("m", "2"), ("n", "")])
+        self.assertEqual(self.registry.resolve("m", "1").workers, [b])
+        self.assertEqual(self.registry.resolve("o").workers, [b])
+        self.assertEqual(self.registry.remove_worker("a"), [])
+        self.assertEqual(self.registry.remove_worker("unknown"), [])
+
+    def test_other_workers_keep_serving(self):
+        """Removing one of two workers leaves the model ready on the other."""
+        a, b = FakeWorker("a"), FakeWorker("b")
+        self.registry.register(a, "m")
+        self.registry.register(b, "m")
+        self.registry.remove_worker("a")
+        model = self.registry.resolve("m")
+        self.assertTrue(model.ready)
+        for _ in range(3):
+            self.assertIs(self.registry.pick_worker(model), b)
+
+    def test_worker_returns(self):
+        """A model left without workers becomes ready when one registers again."""
+        self.registry.register(FakeWorker("w"), "m")
+        self.registry.remove_worker("w")
+        self.assertFalse(self.registry.all_ready())
+        worker = FakeWorker("w2")
+        self.registry.register(worker, "m")
+        self.assertTrue(self.registry.is_ready("m"))
+        self.assertIs(self.registry.pick_worker(self.registry.resolve("m")), worker)
+
+    def test_unregister(self):
+        """unregister withdraws one worker from one (name, version)."""
+        a, b = FakeWorker("a"), FakeWorker("b")
+        self.registry.register(a, "m", "1")
+        self.registry.register(a, "m", "2")
+        self.registry.register(b, "m", "1")
+        self.assertTrue(self.registry.unregister("a", "m", "1"))
+        self.assertEqual(self.registry.resolve("m", "1").workers, [b])
+        self.assertEqual(self.registry.resolve("m", "2").workers, [a])
+        # Not served (any more), unknown version, unknown model: False.
+        self.assertFalse(self.registry.unregister("a", "m", "1"))
+        self.assertFalse(self.registry.unregister("a", "m", "3"))
+        self.assertFalse(self.registry.unregister("a", "zzz"))
+
+    def test_unregister_last_keeps_model_known(self):
+        """After unregistering its only worker the model is known, not ready."""
+        self.registry.register(FakeWorker("a"), "m", "1")
+        self.assertTrue(self.registry.unregister("a", "m", "1"))
+        model = self.registry.resolve("m", "1")
+        self.assertFalse(model.ready)
+        error = self.assertRaises(InferenceError, self.registry.pick_worker, model)
+        self.assertEqual(error.code, grpc.StatusCode.UNAVAILABLE)
+
+    def test_all_ready(self):
+        """all_ready is True only when every known model has a worker."""
+        self.assertTrue(self.registry.all_ready())
+        self.registry.register(FakeWorker("a"), "m")
+        self.registry.register(FakeWorker("b"), "n", "1")
+        self.assertTrue(self.registry.all_ready())
+        self.registry.remove_worker("b")
+        self.assertFalse(self.registry.all_ready())
+        self.registry.register(FakeWorker("c"), "n", "1")
+        self.assertTrue(self.registry.all_ready())
+
+
+class RoutingTests(SynchronousTestCase):
+    """pick_worker: least outstanding, ties rotate."""
+
+    def setUp(self):
+        self.registry = ModelRegistry()
+
+    def model_with(self, *workers):
+        for worker in workers:
+            self.registry.register(worker, "m")
+        return self.registry.resolve("m")
+
+    def test_single_worker(self):
+        """One worker is always picked, busy or not."""
+        worker = FakeWorker("a", outstanding=100)
+        model = self.model_with(worker)
+        self.assertIs(self.registry.pick_worker(model), worker)
+
+    def test_least_outstanding(self):
+        """The worker with the fewest outstanding requests is picked."""
+        a, b, c = FakeWorker("a", 5), FakeWorker("b", 1), FakeWorker("c", 3)
+        model = self.model_with(a, b, c)
+        for _ in range(6):
+            self.assertIs(self.registry.pick_worker(model), b)
+
+    def test_follows_outstanding(self):
+        """Routing follows the counts as they change."""
+        a, b = FakeWorker("a"), FakeWorker("b")
+        model = self.model_with(a, b)
+        for _ in range(6):
+            worker = self.registry.pick_worker(model)
+            worker.outstanding += 1
+        # Each pick goes to the less loaded one, so load stays balanced.
+        self.assertEqual((a.outstanding, b.outstanding), (3, 3))
+        b.outstanding = 0
+        self.assertIs(self.registry.pick_worker(model), b)
+
+    def test_ties_rotate(self):
+        """Two idle workers both get picked over consecutive requests."""
+        a, b = FakeWorker("a"), FakeWorker("b")
+        model = self.model_with(a, b)
+        picked = {self.registry.pick_worker(model).worker_id for _ in range(2)}
+        self.assertEqual(picked, {"a", "b"})
+
+    def test_ties_rotate_among_least(self):
+        """Among three workers, the two least loaded share the ties."""
+        a, b, c = FakeWorker("a", 2), FakeWorker("b", 2), FakeWorker("c", 9)
+        model = self.model_with(a, b, c)
+        picks = [self.registry.pick_worker(model).worker_id for _ in range(6)]
+        self.assertNotIn("c", picks)
+        self.assertIn("a", picks)
+        self.assertIn("b", picks)
+
+    def test_ties_rotate_three_idle(self):
+        """Three idle workers are each picked within a few requests."""
+        workers = [FakeWorker(name) for name in "abc"]
+        model = self.model_with(*workers)
+        picked = {self.registry.pick_worker(model).worker_id for _ in range(3)}
+        self.assertEqual(picked, {"a", "b", "c"})
+
+    def test_ties_rotate_per_model(self):
+        """Interleaved traffic for two models still rotates each model's idle workers.
+
+        Requests for another model must not cancel out a model's rotation.
+        """
+        a1, b1 = FakeWorker("a1"), FakeWorker("b1")
+        a2, b2 = FakeWorker("a2"), FakeWorker("b2")
+        for worker in (a1, b1):
+            self.registry.register(worker, "one")
+        for worker in (a2, b2):
+            self.registry.register(worker, "two")
+        one, two = self.registry.resolve("one"), self.registry.resolve("two")
+        picked_one, picked_two = set(), set()
+        for _ in range(4):
+            picked_one.add(self.registry.pick_worker(one).worker_id)
+            picked_two.add(self.registry.pick_worker(two).worker_id)
+        self.assertEqual(picked_one, {"a1", "b1"})
+        self.assertEqual(picked_two, {"a2", "b2"})

@@ -1,0 +1,188 @@
+"""Real processes for end-to-end tests: an ingress under twistd, its workers,
+and tritonclient as the client."""
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+EXAMPLES = os.path.join(ROOT, "examples")
+KSERVE_SERVER = os.path.join(EXAMPLES, "kserve_server.py")
+CLASSIFIER_SERVER = os.path.join(EXAMPLES, "classifier_server.py")
+PROBE_SERVER = os.path.join(ROOT, "tests", "workers", "probe_server.py")
+TWISTD = os.path.join(os.path.dirname(sys.executable), "twistd")
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for(predicate, timeout=20.0, interval=0.05, what="condition"):
+    """Poll ``predicate`` until it returns a true value; fail after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            value = predicate()
+        except Exception:
+            value = None
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError("timed out after %.1fs waiting for %s" % (timeout, what))
+        time.sleep(interval)
+
+
+def pid_alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # A zombie (exited, not yet reaped) counts as gone.
+    try:
+        with open("/proc/%d/stat" % pid) as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def children(pid):
+    """Pids of the direct children of ``pid``."""
+    found = []
+    for task in os.listdir("/proc/%d/task" % pid):
+        try:
+            with open("/proc/%d/task/%s/children" % (pid, task)) as f:
+                found.extend(int(p) for p in f.read().split())
+        except FileNotFoundError:
+            pass
+    return found
+
+
+def cmdline(pid):
+    with open("/proc/%d/cmdline" % pid, "rb") as f:
+        return f.read().replace(b"\0", b" ").decode()
+
+
+class Ingress:
+    """``twistd -n anyserve`` with its supervised workers, on free ports."""
+
+    def __init__(self, workers=(), copies=1, args=()):
+        self.port = free_port()
+        self.mgmt = free_port()
+        self.tmp = tempfile.mkdtemp(prefix="as-e2e-", dir="/tmp")
+        self.socket_dir = os.path.join(self.tmp, "s")
+        os.mkdir(self.socket_dir)
+        self.log_path = os.path.join(self.tmp, "ingress.log")
+        command = [
+            TWISTD, "-n", "--pidfile=", "--logfile=" + self.log_path, "anyserve",
+            "--port", str(self.port), "--mgmt", str(self.mgmt), "--host", "127.0.0.1",
+            "--socket-dir", self.socket_dir, "--workers", str(copies),
+        ]
+        for script in workers:
+            command += ["--worker", script]
+        command += list(args)
+        self.process = subprocess.Popen(command, cwd=self.tmp, stdin=subprocess.DEVNULL)
+        self._client = None
+
+    @property
+    def address(self):
+        return "127.0.0.1:%d" % self.port
+
+    @property
+    def mgmt_address(self):
+        return "127.0.0.1:%d" % self.mgmt
+
+    def client(self):
+        import tritonclient.grpc as grpcclient
+
+        if self._client is None:
+            self._client = grpcclient.InferenceServerClient(self.address)
+        return self._client
+
+    def wait_ready(self, *models, timeout=30.0):
+        """Wait until the server is live and every ``(name, version)`` or name is ready."""
+        client = self.client()
+        wait_for(client.is_server_live, timeout, what="ingress live")
+        for model in models:
+            name, version = model if isinstance(model, tuple) else (model, "")
+            wait_for(lambda: client.is_model_ready(name, version), timeout,
+                     what="model %s:%s ready" % (name, version))
+
+    def log(self):
+        try:
+            with open(self.log_path) as f:
+                return f.read()
+        except FileNotFoundError:
+            return ""
+
+    def worker_pids(self, script=None):
+        pids = children(self.process.pid)
+        if script is not None:
+            pids = [p for p in pids if os.path.basename(script) in cmdline(p)]
+        return pids
+
+    def stop(self, timeout=30.0):
+        """SIGTERM the ingress; return its exit code (SIGKILL after ``timeout``)."""
+        if self._client is not None:
+            self._client.close()
+            self._client = None
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                return self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+                raise AssertionError("ingress did not exit within %.0fs of SIGTERM" % timeout)
+        return self.process.returncode
+
+    def cleanup(self):
+        """Best-effort teardown: no process or temp file outlives a test."""
+        pids = []
+        try:
+            pids = self.worker_pids()
+        except (FileNotFoundError, ProcessLookupError):
+            pass
+        try:
+            self.stop()
+        finally:
+            for pid in pids:
+                if pid_alive(pid):
+                    os.kill(pid, signal.SIGKILL)
+            shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+class Worker:
+    """A worker script started on its own, as ``python examples/kserve_server.py``."""
+
+    def __init__(self, script, ingress_address, socket_path):
+        env = dict(os.environ, ANYSERVE_INGRESS=ingress_address, ANYSERVE_SOCKET=socket_path,
+                   ANYSERVE_HEARTBEAT_INTERVAL="0.5")
+        self.socket_path = socket_path
+        self.process = subprocess.Popen([sys.executable, script], env=env, stdin=subprocess.DEVNULL,
+                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def stop(self, sig=signal.SIGTERM, timeout=20.0):
+        if self.process.poll() is None:
+            self.process.send_signal(sig)
+        return self.process.wait(timeout)
+
+
+def infer_inputs(**arrays):
+    """tritonclient InferInputs from numpy arrays (datatype inferred)."""
+    import numpy as np
+    import tritonclient.grpc as grpcclient
+    from tritonclient.utils import np_to_triton_dtype
+
+    inputs = []
+    for name, array in arrays.items():
+        array = np.asarray(array)
+        tensor = grpcclient.InferInput(name, list(array.shape), np_to_triton_dtype(array.dtype))
+        tensor.set_data_from_numpy(array)
+        inputs.append(tensor)
+    return inputs

@@ -1,0 +1,360 @@
+"""End to end: a real ingress (twistd), real worker processes, tritonclient.
+
+Each test starts its own ingress on free ports, so a test that kills or stops
+a worker cannot disturb another.
+"""
+import os
+import signal
+import threading
+import time
+
+import grpc
+import numpy as np
+from twisted.trial.unittest import SynchronousTestCase
+
+from tests.harness import (
+    CLASSIFIER_SERVER, KSERVE_SERVER, PROBE_SERVER, Ingress, Worker, infer_inputs, pid_alive,
+    wait_for,
+)
+
+
+def status_of(call):
+    """Run ``call``; return (grpc status name, message) of the error it raised."""
+    from tritonclient.utils import InferenceServerException
+
+    try:
+        call()
+    except InferenceServerException as e:
+        return e.status(), e.message()
+    raise AssertionError("expected an error, the call succeeded")
+
+
+class IngressTestCase(SynchronousTestCase):
+    workers = ()
+    copies = 1
+    args = ()
+    ready = ()
+
+    def setUp(self):
+        self.ingress = Ingress(self.workers, self.copies, self.args)
+        self.addCleanup(self.ingress.cleanup)
+        self.ingress.wait_ready(*self.ready)
+        self.client = self.ingress.client()
+
+    def add(self, a, b, **kwargs):
+        result = self.client.infer("add", infer_inputs(a=a, b=b), **kwargs)
+        return result.as_numpy("sum")
+
+    def seen(self):
+        return int(self.client.infer("seen", []).as_numpy("count")[0])
+
+
+class ExampleModelsTests(IngressTestCase):
+    """Every RPC of the protocol against the example workers."""
+
+    workers = (KSERVE_SERVER, CLASSIFIER_SERVER)
+    ready = ("add", "echo", ("cls", "v1"), ("cls", "v2"))
+
+    def test_server_rpcs(self):
+        self.assertTrue(self.client.is_server_live())
+        self.assertTrue(self.client.is_server_ready())
+        metadata = self.client.get_server_metadata()
+        self.assertEqual(metadata.name, "anyserve")
+        self.assertTrue(metadata.version)
+
+    def test_model_ready(self):
+        for name, version in [("add", ""), ("echo", ""), ("cls", "v1"), ("cls", "v2"), ("cls", "")]:
+            self.assertTrue(self.client.is_model_ready(name, version), (name, version))
+        self.assertFalse(self.client.is_model_ready("nope"))
+        self.assertFalse(self.client.is_model_ready("cls", "v9"))
+
+    def test_model_metadata(self):
+        add = self.client.get_model_metadata("add")
+        self.assertEqual(add.name, "add")
+        self.assertEqual(add.platform, "python")
+        self.assertEqual([(t.name, t.datatype, list(t.shape)) for t in add.inputs],
+                         [("a", "INT32", [-1]), ("b", "INT32", [-1])])
+        self.assertEqual([(t.name, t.datatype, list(t.shape)) for t in add.outputs],
+                         [("sum", "INT32", [-1])])
+        cls = self.client.get_model_metadata("cls", "v1")
+        self.assertEqual(list(cls.versions), ["v1", "v2"])
+        self.assertEqual([(t.name, t.datatype, list(t.shape)) for t in cls.inputs],
+                         [("x", "FP32", [-1, 4])])
+        echo = self.client.get_model_metadata("echo")
+        self.assertEqual(list(echo.inputs), [])
+        self.assertEqual(status_of(lambda: self.client.get_model_metadata("nope"))[0],
+                         "StatusCode.NOT_FOUND")
+
+    def test_infer_add(self):
+        a = np.arange(16, dtype=np.int32)
+        b = np.full(16, 7, dtype=np.int32)
+        result = self.client.infer("add", infer_inputs(a=a, b=b), request_id="req-1")
+        np.testing.assert_array_equal(result.as_numpy("sum"), a + b)
+        self.assertEqual(result.get_response().id, "req-1")
+        self.assertEqual(result.get_response().model_name, "add")
+
+    def test_infer_echo_every_datatype(self):
+        arrays = {
+            "b": np.array([True, False]),
+            "i8": np.array([-1, 2], dtype=np.int8),
+            "i64": np.array([[1 << 40]], dtype=np.int64),
+            "u16": np.array([65535], dtype=np.uint16),
+            "f16": np.array([0.5, -2.0], dtype=np.float16),
+            "f64": np.array([1e300], dtype=np.float64),
+            "s": np.array([b"hello", b"", b"\x00\xff"], dtype=np.object_),
+        }
+        result = self.client.infer("echo", infer_inputs(**arrays))
+        for name, array in arrays.items():
+            got = result.as_numpy(name)
+            self.assertEqual(got.dtype, array.dtype, name)
+            np.testing.assert_array_equal(got, array)
+
+    def test_infer_classifier_versions(self):
+        x = np.array([[1, 5, 2, 0], [9, 1, 3, 4]], dtype=np.float32)
+        v1 = self.client.infer("cls", infer_inputs(x=x), model_version="v1")
+        v2 = self.client.infer("cls", infer_inputs(x=x), model_version="v2")
+        default = self.client.infer("cls", infer_inputs(x=x))
+        np.testing.assert_array_equal(v1.as_numpy("label"), [1, 0])
+        np.testing.assert_array_equal(v2.as_numpy("label"), [3, 1])
+        np.testing.assert_array_equal(default.as_numpy("label"), [3, 1])
+        self.assertEqual(default.get_response().model_version, "v2")
+
+    def test_requested_outputs(self):
+        import tritonclient.grpc as grpcclient
+
+        arrays = dict(p=np.array([1], dtype=np.int32), q=np.array([2], dtype=np.int32))
+        result = self.client.infer("echo", infer_inputs(**arrays),
+                                   outputs=[grpcclient.InferRequestedOutput("q")])
+        self.assertEqual([o.name for o in result.get_response().outputs], ["q"])
+
+    def test_bad_requests(self):
+        """Wrong datatype, shape, a missing input: INVALID_ARGUMENT; unknown version: NOT_FOUND."""
+        a = np.arange(4, dtype=np.int32)
+        code, message = status_of(lambda: self.client.infer(
+            "add", infer_inputs(a=a, b=a.astype(np.float32))))
+        self.assertEqual(code, "StatusCode.INVALID_ARGUMENT")
+        self.assertIn("datatype", message)
+        code, message = status_of(lambda: self.client.infer("add", infer_inputs(a=a)))
+        self.assertEqual(code, "StatusCode.INVALID_ARGUMENT")
+        self.assertIn("missing", message)
+        code, _ = status_of(lambda: self.client.infer(
+            "cls", infer_inputs(x=np.zeros((2, 3), dtype=np.float32)), model_version="v1"))
+        self.assertEqual(code, "StatusCode.INVALID_ARGUMENT")
+        code, message = status_of(lambda: self.client.infer(
+            "cls", infer_inputs(x=np.zeros((1, 4), dtype=np.float32)), model_version="v7"))
+        self.assertEqual(code, "StatusCode.NOT_FOUND")
+        self.assertIn("v7", message)
+        # The workers are fine afterwards.
+        np.testing.assert_array_equal(self.add(a, a), 2 * a)
+
+    def test_malformed_bytes(self):
+        """Bytes that are not a ModelInferRequest get INVALID_ARGUMENT, from the
+        ingress (broken at the top level) or from the worker (broken inside)."""
+        channel = grpc.insecure_channel(self.ingress.address)
+        self.addCleanup(channel.close)
+        infer = channel.unary_unary("/inference.GRPCInferenceService/ModelInfer")
+        broken_top = b"\x0a\xff\xff"  # field 1, length runs past the end
+        # model_name="add", then field 5 (inputs) holding a truncated sub-message.
+        broken_inside = b"\x0a\x03add" + b"\x2a\x04\x0a\x09ab"
+        for payload in (broken_top, broken_inside):
+            with self.assertRaises(grpc.RpcError) as caught:
+                infer(payload, timeout=10)
+            self.assertEqual(caught.exception.code(), grpc.StatusCode.INVALID_ARGUMENT, payload)
+        a = np.arange(3, dtype=np.int32)
+        np.testing.assert_array_equal(self.add(a, a), 2 * a)
+
+    def test_large_tensors(self):
+        """Two 4 MiB inputs (over gRPC's default 4 MiB cap) round-trip intact."""
+        a = np.arange(1 << 20, dtype=np.int32)
+        b = np.ones(1 << 20, dtype=np.int32)
+        np.testing.assert_array_equal(self.add(a, b), a + b)
+
+
+class ProbeTests(IngressTestCase):
+    """Failures and routing, checked from the workers' side too."""
+
+    workers = (KSERVE_SERVER, PROBE_SERVER)
+    ready = ("add", "whoami", "seen", "slow", "fail")
+
+    def test_unknown_model_never_reaches_a_worker(self):
+        before = self.seen()
+        code, message = status_of(lambda: self.client.infer("no-such-model", infer_inputs(x=np.zeros(1))))
+        self.assertEqual(code, "StatusCode.NOT_FOUND")
+        self.assertEqual(message, "Request for unknown model: 'no-such-model' is not found")
+        # The probe worker handled exactly one more request: the next 'seen'.
+        self.assertEqual(self.seen(), before + 1)
+
+    def test_handler_error_is_internal_with_its_message(self):
+        x = np.array([b"kaput"], dtype=np.object_)
+        code, message = status_of(lambda: self.client.infer("fail", infer_inputs(x=x)))
+        self.assertEqual(code, "StatusCode.INTERNAL")
+        self.assertIn("boom: kaput", message)
+        self.assertIn("ValueError", message)
+        self.assertTrue(self.client.is_model_ready("fail"))
+
+    def test_deadline_exceeded(self):
+        seconds = np.array([3.0])
+        started = time.monotonic()
+        code, _ = status_of(lambda: self.client.infer(
+            "slow", infer_inputs(seconds=seconds), client_timeout=0.5))
+        self.assertEqual(code, "StatusCode.DEADLINE_EXCEEDED")
+        self.assertLess(time.monotonic() - started, 2.5)
+        # Other requests, to the same worker too, carry on.
+        self.assertTrue(self.client.infer("whoami", []).as_numpy("pid")[0] > 0)
+        a = np.arange(3, dtype=np.int32)
+        np.testing.assert_array_equal(self.add(a, a), 2 * a)
+
+    def test_async_handler(self):
+        a = np.arange(5, dtype=np.int32)
+        result = self.client.infer("async_add", infer_inputs(a=a, b=a))
+        np.testing.assert_array_equal(result.as_numpy("sum"), 2 * a)
+
+    def test_sigkill_worker_under_load(self):
+        """Requests in flight on a killed worker fail with UNAVAILABLE within a
+        second; the other worker keeps answering; the killed one comes back."""
+        probe_pid = int(self.client.infer("whoami", []).as_numpy("pid")[0])
+        self.assertIn(probe_pid, self.ingress.worker_pids(PROBE_SERVER))
+        outcomes = []
+
+        def slow_call():
+            from tritonclient.utils import InferenceServerException
+            import tritonclient.grpc as grpcclient
+
+            client = grpcclient.InferenceServerClient(self.ingress.address)
+            try:
+                client.infer("slow", infer_inputs(seconds=np.array([30.0])), client_timeout=60)
+                outcomes.append(("ok", None, None))
+            except InferenceServerException as e:
+                outcomes.append((e.status(), e.message(), time.monotonic()))
+            finally:
+                client.close()
+
+        threads = [threading.Thread(target=slow_call) for _ in range(4)]
+        for t in threads:
+            t.start()
+        time.sleep(0.5)  # let the four requests reach the worker
+        killed_at = time.monotonic()
+        os.kill(probe_pid, signal.SIGKILL)
+        # Meanwhile the other worker serves.
+        a = np.arange(8, dtype=np.int32)
+        for _ in range(20):
+            np.testing.assert_array_equal(self.add(a, a), 2 * a)
+        for t in threads:
+            t.join(10)
+        self.assertEqual(len(outcomes), 4)
+        for code, message, at in outcomes:
+            self.assertEqual(code, "StatusCode.UNAVAILABLE", message)
+            self.assertLess(at - killed_at, 1.0)
+        # Supervised: a new probe process registers and serves again.
+        new_pid = wait_for(
+            lambda: int(self.client.infer("whoami", []).as_numpy("pid")[0]),
+            timeout=20, what="probe worker restarted",
+        )
+        self.assertNotEqual(new_pid, probe_pid)
+        self.assertFalse(pid_alive(probe_pid))
+        np.testing.assert_array_equal(self.add(a, a), 2 * a)
+
+
+class HeartbeatTests(IngressTestCase):
+    workers = (KSERVE_SERVER, PROBE_SERVER)
+    args = ("--heartbeat-timeout", "2")
+    ready = ("add", "whoami")
+
+    def test_sigstop_worker_is_evicted(self):
+        """A hung worker (SIGSTOP) keeps its sockets open; missed heartbeats evict
+        it, its model stops being ready, and requests get UNAVAILABLE fast.
+        After SIGCONT it registers again."""
+        pid = int(self.client.infer("whoami", []).as_numpy("pid")[0])
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            stopped_at = time.monotonic()
+            wait_for(lambda: not self.client.is_model_ready("whoami"), timeout=10,
+                     what="whoami evicted")
+            self.assertLess(time.monotonic() - stopped_at, 2 + 1.5)
+            code, _ = status_of(lambda: self.client.infer("whoami", [], client_timeout=5))
+            self.assertEqual(code, "StatusCode.UNAVAILABLE")
+            self.assertFalse(self.client.is_server_ready())
+            a = np.arange(4, dtype=np.int32)
+            np.testing.assert_array_equal(self.add(a, a), 2 * a)
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        wait_for(lambda: self.client.is_model_ready("whoami"), timeout=10,
+                 what="whoami registered again")
+        self.assertEqual(int(self.client.infer("whoami", []).as_numpy("pid")[0]), pid)
+
+
+class SharedModelTests(IngressTestCase):
+    workers = (PROBE_SERVER,)
+    copies = 2
+    ready = ("whoami",)
+
+    def test_two_workers_share_one_model(self):
+        wait_for(lambda: len(self.ingress.worker_pids(PROBE_SERVER)) == 2, what="two workers")
+        pids = set(self.ingress.worker_pids(PROBE_SERVER))
+        # Both registered: the model stays ready with either one alone.
+        answered = wait_for(
+            lambda: {int(self.client.infer("whoami", []).as_numpy("pid")[0]) for _ in range(20)} == pids,
+            timeout=10, what="both workers answering",
+        )
+        self.assertTrue(answered)
+
+
+class StandaloneWorkerTests(SynchronousTestCase):
+    def test_standalone_worker_registers_and_unregisters(self):
+        """``python examples/kserve_server.py`` next to a running ingress."""
+        ingress = Ingress()
+        self.addCleanup(ingress.cleanup)
+        ingress.wait_ready()
+        socket_path = os.path.join(ingress.tmp, "w.sock")
+        worker = Worker(KSERVE_SERVER, ingress.mgmt_address, socket_path)
+        self.addCleanup(worker.stop, signal.SIGKILL)
+        ingress.wait_ready("add", "echo")
+        client = ingress.client()
+        a = np.arange(4, dtype=np.int32)
+        np.testing.assert_array_equal(
+            client.infer("add", infer_inputs(a=a, b=a)).as_numpy("sum"), 2 * a)
+        self.assertTrue(os.path.exists(socket_path))
+        self.assertEqual(worker.stop(), 0)
+        self.assertFalse(os.path.exists(socket_path))
+        # Known, but with no live worker: not ready, UNAVAILABLE.
+        self.assertFalse(client.is_model_ready("add"))
+        code, _ = status_of(lambda: client.infer("add", infer_inputs(a=a, b=a)))
+        self.assertEqual(code, "StatusCode.UNAVAILABLE")
+
+
+class ShutdownTests(SynchronousTestCase):
+    def test_sigterm_drains_and_cleans_up(self):
+        """SIGTERM: the request in flight finishes, new ones are refused, every
+        worker process exits, no socket file is left."""
+        ingress = Ingress((KSERVE_SERVER, PROBE_SERVER), args=("--grace", "10"))
+        self.addCleanup(ingress.cleanup)
+        ingress.wait_ready("add", "slow")
+        workers = ingress.worker_pids()
+        self.assertEqual(len(workers), 2)
+        self.assertEqual(len(os.listdir(ingress.socket_dir)), 2)
+        result = []
+
+        def slow_call():
+            import tritonclient.grpc as grpcclient
+
+            client = grpcclient.InferenceServerClient(ingress.address)
+            try:
+                r = client.infer("slow", infer_inputs(seconds=np.array([1.5])), client_timeout=20)
+                result.append(float(r.as_numpy("seconds")[0]))
+            finally:
+                client.close()
+
+        t = threading.Thread(target=slow_call)
+        t.start()
+        time.sleep(0.4)
+        stopping = time.monotonic()
+        # twistd re-raises the signal it stopped on once shutdown is complete,
+        # so an orderly stop on SIGTERM exits with -SIGTERM.
+        self.assertEqual(ingress.stop(), -signal.SIGTERM)
+        t.join(10)
+        self.assertEqual(result, [1.5])
+        self.assertLess(time.monotonic() - stopping, 15)
+        for pid in workers:
+            self.assertFalse(pid_alive(pid), pid)
+        self.assertEqual(os.listdir(ingress.socket_dir), [])
+        self.assertIn("Server Shut Down", ingress.log())

@@ -1,0 +1,71 @@
+"""A worker for end-to-end tests: models that report on the worker itself.
+
+- ``whoami``: returns this process's pid (output ``pid``, INT64 [1]);
+- ``seen``: how many requests this worker has handled, this one included;
+- ``slow``: sleeps ``seconds`` (FP64 [1]) then returns it;
+- ``fail``: raises ValueError("boom: <input>");
+- ``big``: returns ``n`` (INT64 [1]) zero bytes as UINT8.
+"""
+import itertools
+import os
+import threading
+import time
+
+import numpy as np
+
+from anyserve_tw import AnyServe
+
+app = AnyServe()
+_count = itertools.count(1)
+_lock = threading.Lock()
+
+
+def counted(handler):
+    def wrapper(request):
+        with _lock:
+            next(_count)
+        return handler(request)
+
+    wrapper.__name__ = handler.__name__
+    return wrapper
+
+
+@app.model("whoami", outputs=[("pid", "INT64", [1])])
+@counted
+def whoami(request):
+    return np.array([os.getpid()], dtype=np.int64)
+
+
+@app.model("seen", outputs=[("count", "INT64", [1])])
+def seen(request):
+    with _lock:
+        return np.array([next(_count)], dtype=np.int64)
+
+
+@app.model("slow", inputs=[("seconds", "FP64", [1])], outputs=[("seconds", "FP64", [1])])
+@counted
+def slow(request):
+    seconds = float(request["seconds"][0])
+    time.sleep(seconds)
+    return np.array([seconds])
+
+
+@app.model("fail", inputs=[("x", "BYTES", [-1])])
+@counted
+def fail(request):
+    raise ValueError("boom: %s" % request["x"][0].decode())
+
+
+@app.model("big", inputs=[("n", "INT64", [1])], outputs=[("data", "UINT8", [-1])])
+@counted
+def big(request):
+    return np.zeros(int(request["n"][0]), dtype=np.uint8)
+
+
+@app.model("async_add", inputs=[("a", "INT32", [-1]), ("b", "INT32", [-1])])
+async def async_add(request):
+    return {"sum": request["a"] + request["b"]}
+
+
+if __name__ == "__main__":
+    app.run()
