@@ -285,43 +285,58 @@ class Server:
         return "\n    " + "\n    ".join(text[-lines:]) if text else "(empty)"
 
     def stop(self, timeout=10.0):
-        """SIGTERM the group and known descendants, SIGKILL what remains.
+        """Stop the server as a user would, then make sure nothing is left.
 
+        SIGTERM goes to the leader alone so the server's own shutdown (which
+        should stop its children) is exercised; whatever outlives it gets
+        SIGTERM, then SIGKILL. Returns notes on anything that needed force.
         A second Ctrl-C must not cut this short and leave servers behind.
         """
         previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
         try:
-            self._stop(timeout)
+            return self._stop(timeout)
         finally:
             signal.signal(signal.SIGINT, previous)
+            self._log.close()
 
     def _stop(self, timeout):
+        notes = []
         if self.alive():
             self.tree()
-        self._signal_all(signal.SIGTERM)
+            self._send([self.pid], signal.SIGTERM)
         try:
             self.proc.wait(timeout)
         except subprocess.TimeoutExpired:
-            pass
+            notes.append("%s pid %d ignored SIGTERM for %.0f s" % (self.label, self.pid, timeout))
+        left = self._remaining()
+        if left:
+            notes.append("%s left pids %s running after it stopped" % (self.label, left))
+        self._send_group(signal.SIGTERM)
         deadline = time.monotonic() + timeout
-        while self._remaining() and time.monotonic() < deadline:
+        while (self.alive() or self._remaining()) and time.monotonic() < deadline:
             time.sleep(0.1)
         if self.alive() or self._remaining():
-            self._signal_all(signal.SIGKILL)
+            notes.append("%s needed SIGKILL" % self.label)
+            self._send_group(signal.SIGKILL)
             self.proc.wait()
-        self._log.close()
+        return notes
 
     def _remaining(self):
-        """Remembered descendants that are still the same live process."""
-        return [pid for pid, start in self.seen
-                if identity(pid) == (pid, start) and read_stat(pid)[0] != "Z"]
+        """Remembered descendants that are still the same, unreaped process."""
+        left = []
+        for pid, start in self.seen:
+            st = read_stat(pid)
+            if st and st[19] == start and st[0] != "Z":
+                left.append(pid)
+        return sorted(left)
 
-    def _signal_all(self, sig):
-        try:
-            os.killpg(self.pid, sig)  # our own session/group, by its id
-        except ProcessLookupError:
-            pass
-        for pid in self._remaining():
+    def _send_group(self, sig):
+        """Signal our own session's group, by its id, and remembered escapees."""
+        self._send([-self.pid] + self._remaining(), sig)
+
+    @staticmethod
+    def _send(pids, sig):
+        for pid in pids:
             try:
                 os.kill(pid, sig)
             except ProcessLookupError:
@@ -542,6 +557,15 @@ def print_problems(results, setup_errors):
     return bool(lines)
 
 
+def print_notes(notes):
+    """Shutdown trouble: worth knowing, but it does not spoil the figures."""
+    if notes:
+        print()
+        print("NOTES:")
+        for n in notes:
+            print("  " + n)
+
+
 # --------------------------------------------------------------------------
 # Command line
 
@@ -620,7 +644,7 @@ def main(argv=None):
     logdir = tempfile.mkdtemp(prefix="anyserve-bench-")
     starters = ([] if args.only_peer else [start_anyserve])
     starters += [start_kserve] if args.peer == "kserve" else []
-    results, setup_errors = [], []
+    results, setup_errors, notes = [], [], []
     bodies = write_bodies(cases, logdir)
     print("%d CPUs, load average %.2f (other load skews the figures)"
           % (os.cpu_count(), os.getloadavg()[0]), flush=True)
@@ -636,7 +660,7 @@ def main(argv=None):
             except RuntimeError as e:
                 setup_errors.append(str(e))
             finally:
-                server.stop()
+                notes.extend(server.stop())
     except KeyboardInterrupt:
         setup_errors.append("interrupted")
     finally:
@@ -644,6 +668,7 @@ def main(argv=None):
         if args.peer:
             print_ratios(results, args.peer)
         bad = print_problems(results, setup_errors)
+        print_notes(notes)
         if args.keep_logs or bad:
             print("\nlogs kept in", logdir)
         else:
