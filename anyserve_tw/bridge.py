@@ -80,8 +80,11 @@ class ReactorBridge:
         """
         call = _Call()
         self.reactor.callFromThread(self._start, call, timeout, f, args)
-        if context is not None:
-            context.add_callback(lambda: call.done.is_set() or self.reactor.callFromThread(call.cancel))
+        if context is not None and not context.add_callback(
+            lambda: call.done.is_set() or self.reactor.callFromThread(call.cancel)
+        ):
+            # The RPC already ended (client gone, deadline passed in the queue).
+            self.reactor.callFromThread(call.cancel)
         if not call.done.wait(None if timeout is None else timeout + self.grace):
             self.reactor.callFromThread(call.cancel)
             raise InferenceError(

@@ -7,7 +7,7 @@ the worker's response bytes go back to the client untouched.
 """
 from anyserve_tw import protos, rpc
 from anyserve_tw.errors import InferenceError
-from anyserve_tw.peek import peek_request
+from anyserve_tw.protowire import peek_request
 
 _v2 = protos.inference
 

@@ -49,6 +49,8 @@ class WorkerSupervisor(ProcessMonitor):
                     PYTHONUNBUFFERED="1",
                 )
                 env.pop("ANYSERVE_WORKER_ID", None)
+                if name in self._processes:  # started before, stopped, started again
+                    self.removeProcess(name)
                 self.addProcess(name, [self.python, os.path.abspath(script)], env=env)
         super().startService()
 

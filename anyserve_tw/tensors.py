@@ -140,8 +140,10 @@ def from_contents(datatype, shape, contents):
     return np.array(values, dtype=DATATYPES[datatype]).reshape(shape)
 
 
-def to_raw(datatype, array):
-    """Raw little-endian bytes of ``array`` as ``datatype``."""
+def to_buffer(datatype, array):
+    """Raw little-endian contents of ``array`` as ``datatype``: a bytes-like
+    view of the array's memory where possible (no copy), else bytes."""
     if datatype == "BYTES":
         return encode_bytes(array.reshape(-1).tolist())
-    return np.ascontiguousarray(array, dtype=DATATYPES[datatype]).tobytes()
+    array = np.ascontiguousarray(array, dtype=DATATYPES[datatype])
+    return memoryview(array.reshape(-1)).cast("B")

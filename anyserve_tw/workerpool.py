@@ -101,13 +101,13 @@ class WorkerHandle:
                  max_payload=framing.DEFAULT_MAX_PAYLOAD, connect_timeout=5):
         self.worker_id = worker_id
         self.address = address
+        self._endpoint = endpoint_for(reactor, address, connect_timeout)  # fails early on a bad address
         self.last_heartbeat = reactor.seconds()
         self.lost_reason = "connection closed"
         self._reactor = reactor
         self._on_lost = on_lost
         self._pool_size = pool_size
         self._max_payload = max_payload
-        self._connect_timeout = connect_timeout
         self._connections = []
         self._waiters = []
         self._ready = False
@@ -138,16 +138,21 @@ class WorkerHandle:
             return d
         self._waiters.append(d)
         if len(self._waiters) == 1:
-            endpoint = endpoint_for(self._reactor, self.address, self._connect_timeout)
             attempts = [
-                connectProtocol(endpoint, WorkerConnection(self, self._max_payload))
-                .addCallback(self._connections.append)
+                connectProtocol(self._endpoint, WorkerConnection(self, self._max_payload))
+                .addCallback(self._adopt)
                 for _ in range(self._pool_size)
             ]
             gatherResults(attempts, consumeErrors=True).addCallbacks(
                 self._connected, self._connectFailed
             ).addBoth(self._notifyWaiters)
         return d
+
+    def _adopt(self, connection):
+        if self._closed:  # came up after the pool failed or was closed
+            connection.transport.abortConnection()
+        else:
+            self._connections.append(connection)
 
     def _connected(self, _):
         if self._closed:

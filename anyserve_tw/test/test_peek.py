@@ -1,11 +1,15 @@
-"""Tests for anyserve_tw.peek.peek_request: routing fields without decoding."""
+"""Tests for peek_request (anyserve_tw.protowire, formerly anyserve_tw.peek):
+routing fields without decoding."""
 import grpc
 from tritonclient.grpc import service_pb2 as triton
 
 from twisted.trial.unittest import SynchronousTestCase
 
 from anyserve_tw.errors import InferenceError
-from anyserve_tw.peek import peek_request
+try:
+    from anyserve_tw.protowire import peek_request
+except ImportError:  # before peek.py became protowire.py
+    from anyserve_tw.peek import peek_request
 from anyserve_tw.protos import inference as ours
 
 
@@ -204,9 +208,12 @@ class PeekErrorTests(SynchronousTestCase):
 
     def test_group_and_reserved_wire_types(self):
         """Wire types 3, 4 (groups), 6 and 7 (undefined) are rejected."""
+        # Each tail would be a valid value for some accepted wire type
+        # (varint 0 or empty length-delimited, fixed32, fixed64).
         for wire_type in (3, 4, 6, 7):
-            error = self.assertInvalid(string_field(1, "m") + tag(9, wire_type) + b"\x00" * 8)
-            self.assertIn("malformed ModelInferRequest", error.message)
+            for tail in (b"\x00", b"\x00" * 4, b"\x00" * 8):
+                error = self.assertInvalid(string_field(1, "m") + tag(9, wire_type) + tail)
+                self.assertIn("malformed ModelInferRequest", error.message)
             self.assertInvalid(tag(1, wire_type))
 
     def test_garbage(self):

@@ -2,7 +2,7 @@
 import grpc
 
 from anyserve_tw.errors import InferenceError, not_found
-from anyserve_tw.peek import peek_request
+from anyserve_tw.protowire import peek_request
 from anyserve_tw.registry import natural_key
 from anyserve_tw.worker.model import Model
 

@@ -7,7 +7,7 @@ from collections import namedtuple
 import grpc
 import numpy as np
 
-from anyserve_tw import protos, tensors
+from anyserve_tw import protos, protowire, tensors
 from anyserve_tw.errors import InferenceError, invalid_argument
 
 _v2 = protos.inference
@@ -126,11 +126,11 @@ class Model:
 
     def decode(self, payload):
         """Parse and validate request bytes; INVALID_ARGUMENT on any problem."""
+        rest, raw = protowire.split_raw_inputs(payload)
         try:
-            message = _v2.ModelInferRequest.FromString(payload)
+            message = _v2.ModelInferRequest.FromString(rest)
         except Exception as e:
             raise invalid_argument("malformed ModelInferRequest: %s" % (e,)) from None
-        raw = message.raw_input_contents
         if raw and len(raw) != len(message.inputs):
             raise invalid_argument(
                 "%d raw_input_contents for %d inputs" % (len(raw), len(message.inputs))
@@ -225,6 +225,7 @@ class Model:
         )
         for key, value in parameters.items():
             _set_parameter(response.parameters[key], value)
+        buffers = []
         for name, value in outputs:
             spec = specs.get(name)
             if spec is not None:
@@ -237,5 +238,5 @@ class Model:
             tensor.name = name
             tensor.datatype = datatype
             tensor.shape.extend(array.shape)
-            response.raw_output_contents.append(tensors.to_raw(datatype, array))
-        return response.SerializeToString()
+            buffers.append(tensors.to_buffer(datatype, array))
+        return protowire.append_raw_outputs(response.SerializeToString(), buffers)

@@ -330,6 +330,7 @@ def run(app, ingress=None, socket_path=None, worker_id=None, threads=None, heart
     threads = threads or int(env.get("ANYSERVE_THREADS", "4"))
     heartbeat_interval = heartbeat_interval or float(env.get("ANYSERVE_HEARTBEAT_INTERVAL", "2.0"))
 
+    sys.setswitchinterval(float(env.get("SWI","0.005")))
     globalLogBeginner.beginLoggingTo([textFileLogObserver(sys.stderr)])
     top = make_worker_service(reactor, app, ingress, socket_path, worker_id, threads, heartbeat_interval)
     exit_code = []

@@ -1,0 +1,133 @@
+"""Tests for the twistd plugin (twisted/plugins/anyserve_plugin.py) and its options."""
+import os
+import subprocess
+import sys
+
+from twisted.application.service import IServiceMaker
+from twisted.plugin import getPlugins
+from twisted.python import usage
+from twisted.trial.unittest import SynchronousTestCase
+
+from anyserve_tw import framing
+
+
+def anyserve_maker():
+    makers = [p for p in getPlugins(IServiceMaker) if p.tapname == "anyserve"]
+    if len(makers) != 1:
+        raise AssertionError("expected one 'anyserve' plugin, found %r" % (makers,))
+    return makers[0]
+
+
+def run_python(code):
+    """Run ``code`` in a fresh interpreter from the checkout; return its stdout."""
+    here = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=here,
+    )
+    if result.returncode != 0:
+        raise AssertionError("subprocess failed:\n" + result.stderr)
+    return result.stdout.strip()
+
+
+class DiscoveryTests(SynchronousTestCase):
+    """twistd finds the plugin."""
+
+    def test_found(self):
+        """getPlugins(IServiceMaker) includes tapname 'anyserve'."""
+        maker = anyserve_maker()
+        self.assertTrue(IServiceMaker.providedBy(maker))
+        self.assertTrue(maker.description)
+        self.assertEqual(maker.module, "anyserve_tw.tap")
+        from anyserve_tw import tap
+
+        self.assertIs(maker.options, tap.Options)
+
+    def test_plugin_import_is_light(self):
+        """Importing the plugin module imports neither grpc nor numpy."""
+        out = run_python(
+            "import sys\n"
+            "import twisted.plugins.anyserve_plugin\n"
+            "print('grpc' in sys.modules, 'numpy' in sys.modules,"
+            " 'anyserve_tw.tap' in sys.modules)\n"
+        )
+        self.assertEqual(out, "False False False")
+
+    def test_discovery_is_light(self):
+        """What twistd --help does (getPlugins, read tapnames) imports no grpc or numpy."""
+        out = run_python(
+            "import sys\n"
+            "from twisted.plugin import getPlugins\n"
+            "from twisted.application.service import IServiceMaker\n"
+            "names = [p.tapname for p in getPlugins(IServiceMaker)]\n"
+            "print('anyserve' in names, 'grpc' in sys.modules, 'numpy' in sys.modules)\n"
+        )
+        self.assertEqual(out, "True False False")
+
+
+class OptionsTests(SynchronousTestCase):
+    """The anyserve subcommand's options."""
+
+    def parse(self, *args):
+        options = anyserve_maker().options()
+        options.parseOptions(list(args))
+        return options
+
+    def test_example(self):
+        """--port, --mgmt, repeated --worker and --workers parse as given."""
+        options = self.parse("--port", "8000", "--mgmt", "9000", "--worker", "a.py",
+                             "--worker", "b.py", "--workers", "2")
+        self.assertEqual(options["port"], 8000)
+        self.assertEqual(options["mgmt"], 9000)
+        self.assertEqual(options["worker"], ["a.py", "b.py"])
+        self.assertEqual(options["workers"], 2)
+
+    def test_types(self):
+        """Numeric options are converted to numbers."""
+        options = self.parse("--port", "8001", "--heartbeat-timeout", "2.5", "--threads", "8")
+        self.assertIsInstance(options["port"], int)
+        self.assertEqual(options["heartbeat-timeout"], 2.5)
+        self.assertIsInstance(options["heartbeat-timeout"], float)
+        self.assertEqual(options["threads"], 8)
+
+    def test_short_options(self):
+        """-p, -m and -n are the short forms of --port, --mgmt and --workers."""
+        options = self.parse("-p", "1234", "-m", "4321", "-n", "3")
+        self.assertEqual((options["port"], options["mgmt"], options["workers"]), (1234, 4321, 3))
+
+    def test_defaults(self):
+        """Without arguments: documented defaults, no workers, fresh list each time."""
+        options = self.parse()
+        self.assertEqual(options["port"], 8000)
+        self.assertEqual(options["mgmt"], 9000)
+        self.assertEqual(options["workers"], 1)
+        self.assertEqual(options["worker"], [])
+        self.assertEqual(options["mgmt-host"], "127.0.0.1")
+        self.assertEqual(options["max-message-size"], framing.DEFAULT_MAX_PAYLOAD)
+        self.assertIsNone(options["socket-dir"])
+        self.parse("--worker", "x.py")
+        self.assertEqual(self.parse()["worker"], [])
+
+    def test_bad_values(self):
+        """Zero or negative counts and durations are usage errors."""
+        for args in (
+            ["--workers", "0"],
+            ["--workers", "-3"],
+            ["--heartbeat-timeout", "-1"],
+            ["--heartbeat-timeout", "0"],
+            ["--pool-size", "0"],
+            ["--threads", "0"],
+            ["--max-concurrent-rpcs", "0"],
+            ["--max-message-size", "0"],
+            ["--grace", "-1"],
+            ["--request-timeout", "0"],
+        ):
+            self.assertRaises(usage.UsageError, self.parse, *args)
+
+    def test_not_a_number(self):
+        """A non-numeric value for a numeric option is a usage error."""
+        self.assertRaises(usage.UsageError, self.parse, "--port", "http")
+        self.assertRaises(usage.UsageError, self.parse, "--heartbeat-timeout", "soon")
+
+    def test_unknown_option(self):
+        """Unknown options are rejected."""
+        self.assertRaises(usage.UsageError, self.parse, "--no-such-option")

@@ -1,0 +1,276 @@
+"""Tests for anyserve_tw.router.Router, on a MemoryReactorClock.
+
+Worker connections are completed by hand (see FakeWorkerLink): every
+connectUNIX the router's worker handles make is recorded by the fake reactor,
+and the test plays the worker end of it.
+"""
+import grpc
+from twisted.internet.defer import maybeDeferred
+from twisted.internet.testing import MemoryReactorClock
+from twisted.trial.unittest import SynchronousTestCase
+
+from anyserve_tw import framing
+from anyserve_tw.errors import InferenceError
+from anyserve_tw.router import Router
+from anyserve_tw.test.test_workerpool import FakeWorkerLink, accept_pending, fail_attempt, frame
+
+INPUTS = [("INPUT0", "FP32", (1, 4))]
+OUTPUTS = [("OUTPUT0", "FP32", (1, 4))]
+
+
+class RouterTests(SynchronousTestCase):
+    def setUp(self):
+        self.reactor = MemoryReactorClock()
+        self.router = Router(self.reactor, pool_size=2, heartbeat_timeout=10.0, connect_timeout=3.0)
+        self.accepted = 0
+
+    def accept(self):
+        """Play the worker end of every connection attempt not yet answered."""
+        links = accept_pending(self.reactor, self.accepted)
+        self.accepted = len(self.reactor.unixClients)
+        return links
+
+    def register(self, worker_id, name, version="", path=None):
+        """Register and connect a worker; the worker ends of its connections."""
+        path = path or "/tmp/%s.sock" % worker_id
+        d = self.router.register_model(worker_id, "unix://" + path, name, version, "onnx", INPUTS, OUTPUTS)
+        links = self.accept()
+        self.assertIs(self.successResultOf(d), True)
+        return links
+
+    def assertFailsWith(self, d, code):
+        failure = self.failureResultOf(d, InferenceError)
+        self.assertEqual(failure.value.code, code)
+        return failure.value
+
+    def assertNoFrames(self, links):
+        self.assertEqual([link.transport.value() for link in links], [b""] * len(links))
+
+    def infer_frames(self, links):
+        return [f for link in links for f in link.frames() if f[0] == framing.REQUEST]
+
+    # -- registration ----------------------------------------------------
+
+    def test_register_connects_then_registers(self):
+        d = self.router.register_model(
+            "w1", "unix:///tmp/w1.sock", "resnet", "1", "onnx", INPUTS, OUTPUTS
+        )
+        self.assertEqual(
+            [(path, timeout) for path, _f, timeout, _p in self.reactor.unixClients],
+            [("/tmp/w1.sock", 3.0)] * 2,
+        )
+        # Not routed until the whole pool is up.
+        self.assertNoResult(d)
+        self.assertFalse(self.router.model_ready("resnet", "1"))
+        self.assertFailsWith(self.router.infer("resnet", "1", b"x"), grpc.StatusCode.NOT_FOUND)
+        first = FakeWorkerLink(self.reactor, "/tmp/w1.sock", self.reactor.unixClients[0][1])
+        self.assertNoResult(d)
+        self.assertFalse(self.router.model_ready("resnet", "1"))
+        second = FakeWorkerLink(self.reactor, "/tmp/w1.sock", self.reactor.unixClients[1][1])
+        self.assertIs(self.successResultOf(d), True)
+
+        self.assertTrue(self.router.model_ready("resnet", "1"))
+        self.assertTrue(self.router.model_ready("resnet"))  # the default version
+        model, versions = self.router.model_metadata("resnet")
+        self.assertEqual((model.name, model.version, model.platform), ("resnet", "1", "onnx"))
+        self.assertEqual((list(model.inputs), list(model.outputs)), (INPUTS, OUTPUTS))
+        self.assertEqual(versions, ["1"])
+        self.assertTrue(self.router.heartbeat("w1"))
+
+        result = self.router.infer("resnet", "1", b"request-bytes", timeout=2)
+        sent = self.infer_frames([first, second])
+        self.assertEqual(len(sent), 1)
+        kind, request_id, aux, payload = sent[0]
+        self.assertEqual((aux, payload), (2000, b"request-bytes"))
+        [link] = [link for link in (first, second) if link.frames()]
+        link.send(frame(framing.RESPONSE, request_id, b"response-bytes"))
+        self.assertEqual(self.successResultOf(result), b"response-bytes")
+
+    def test_second_model_on_same_worker_reuses_pool(self):
+        d1 = self.router.register_model("w1", "unix:///tmp/w1.sock", "a")
+        d2 = self.router.register_model("w1", "unix:///tmp/w1.sock", "b", "2")
+        self.assertEqual(len(self.reactor.unixClients), 2)  # one shared attempt
+        self.accept()
+        self.assertIs(self.successResultOf(d1), True)
+        self.assertIs(self.successResultOf(d2), True)
+        d3 = self.router.register_model("w1", "unix:///tmp/w1.sock", "c")
+        self.assertIs(self.successResultOf(d3), True)  # already connected: at once
+        self.assertEqual(len(self.reactor.unixClients), 2)
+        for name in ("a", "b", "c"):
+            self.assertTrue(self.router.model_ready(name))
+
+    def test_register_unreachable_worker(self):
+        d = self.router.register_model("w1", "unix:///tmp/nobody.sock", "m")
+        fail_attempt(self.reactor, 0)
+        e = self.assertFailsWith(d, grpc.StatusCode.UNAVAILABLE)
+        self.assertIn("/tmp/nobody.sock", e.message)
+        self.assertFalse(self.router.heartbeat("w1"))
+        self.assertNotIn("w1", self.router.workers)
+        self.assertFailsWith(self.router.infer("m", "", b"x"), grpc.StatusCode.NOT_FOUND)
+        # A retry makes a fresh attempt rather than reusing the failed handle.
+        self.accepted = len(self.reactor.unixClients)
+        d = self.router.register_model("w1", "unix:///tmp/nobody.sock", "m")
+        self.assertEqual(len(self.reactor.unixClients), 4)
+        self.accept()
+        self.assertIs(self.successResultOf(d), True)
+        self.assertTrue(self.router.model_ready("m"))
+
+    def test_register_with_unsupported_address(self):
+        for _ in range(2):
+            # Rejected both times (the second must not hang on the first's
+            # half-made handle) ...
+            failure = self.failureResultOf(
+                maybeDeferred(self.router.register_model, "w1", "tcp://127.0.0.1:7000", "m"),
+                InferenceError,
+            )
+            self.assertEqual(failure.value.code, grpc.StatusCode.INVALID_ARGUMENT)
+            # ... and no trace of the worker is left behind.
+            self.assertNotIn("w1", self.router.workers)
+            self.assertFalse(self.router.heartbeat("w1"))
+
+    def test_reregister_at_new_address_replaces_handle(self):
+        old_links = self.register("w1", "m", path="/tmp/old.sock")
+        old_handle = self.router.workers["w1"]
+        in_flight = self.router.infer("m", "", b"x")
+
+        d = self.router.register_model("w1", "unix:///tmp/new.sock", "m")
+        self.assertTrue(all(link.transport.disconnected for link in old_links))
+        self.assertTrue(old_handle.closed)
+        self.assertEqual([c[0] for c in self.reactor.unixClients[2:]], ["/tmp/new.sock"] * 2)
+        new_links = self.accept()
+        self.assertIs(self.successResultOf(d), True)
+        self.reactor.advance(0)  # the old connections' connectionLost arrives now
+
+        new_handle = self.router.workers["w1"]
+        self.assertIsNot(new_handle, old_handle)
+        self.assertEqual(new_handle.address, "unix:///tmp/new.sock")
+        self.assertFailsWith(in_flight, grpc.StatusCode.UNAVAILABLE)
+        # The old handle going away did not take the new one with it.
+        self.assertTrue(self.router.model_ready("m"))
+        self.assertTrue(self.router.heartbeat("w1"))
+        self.router.infer("m", "", b"y")
+        self.assertEqual(len(self.infer_frames(new_links)), 1)
+        self.assertEqual(len(self.infer_frames(old_links)), 1)  # only the first request
+
+    # -- inference -------------------------------------------------------
+
+    def test_infer_unknown_model_is_not_found_and_touches_no_worker(self):
+        links = self.register("w1", "m", "1")
+        for name, version in (("other", ""), ("other", "1"), ("m", "2")):
+            self.assertFailsWith(self.router.infer(name, version, b"x"), grpc.StatusCode.NOT_FOUND)
+        self.assertNoFrames(links)
+        self.assertEqual(self.router.workers["w1"].outstanding, 0)
+
+    def test_infer_known_model_without_worker_is_unavailable(self):
+        links = self.register("w1", "m")
+        self.assertTrue(self.router.unregister_model("w1", "m"))
+        self.assertFalse(self.router.model_ready("m"))
+        e = self.assertFailsWith(self.router.infer("m", "", b"x"), grpc.StatusCode.UNAVAILABLE)
+        self.assertIn("'m'", e.message)
+        self.assertNoFrames(links)
+
+    def test_infer_spreads_over_workers(self):
+        links1 = self.register("w1", "m")
+        links2 = self.register("w2", "m")
+        self.router.infer("m", "", b"a")
+        self.router.infer("m", "", b"b")
+        self.assertEqual((len(self.infer_frames(links1)), len(self.infer_frames(links2))), (1, 1))
+
+    # -- heartbeats --------------------------------------------------------
+
+    def test_heartbeat(self):
+        self.register("w1", "m")
+        self.reactor.advance(4)
+        self.assertTrue(self.router.heartbeat("w1"))
+        self.assertEqual(self.router.workers["w1"].last_heartbeat, 4)
+        self.assertFalse(self.router.heartbeat("nobody"))
+        self.assertNotIn("nobody", self.router.workers)
+
+    def test_evict_silent_workers(self):
+        silent_links = self.register("silent", "a")
+        self.register("alive", "b")
+        in_flight = self.router.infer("a", "", b"x")
+        for _ in range(4):
+            self.reactor.advance(2.5)
+            self.assertTrue(self.router.heartbeat("alive"))
+            self.router.evict_silent_workers()
+        # 10s of silence is not yet more than heartbeat_timeout.
+        self.assertIn("silent", self.router.workers)
+        self.assertNoResult(in_flight)
+
+        self.reactor.advance(0.5)
+        self.assertTrue(self.router.heartbeat("alive"))
+        self.router.evict_silent_workers()
+        self.assertNotIn("silent", self.router.workers)
+        self.assertFalse(self.router.heartbeat("silent"))
+        self.assertTrue(all(link.transport.disconnected for link in silent_links))
+        self.reactor.advance(0)
+        e = self.assertFailsWith(in_flight, grpc.StatusCode.UNAVAILABLE)
+        self.assertIn("no heartbeat", e.message)
+        self.assertFalse(self.router.model_ready("a"))
+        self.assertFailsWith(self.router.infer("a", "", b"x"), grpc.StatusCode.UNAVAILABLE)
+
+        self.assertIn("alive", self.router.workers)
+        self.assertTrue(self.router.model_ready("b"))
+        self.assertNoResult(self.router.infer("b", "", b"y"))
+
+    def test_reaper_evicts_after_start(self):
+        silent_links = self.register("silent", "a")
+        alive_links = self.register("alive", "b")
+        in_flight = self.router.infer("a", "", b"x")
+        self.router.startService()
+        self.addCleanup(self.router.stopService)
+        for _ in range(10):
+            self.reactor.advance(1)
+            self.router.heartbeat("alive")
+        self.assertIn("silent", self.router.workers)
+        for _ in range(3):  # t=13: the reaper's tick at 12.5 sees 12.5s of silence
+            self.reactor.advance(1)
+            self.router.heartbeat("alive")
+        self.assertNotIn("silent", self.router.workers)
+        self.assertTrue(all(link.transport.disconnected for link in silent_links))
+        self.assertFailsWith(in_flight, grpc.StatusCode.UNAVAILABLE)
+        self.assertFalse(self.router.model_ready("a"))
+        self.assertTrue(self.router.model_ready("b"))
+        self.assertTrue(self.router.server_ready() is False)  # "a" is known but not ready
+
+        self.router.stopService()
+        self.assertFalse(self.router.running)
+        self.assertTrue(all(link.transport.disconnected for link in alive_links))
+        self.reactor.advance(0)
+        self.assertEqual([c for c in self.reactor.getDelayedCalls() if c.active()], [])
+
+    def test_reaper_keeps_heartbeating_workers(self):
+        self.register("w1", "m")
+        self.router.startService()
+        self.addCleanup(self.router.stopService)
+        for _ in range(100):
+            self.reactor.advance(1)
+            self.router.heartbeat("w1")
+        self.assertIn("w1", self.router.workers)
+        self.assertTrue(self.router.server_ready())
+
+    # -- connection loss ----------------------------------------------------
+
+    def test_connection_drop_removes_worker(self):
+        links = self.register("w1", "m")
+        in_flight = self.router.infer("m", "", b"x")
+        sent_on = [link for link in links if link.frames()]
+        other = [link for link in links if not link.frames()]
+        self.assertEqual((len(sent_on), len(other)), (1, 1))
+        other[0].transport.peer_closes()  # the idle connection drops
+
+        self.assertNotIn("w1", self.router.workers)
+        self.assertFalse(self.router.heartbeat("w1"))
+        self.assertFalse(self.router.model_ready("m"))
+        self.assertTrue(sent_on[0].transport.disconnected)
+        self.reactor.advance(0)
+        self.assertFailsWith(in_flight, grpc.StatusCode.UNAVAILABLE)
+        # Still known: "try again", not "no such model".
+        self.assertFailsWith(self.router.infer("m", "", b"x"), grpc.StatusCode.UNAVAILABLE)
+        self.assertEqual(self.router.model_metadata("m")[0].name, "m")
+        self.assertEqual(len(self.infer_frames(links)), 1)
+
+        # The worker, told by its heartbeat that it is unknown, registers again.
+        self.register("w1", "m")
+        self.assertTrue(self.router.model_ready("m"))

@@ -1,0 +1,469 @@
+"""Tests for anyserve_tw.workerpool: WorkerConnection and WorkerHandle."""
+import os
+import shutil
+import tempfile
+
+import grpc
+from twisted.internet import error, reactor
+from twisted.internet.address import UNIXAddress
+from twisted.internet.defer import CancelledError, Deferred, gatherResults, inlineCallbacks, maybeDeferred
+from twisted.internet.protocol import Factory
+from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.python.failure import Failure
+from twisted.trial.unittest import SynchronousTestCase, TestCase
+
+from anyserve_tw import framing
+from anyserve_tw.errors import InferenceError
+from anyserve_tw.workerpool import WorkerConnection, WorkerHandle, endpoint_for
+
+
+# -- helpers (also used by test_router) ---------------------------------------
+
+
+class ClosingTransport(StringTransport):
+    """A StringTransport that behaves like a socket transport when closed.
+
+    ``loseConnection``/``abortConnection`` mark it disconnected and deliver
+    ``connectionLost`` to its protocol one reactor turn later (``callLater(0)``
+    on ``clock``), as Twisted's real socket transports do.
+    """
+
+    def __init__(self, clock):
+        super().__init__()
+        self.clock = clock
+        self.protocol = None
+        self.lost_scheduled = False
+
+    def _schedule_lost(self, reason):
+        self.connected = False
+        if not self.lost_scheduled:
+            self.lost_scheduled = True
+            self.clock.callLater(0, self.protocol.connectionLost, Failure(reason))
+
+    def loseConnection(self):
+        self.disconnecting = True
+        self._schedule_lost(error.ConnectionDone())
+
+    def abortConnection(self):
+        self.disconnected = True
+        self.disconnecting = True
+        self._schedule_lost(error.ConnectionAborted())
+
+    def peer_closes(self):
+        """The worker end hangs up: connectionLost right now."""
+        self.connected = False
+        self.lost_scheduled = True
+        self.protocol.connectionLost(Failure(error.ConnectionDone()))
+
+
+def frame(kind, request_id, payload=b"", aux=0):
+    return framing.encode_header(kind, request_id, len(payload), aux) + payload
+
+
+def written_frames(transport):
+    """Every frame written to ``transport`` as (kind, request_id, aux, payload)."""
+    return [tuple(f[:3]) + (bytes(f[3]),) for f in framing.FrameDecoder().feed(transport.value())]
+
+
+class FakeWorkerLink:
+    """The worker end of one connection the ingress asked the reactor for."""
+
+    def __init__(self, clock, path, factory):
+        self.path = path
+        self.factory = factory
+        self.transport = ClosingTransport(clock)
+        self.protocol = factory.buildProtocol(UNIXAddress(path))
+        self.transport.protocol = self.protocol
+        self.protocol.makeConnection(self.transport)
+
+    def frames(self):
+        return written_frames(self.transport)
+
+    def send(self, data):
+        self.protocol.dataReceived(data)
+
+    def reply(self, request_id, payload):
+        self.send(frame(framing.RESPONSE, request_id, payload))
+
+
+def accept_pending(clock, already):
+    """Complete every recorded connectUNIX from index ``already`` on."""
+    return [FakeWorkerLink(clock, path, factory) for path, factory, _t, _p in clock.unixClients[already:]]
+
+
+def fail_attempt(clock, index, reason=None):
+    _path, factory, _t, _p = clock.unixClients[index]
+    factory.clientConnectionFailed(
+        clock.connectors[index], Failure(reason or error.ConnectionRefusedError("refused"))
+    )
+
+
+class FakeHandle:
+    """The parts of WorkerHandle a WorkerConnection uses."""
+
+    worker_id = "w-fake"
+    lost_reason = "connection closed"
+
+    def __init__(self):
+        self.lost = []
+
+    def _connectionLost(self, connection):
+        self.lost.append(connection)
+
+
+# -- WorkerConnection -----------------------------------------------------------
+
+
+class WorkerConnectionTests(SynchronousTestCase):
+    def connection(self, max_payload=framing.DEFAULT_MAX_PAYLOAD):
+        self.clock = MemoryReactorClock()
+        self.handle = FakeHandle()
+        conn = WorkerConnection(self.handle, max_payload)
+        self.transport = ClosingTransport(self.clock)
+        self.transport.protocol = conn
+        conn.makeConnection(self.transport)
+        return conn
+
+    def assertFailsWith(self, d, code):
+        failure = self.failureResultOf(d, InferenceError)
+        self.assertEqual(failure.value.code, code)
+        return failure.value
+
+    def test_forward_writes_request_frames(self):
+        conn = self.connection()
+        conn.forward(b"first", timeout=1.5)
+        conn.forward(b"", timeout=None)
+        conn.forward(b"x", timeout=0.0001)
+        conn.forward(b"y", timeout=10 ** 10)
+        self.assertEqual(
+            written_frames(self.transport),
+            [
+                (framing.REQUEST, 1, 1500, b"first"),
+                (framing.REQUEST, 2, 0, b""),
+                (framing.REQUEST, 3, 1, b"x"),  # never rounded down to "no timeout"
+                (framing.REQUEST, 4, 0xFFFFFFFF, b"y"),  # clamped to u32
+            ],
+        )
+        self.assertEqual(conn.outstanding, 4)
+
+    def test_header_flags_and_reserved_are_zero(self):
+        conn = self.connection()
+        conn.forward(b"abc", timeout=2)
+        length, kind, flags, reserved, request_id, aux = framing.HEADER.unpack(
+            self.transport.value()[: framing.HEADER_SIZE]
+        )
+        self.assertEqual((length, kind, flags, reserved, request_id, aux), (3, framing.REQUEST, 0, 0, 1, 2000))
+
+    def test_responses_out_of_order(self):
+        conn = self.connection()
+        ds = [conn.forward(b"req%d" % i) for i in range(1, 5)]
+        self.assertEqual([f[1] for f in written_frames(self.transport)], [1, 2, 3, 4])
+        # Answers come back in a different order, two of them in one read,
+        # one split across reads.
+        conn.dataReceived(frame(framing.RESPONSE, 3, b"three") + frame(framing.RESPONSE, 1, b"one"))
+        self.assertEqual(self.successResultOf(ds[2]), b"three")
+        self.assertEqual(self.successResultOf(ds[0]), b"one")
+        self.assertNoResult(ds[1])
+        self.assertNoResult(ds[3])
+        data = frame(framing.RESPONSE, 4, b"four" * 100) + frame(framing.RESPONSE, 2, b"two")
+        for i in range(0, len(data), 7):
+            conn.dataReceived(data[i:i + 7])
+        self.assertEqual(self.successResultOf(ds[3]), b"four" * 100)
+        self.assertEqual(self.successResultOf(ds[1]), b"two")
+        self.assertEqual(conn.outstanding, 0)
+
+    def test_error_frame(self):
+        conn = self.connection()
+        d1 = conn.forward(b"a")
+        d2 = conn.forward(b"b")
+        d3 = conn.forward(b"c")
+        conn.dataReceived(
+            frame(framing.ERROR, 2, "bad input \u2713".encode("utf-8"),
+                  grpc.StatusCode.INVALID_ARGUMENT.value[0])
+        )
+        e = self.assertFailsWith(d2, grpc.StatusCode.INVALID_ARGUMENT)
+        self.assertEqual(e.message, "bad input \u2713")
+        self.assertNoResult(d1)
+        conn.dataReceived(frame(framing.ERROR, 1, b"oom", grpc.StatusCode.RESOURCE_EXHAUSTED.value[0]))
+        self.assertEqual(self.assertFailsWith(d1, grpc.StatusCode.RESOURCE_EXHAUSTED).message, "oom")
+        conn.dataReceived(frame(framing.ERROR, 3, b"\xff?", 9999))  # unknown code, bad UTF-8
+        e = self.assertFailsWith(d3, grpc.StatusCode.UNKNOWN)
+        self.assertEqual(e.message, "\ufffd?")
+        self.assertFalse(self.transport.disconnecting)
+
+    def test_cancel_sends_cancel_and_ignores_late_response(self):
+        conn = self.connection()
+        d1 = conn.forward(b"a")
+        d2 = conn.forward(b"b")
+        self.transport.clear()
+        d1.cancel()
+        self.failureResultOf(d1, CancelledError)
+        self.assertEqual(written_frames(self.transport), [(framing.CANCEL, 1, 0, b"")])
+        self.assertEqual(conn.outstanding, 1)
+        # The worker had already answered; the late answer is dropped quietly.
+        conn.dataReceived(frame(framing.RESPONSE, 1, b"late") + frame(framing.RESPONSE, 2, b"b!"))
+        self.assertEqual(self.successResultOf(d2), b"b!")
+        self.assertFalse(self.transport.disconnecting)
+        self.assertEqual(conn.outstanding, 0)
+        # Cancelling an answered request sends nothing.
+        self.transport.clear()
+        d2.cancel()
+        self.assertEqual(self.transport.value(), b"")
+
+    def test_cancel_after_disconnect_sends_nothing(self):
+        conn = self.connection()
+        d = conn.forward(b"a")
+        self.transport.connected = False  # closing, connectionLost not yet delivered
+        self.transport.clear()
+        d.cancel()
+        self.failureResultOf(d, CancelledError)
+        self.assertEqual(self.transport.value(), b"")
+
+    def test_oversize_response_fails_only_that_request(self):
+        conn = self.connection(max_payload=16)
+        d1 = conn.forward(b"a")
+        d2 = conn.forward(b"b")
+        d3 = conn.forward(b"c")
+        data = (
+            frame(framing.RESPONSE, 1, b"z" * 100)
+            + frame(framing.RESPONSE, 2, b"fits")
+            + frame(framing.RESPONSE, 3, b"q" * 16)
+        )
+        for i in range(0, len(data), 9):  # oversize payload spread over many reads
+            conn.dataReceived(data[i:i + 9])
+        e = self.assertFailsWith(d1, grpc.StatusCode.RESOURCE_EXHAUSTED)
+        self.assertIn("100", e.message)
+        self.assertEqual(self.successResultOf(d2), b"fits")
+        self.assertEqual(self.successResultOf(d3), b"q" * 16)
+        self.assertFalse(self.transport.disconnecting)
+        self.assertEqual(conn.outstanding, 0)
+
+    def test_unexpected_frame_type_fails_request_and_closes(self):
+        conn = self.connection()
+        d = conn.forward(b"a")
+        conn.dataReceived(frame(framing.REQUEST, 1, b"?"))
+        self.assertFailsWith(d, grpc.StatusCode.UNAVAILABLE)
+        self.assertTrue(self.transport.disconnecting)
+
+    def test_connection_lost_fails_pending(self):
+        conn = self.connection()
+        ds = [conn.forward(b"%d" % i) for i in range(3)]
+        self.transport.peer_closes()
+        for d in ds:
+            self.assertFailsWith(d, grpc.StatusCode.UNAVAILABLE)
+        self.assertEqual(self.handle.lost, [conn])
+        self.assertEqual(conn.outstanding, 0)
+
+
+# -- WorkerHandle ---------------------------------------------------------------
+
+
+class WorkerHandleTests(SynchronousTestCase):
+    address = "unix:///tmp/anyserve-test-w1.sock"
+
+    def setUp(self):
+        self.reactor = MemoryReactorClock()
+        self.lost = []
+
+    def handle(self, pool_size=2, address=None, **kw):
+        return WorkerHandle(self.reactor, "w1", address or self.address, self.lost.append,
+                            pool_size=pool_size, **kw)
+
+    def connected_handle(self, pool_size=2):
+        handle = self.handle(pool_size)
+        d = handle.connect()
+        links = accept_pending(self.reactor, 0)
+        self.assertIs(self.successResultOf(d), handle)
+        return handle, links
+
+    def assertFailsWith(self, d, code):
+        failure = self.failureResultOf(d, InferenceError)
+        self.assertEqual(failure.value.code, code)
+        return failure.value
+
+    def test_connect_opens_pool_and_fires_when_all_up(self):
+        handle = self.handle(pool_size=3, connect_timeout=7)
+        d = handle.connect()
+        self.assertEqual(
+            [(path, timeout) for path, _f, timeout, _p in self.reactor.unixClients],
+            [("/tmp/anyserve-test-w1.sock", 7)] * 3,
+        )
+        again = handle.connect()  # a concurrent caller shares the attempt
+        self.assertEqual(len(self.reactor.unixClients), 3)
+        links = []
+        for i in range(3):
+            self.assertNoResult(d)
+            self.assertNoResult(again)
+            links.append(FakeWorkerLink(self.reactor, "/tmp/anyserve-test-w1.sock",
+                                        self.reactor.unixClients[i][1]))
+        self.assertIs(self.successResultOf(d), handle)
+        self.assertIs(self.successResultOf(again), handle)
+        # Once up, connect() answers at once without reconnecting.
+        self.assertIs(self.successResultOf(handle.connect()), handle)
+        self.assertEqual(len(self.reactor.unixClients), 3)
+        self.assertFalse(handle.closed)
+        self.assertEqual(self.lost, [])
+
+    def test_forward_before_connected_is_unavailable(self):
+        handle = self.handle()
+        e = self.assertRaises(InferenceError, handle.forward, b"x")
+        self.assertEqual(e.code, grpc.StatusCode.UNAVAILABLE)
+
+    def test_connect_failure_is_unavailable(self):
+        handle = self.handle(pool_size=2)
+        d = handle.connect()
+        first = FakeWorkerLink(self.reactor, "p", self.reactor.unixClients[0][1])
+        self.assertNoResult(d)
+        fail_attempt(self.reactor, 1, error.ConnectionRefusedError("nobody home"))
+        e = self.assertFailsWith(d, grpc.StatusCode.UNAVAILABLE)
+        self.assertIn(self.address, e.message)
+        self.assertIn("nobody home", e.message)
+        self.assertTrue(handle.closed)
+        # The connection that did come up is not left open.
+        self.assertTrue(first.transport.disconnecting)
+        # A later connect() fails at once, without a new attempt.
+        self.assertFailsWith(handle.connect(), grpc.StatusCode.UNAVAILABLE)
+        self.assertEqual(len(self.reactor.unixClients), 2)
+        e = self.assertRaises(InferenceError, handle.forward, b"x")
+        self.assertEqual(e.code, grpc.StatusCode.UNAVAILABLE)
+
+    def test_connection_arriving_after_failure_is_closed(self):
+        # Attempt 0 fails first; attempt 1 completes afterwards.  Nobody will
+        # ever use or close that late connection, so the handle must.
+        handle = self.handle(pool_size=2)
+        d = handle.connect()
+        fail_attempt(self.reactor, 0)
+        self.assertFailsWith(d, grpc.StatusCode.UNAVAILABLE)
+        late = FakeWorkerLink(self.reactor, "p", self.reactor.unixClients[1][1])
+        self.assertTrue(late.transport.disconnecting, "connection made after the pool failed was leaked")
+
+    def test_connection_arriving_after_close_is_closed(self):
+        # The router drops a worker (eviction, re-registration elsewhere)
+        # while its pool is still connecting.
+        handle = self.handle(pool_size=2)
+        d = handle.connect()
+        handle.close("evicted")
+        links = accept_pending(self.reactor, 0)
+        self.assertFailsWith(d, grpc.StatusCode.UNAVAILABLE)
+        for link in links:
+            self.assertTrue(link.transport.disconnecting, "connection made after close() was leaked")
+
+    def test_bad_address_is_rejected_before_any_connect(self):
+        """An unsupported address fails when the handle is made, so no handle
+        (and no waiter) is ever left behind for it."""
+        with self.assertRaises(InferenceError) as caught:
+            self.handle(address="tcp://127.0.0.1:9000")
+        self.assertEqual(caught.exception.code, grpc.StatusCode.INVALID_ARGUMENT)
+        self.assertIn("tcp://127.0.0.1:9000", caught.exception.message)
+        self.assertEqual(self.reactor.unixClients, [])
+
+    def test_forward_picks_least_outstanding_connection(self):
+        handle, links = self.connected_handle(pool_size=3)
+        ds = [handle.forward(b"r%d" % i) for i in range(3)]
+        self.assertEqual([len(link.frames()) for link in links], [1, 1, 1])
+        self.assertEqual(handle.outstanding, 3)
+        # The second connection's request is answered: it is now the idlest.
+        request_id = links[1].frames()[0][1]
+        links[1].reply(request_id, b"done")
+        self.assertEqual(self.successResultOf(ds[1]), b"done")
+        handle.forward(b"next")
+        self.assertEqual([len(link.frames()) for link in links], [1, 2, 1])
+        self.assertEqual(links[1].frames()[1][3], b"next")
+        outstanding = lambda: [link.protocol._wrappedProtocol.outstanding for link in links]
+        self.assertEqual(outstanding(), [1, 1, 1])
+        handle.forward(b"again")  # a tie: the first of the tied ones
+        self.assertEqual(outstanding(), [2, 1, 1])
+        handle.forward(b"more")
+        self.assertEqual(outstanding(), [2, 2, 1])
+        handle.forward(b"last")
+        self.assertEqual(outstanding(), [2, 2, 2])
+        self.assertEqual([f[3] for f in links[2].frames()], [b"r2", b"last"])
+        self.assertEqual(handle.outstanding, 6)
+
+    def test_connection_lost_fails_all_and_calls_on_lost_once(self):
+        handle, links = self.connected_handle(pool_size=2)
+        ds = [handle.forward(b"r%d" % i, timeout=1) for i in range(4)]
+        self.assertEqual([len(link.frames()) for link in links], [2, 2])
+        links[0].transport.peer_closes()
+        for d in ds[0::2]:  # those on the lost connection, at once
+            self.assertFailsWith(d, grpc.StatusCode.UNAVAILABLE)
+        self.assertTrue(handle.closed)
+        self.assertTrue(links[1].transport.disconnected)  # the sibling is aborted
+        self.reactor.advance(0)  # ... and its connectionLost arrives
+        for d in ds[1::2]:
+            self.assertFailsWith(d, grpc.StatusCode.UNAVAILABLE)
+        self.assertEqual(self.lost, [handle])
+        self.assertEqual(handle.outstanding, 0)
+        e = self.assertRaises(InferenceError, handle.forward, b"x")
+        self.assertEqual(e.code, grpc.StatusCode.UNAVAILABLE)
+        self.assertFailsWith(handle.connect(), grpc.StatusCode.UNAVAILABLE)
+
+    def test_close_fails_in_flight_with_reason(self):
+        handle, links = self.connected_handle(pool_size=2)
+        d = handle.forward(b"x")
+        handle.close("no heartbeat for 12.0s")
+        self.assertTrue(all(link.transport.disconnected for link in links))
+        self.reactor.advance(0)
+        e = self.assertFailsWith(d, grpc.StatusCode.UNAVAILABLE)
+        self.assertIn("no heartbeat", e.message)
+        self.assertEqual(self.lost, [handle])
+
+
+class EndpointTests(SynchronousTestCase):
+    def test_unix_address(self):
+        clock = MemoryReactorClock()
+        endpoint = endpoint_for(clock, "unix:///run/anyserve/w.sock", timeout=3)
+        endpoint.connect(Factory.forProtocol(framing.FramedProtocol))
+        self.assertEqual(clock.unixClients[0][0], "/run/anyserve/w.sock")
+        self.assertEqual(clock.unixClients[0][2], 3)
+
+    def test_rejects_other_addresses(self):
+        for address in ("tcp://127.0.0.1:9000", "127.0.0.1:9000", "/tmp/w.sock", "unix://", "unix:/tmp/w.sock", ""):
+            e = self.assertRaises(InferenceError, endpoint_for, MemoryReactorClock(), address)
+            self.assertEqual(e.code, grpc.StatusCode.INVALID_ARGUMENT, address)
+
+
+# -- over a real Unix socket ------------------------------------------------------
+
+
+class EchoWorker(framing.FramedProtocol):
+    """Answers every REQUEST with its own payload."""
+
+    def connectionMade(self):
+        super().connectionMade()
+        self.lost = Deferred()
+        self.factory.connections.append(self)
+
+    def frameReceived(self, kind, request_id, aux, payload):
+        if kind == framing.REQUEST:
+            self.sendFrame(framing.RESPONSE, request_id, payload)
+
+    def connectionLost(self, reason):
+        self.lost.callback(None)
+
+
+class RealSocketTests(TestCase):
+    @inlineCallbacks
+    def test_forward_large_payload(self):
+        directory = tempfile.mkdtemp(dir="/tmp", prefix="asw")
+        self.addCleanup(shutil.rmtree, directory, True)
+        path = os.path.join(directory, "w.sock")
+        factory = Factory.forProtocol(EchoWorker)
+        factory.connections = []
+        port = reactor.listenUNIX(path, factory)
+        self.addCleanup(port.stopListening)
+
+        gone = Deferred()
+        handle = WorkerHandle(reactor, "w1", "unix://" + path, gone.callback, pool_size=2)
+        self.assertIs((yield handle.connect()), handle)
+        payload = os.urandom(3 * 1024 * 1024)
+        small = [handle.forward(b"small-%d" % i, timeout=10) for i in range(3)]
+        result = yield handle.forward(payload, timeout=10)
+        self.assertEqual(len(result), len(payload))
+        self.assertTrue(result == payload)
+        self.assertEqual((yield gatherResults(small)), [b"small-%d" % i for i in range(3)])
+        self.assertEqual(len(factory.connections), 2)  # both pool connections carried requests
+
+        handle.close("test over")
+        self.assertIs((yield gone), handle)
+        yield gatherResults([c.lost for c in factory.connections])
