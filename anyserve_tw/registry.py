@@ -34,6 +34,7 @@ class ModelVersion:
         self.inputs = ()
         self.outputs = ()
         self.workers = []
+        self.rotation = 0  # where the next tie-break starts
 
     @property
     def ready(self):
@@ -52,7 +53,6 @@ class ModelRegistry:
 
     def __init__(self):
         self._models = {}  # name -> {version: ModelVersion}
-        self._rotation = 0
 
     def register(self, worker, name, version="", platform="", inputs=(), outputs=()):
         """Add ``worker`` as a server of (name, version); metadata: latest wins."""
@@ -124,8 +124,8 @@ class ModelRegistry:
             )
         if count == 1:
             return workers[0]
-        start = self._rotation % count
-        self._rotation += 1
+        start = model.rotation % count
+        model.rotation += 1
         best = None
         for i in range(count):
             worker = workers[(start + i) % count]

@@ -112,9 +112,7 @@ def from_raw(datatype, shape, raw):
     """A numpy array viewing raw little-endian contents (no copy for numbers)."""
     count = element_count(shape)
     if datatype == "BYTES":
-        array = np.empty(count, dtype=object)
-        array[:] = decode_bytes(raw, count)
-        return array.reshape(shape)
+        return _object_array(decode_bytes(raw, count), shape)
     dtype = DATATYPES[datatype]
     if len(raw) != count * dtype.itemsize:
         raise invalid_argument(
@@ -134,10 +132,21 @@ def from_contents(datatype, shape, contents):
             % (CONTENTS_FIELD[datatype], len(values), count, list(shape))
         )
     if datatype == "BYTES":
-        array = np.empty(count, dtype=object)
-        array[:] = list(values)
-        return array.reshape(shape)
-    return np.array(values, dtype=DATATYPES[datatype]).reshape(shape)
+        return _object_array(list(values), shape)
+    dtype = DATATYPES[datatype]
+    if dtype.kind in "iu" and values:
+        # int_contents / uint_contents are 32-bit: narrower types must fit.
+        limits = np.iinfo(dtype)
+        if min(values) < limits.min or max(values) > limits.max:
+            raise invalid_argument("%s value out of range for %s" % (CONTENTS_FIELD[datatype], datatype))
+    return np.array(values, dtype=dtype).reshape(shape)
+
+
+def _object_array(items, shape):
+    """An object array of ``items`` (already checked against ``shape``)."""
+    array = np.empty(len(items), dtype=object)
+    array[:] = items
+    return array.reshape(shape)
 
 
 def to_buffer(datatype, array):

@@ -86,9 +86,8 @@ def raw_request(inputs, model_name="m", model_version="", outputs=(), raw=None):
 
 
 def raw_contents(datatype, array):
-    """tensors.to_buffer (or its older name to_raw) as bytes."""
-    to_buffer = getattr(tensors, "to_buffer", None) or tensors.to_raw
-    return bytes(to_buffer(datatype, array))
+    """tensors.to_buffer as bytes."""
+    return bytes(tensors.to_buffer(datatype, array))
 
 
 def response_of(data):
@@ -664,3 +663,14 @@ class AppTests(SynchronousTestCase, InvalidArgumentMixin):
     def test_route_malformed(self):
         """Garbage request bytes: INVALID_ARGUMENT before any handler runs."""
         self.assertInvalid(self.app.route, b"\x0a\x05ab")
+
+
+class TypedRangeTests(SynchronousTestCase):
+    def test_out_of_range_typed_ints_are_invalid(self):
+        """int_contents is 32-bit: an INT8 tensor must not silently wrap 300."""
+        contents = protos.inference.InferTensorContents(int_contents=[300, -129])
+        with self.assertRaises(InferenceError) as caught:
+            tensors.from_contents("INT8", (2,), contents)
+        self.assertEqual(caught.exception.code, grpc.StatusCode.INVALID_ARGUMENT)
+        ok = protos.inference.InferTensorContents(int_contents=[127, -128])
+        self.assertEqual(tensors.from_contents("INT8", (2,), ok).tolist(), [127, -128])

@@ -57,12 +57,11 @@ class AnyServe:
         model = self.route(payload)
         request = model.decode(payload)
         try:
-            result = model.handler(request)
+            return model.encode(request, model.handler(request))
         except InferenceError:
             raise
         except Exception as e:
             raise handler_error(model, e) from e
-        return model.encode(request, result)
 
     def run(self, ingress=None, socket_path=None, worker_id=None, threads=None,
             heartbeat_interval=None):

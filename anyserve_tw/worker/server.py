@@ -191,7 +191,8 @@ class ModelServer(Service):
             raise handler_error(model, failure.value)
 
         d = maybeDeferred(call)
-        d.addCallbacks(lambda result: model.encode(request, result), failed)
+        d.addCallback(lambda result: model.encode(request, result))
+        d.addErrback(failed)
         return d
 
 

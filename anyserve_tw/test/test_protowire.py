@@ -1,4 +1,4 @@
-"""Tests for peek_request (anyserve_tw.protowire, formerly anyserve_tw.peek):
+"""Tests for peek_request (anyserve_tw.protowire):
 routing fields without decoding."""
 import grpc
 from tritonclient.grpc import service_pb2 as triton
@@ -6,10 +6,7 @@ from tritonclient.grpc import service_pb2 as triton
 from twisted.trial.unittest import SynchronousTestCase
 
 from anyserve_tw.errors import InferenceError
-try:
-    from anyserve_tw.protowire import peek_request
-except ImportError:  # before peek.py became protowire.py
-    from anyserve_tw.peek import peek_request
+from anyserve_tw.protowire import peek_request
 from anyserve_tw.protos import inference as ours
 
 
@@ -220,3 +217,41 @@ class PeekErrorTests(SynchronousTestCase):
         """Random-looking bytes that are not a message."""
         self.assertInvalid(b"\x0a\x05ab")
         self.assertInvalid(b"\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff")
+
+
+class SplitAndAppendTests(SynchronousTestCase):
+    """The worker's zero-copy paths agree with protobuf's own parsing."""
+
+    def test_split_raw_inputs(self):
+        request = ours.ModelInferRequest(model_name="m", id="7")
+        for name in ("a", "b"):
+            tensor = request.inputs.add(name=name, datatype="UINT8")
+            tensor.shape.append(3)
+        request.raw_input_contents.extend([b"\x01\x02\x03", b"\x04\x05\x06"])
+        from anyserve_tw.protowire import split_raw_inputs
+
+        rest, raw = split_raw_inputs(request.SerializeToString())
+        self.assertEqual([bytes(r) for r in raw], [b"\x01\x02\x03", b"\x04\x05\x06"])
+        self.assertTrue(all(isinstance(r, memoryview) for r in raw))
+        parsed = ours.ModelInferRequest.FromString(rest)
+        self.assertEqual(list(parsed.raw_input_contents), [])
+        self.assertEqual([t.name for t in parsed.inputs], ["a", "b"])
+        self.assertEqual(parsed.id, "7")
+
+    def test_split_malformed_is_invalid_argument(self):
+        from anyserve_tw.protowire import split_raw_inputs
+
+        with self.assertRaises(InferenceError) as caught:
+            split_raw_inputs(b"\x3a\x10abc")
+        self.assertEqual(caught.exception.code, grpc.StatusCode.INVALID_ARGUMENT)
+
+    def test_append_raw_outputs_parses_as_the_field(self):
+        from anyserve_tw.protowire import append_raw_outputs
+
+        head = ours.ModelInferResponse(model_name="m").SerializeToString()
+        big = bytes(range(256)) * 1000  # length needs a multi-byte varint
+        data = append_raw_outputs(head, [memoryview(b"xy"), big, b""])
+        for message_class in (ours.ModelInferResponse, triton.ModelInferResponse):
+            parsed = message_class.FromString(data)
+            self.assertEqual(parsed.model_name, "m")
+            self.assertEqual(list(parsed.raw_output_contents), [b"xy", big, b""])
