@@ -457,9 +457,10 @@ def measure(args, server, case, body_path):
 
     res.req_per_s, res.mean_ms = run["req_per_s"], run["mean_ms"]
     res.succeeded, res.failed = run["succeeded"], run["failed"]
-    per_req = 1e6 / os.sysconf("SC_CLK_TCK") / max(res.succeeded, 1)
-    res.ingress_us = d_ing * per_req
-    res.worker_us = d_work * per_req if workers_before else None
+    if res.succeeded:
+        per_req = 1e6 / os.sysconf("SC_CLK_TCK") / res.succeeded
+        res.ingress_us = d_ing * per_req
+        res.worker_us = d_work * per_req if workers_before else None
     record_run_problems(res, run, case, server, workers_before, workers_after)
     return res
 
