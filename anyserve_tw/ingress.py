@@ -46,6 +46,7 @@ def make_ingress_service(reactor, port=8000, host="0.0.0.0", mgmt_port=9000,
         supervisor = WorkerSupervisor(
             reactor, worker_scripts, copies, "%s:%d" % (client_host, mgmt_port),
             heartbeat_interval=min(2.0, heartbeat_timeout / 4.0), socket_dir=socket_dir,
+            max_message_size=max_message_size,
         )
         supervisor.setName("workers")
         supervisor.setServiceParent(top)

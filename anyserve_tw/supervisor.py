@@ -22,13 +22,14 @@ class WorkerSupervisor(ProcessMonitor):
     killTime = 10
 
     def __init__(self, reactor, scripts, copies, ingress_address, heartbeat_interval,
-                 socket_dir=None, python=sys.executable):
+                 socket_dir=None, max_message_size=None, python=sys.executable):
         super().__init__(reactor)
         self.reactor = reactor
         self.scripts = list(scripts)
         self.copies = copies
         self.ingress_address = ingress_address
         self.heartbeat_interval = heartbeat_interval
+        self.max_message_size = max_message_size
         self.python = python
         self._socket_dir = socket_dir
         self._own_dir = socket_dir is None
@@ -48,6 +49,8 @@ class WorkerSupervisor(ProcessMonitor):
                     ANYSERVE_SUPERVISED="1",
                     PYTHONUNBUFFERED="1",
                 )
+                if self.max_message_size:
+                    env["ANYSERVE_MAX_MESSAGE_SIZE"] = str(self.max_message_size)
                 env.pop("ANYSERVE_WORKER_ID", None)
                 if name in self._processes:  # started before, stopped, started again
                     self.removeProcess(name)

@@ -204,6 +204,13 @@ class ProbeTests(IngressTestCase):
         a = np.arange(3, dtype=np.int32)
         np.testing.assert_array_equal(self.add(a, a), 2 * a)
 
+    def test_worker_importing_tritonclient_calls_another_model(self):
+        """tritonclient's inference.* classes and ours coexist in one worker."""
+        a = np.arange(6, dtype=np.int32)
+        url = np.array([self.ingress.address.encode()], dtype=np.object_)
+        result = self.client.infer("relay", infer_inputs(url=url, a=a))
+        np.testing.assert_array_equal(result.as_numpy("sum"), 2 * a)
+
     def test_async_handler(self):
         a = np.arange(5, dtype=np.int32)
         result = self.client.infer("async_add", infer_inputs(a=a, b=a))

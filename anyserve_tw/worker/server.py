@@ -318,7 +318,7 @@ def make_worker_service(reactor, app, ingress, socket_path, worker_id, threads=4
 def run(app, ingress=None, socket_path=None, worker_id=None, threads=None, heartbeat_interval=None):
     """Serve ``app`` until SIGTERM/SIGINT.  Unset options come from the
     environment (ANYSERVE_INGRESS, ANYSERVE_SOCKET, ANYSERVE_WORKER_ID,
-    ANYSERVE_THREADS, ANYSERVE_HEARTBEAT_INTERVAL), which is how a supervising
+    ANYSERVE_THREADS, ANYSERVE_HEARTBEAT_INTERVAL, ANYSERVE_MAX_MESSAGE_SIZE), which is how a supervising
     ingress configures the workers it starts."""
     from twisted.internet import reactor
     from twisted.logger import globalLogBeginner, textFileLogObserver
@@ -333,7 +333,9 @@ def run(app, ingress=None, socket_path=None, worker_id=None, threads=None, heart
 
     sys.setswitchinterval(float(env.get("SWI","0.005")))
     globalLogBeginner.beginLoggingTo([textFileLogObserver(sys.stderr)])
-    top = make_worker_service(reactor, app, ingress, socket_path, worker_id, threads, heartbeat_interval)
+    max_payload = int(env.get("ANYSERVE_MAX_MESSAGE_SIZE", framing.DEFAULT_MAX_PAYLOAD))
+    top = make_worker_service(reactor, app, ingress, socket_path, worker_id, threads,
+                              heartbeat_interval, max_payload)
     exit_code = []
 
     def failed(failure):

@@ -4,7 +4,8 @@
 - ``seen``: how many requests this worker has handled, this one included;
 - ``slow``: sleeps ``seconds`` (FP64 [1]) then returns it;
 - ``fail``: raises ValueError("boom: <input>");
-- ``big``: returns ``n`` (INT64 [1]) zero bytes as UINT8.
+- ``big``: returns ``n`` (INT64 [1]) zero bytes as UINT8;
+- ``relay``: calls ``add`` through the ingress at ``url`` with tritonclient.
 """
 import itertools
 import os
@@ -12,6 +13,7 @@ import threading
 import time
 
 import numpy as np
+import tritonclient.grpc as tritongrpc  # a worker may be a client of other models too
 
 from anyserve_tw import AnyServe
 
@@ -60,6 +62,19 @@ def fail(request):
 @counted
 def big(request):
     return np.zeros(int(request["n"][0]), dtype=np.uint8)
+
+
+@app.model("relay", inputs=[("url", "BYTES", [1]), ("a", "INT32", [-1])])
+def relay(request):
+    client = tritongrpc.InferenceServerClient(request["url"][0].decode())
+    try:
+        a = request["a"]
+        inputs = [tritongrpc.InferInput(name, list(a.shape), "INT32") for name in ("a", "b")]
+        for tensor in inputs:
+            tensor.set_data_from_numpy(np.ascontiguousarray(a))
+        return {"sum": client.infer("add", inputs).as_numpy("sum")}
+    finally:
+        client.close()
 
 
 @app.model("async_add", inputs=[("a", "INT32", [-1]), ("b", "INT32", [-1])])
