@@ -36,9 +36,6 @@ class build_protos(Command):
             for name in names
             if name.endswith(".proto")
         )
-        os.makedirs(GENERATED_DIR, exist_ok=True)
-        with open(os.path.join(GENERATED_DIR, "__init__.py"), "w") as f:
-            f.write('"""Built from proto/ by setup.py; do not edit."""\n')
         args = [
             "protoc",
             "--proto_path=" + PROTO_DIR,
