@@ -41,8 +41,8 @@ def as_inference_error(failure):
         return InferenceError(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded")
     if failure.check(CancelledError):
         return InferenceError(grpc.StatusCode.CANCELLED, "request cancelled")
-    log.failure("unexpected error in the ingress", failure)
-    return InferenceError(grpc.StatusCode.INTERNAL, "ingress error: %s" % failure.getErrorMessage())
+    log.failure("unexpected error", failure)
+    return InferenceError(grpc.StatusCode.INTERNAL, "unexpected error: %s" % failure.getErrorMessage())
 
 
 class _Call:

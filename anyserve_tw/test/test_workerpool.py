@@ -6,7 +6,7 @@ import tempfile
 import grpc
 from twisted.internet import error, reactor
 from twisted.internet.address import UNIXAddress
-from twisted.internet.defer import CancelledError, Deferred, gatherResults, inlineCallbacks, maybeDeferred
+from twisted.internet.defer import CancelledError, Deferred, gatherResults, inlineCallbacks
 from twisted.internet.protocol import Factory
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python.failure import Failure
