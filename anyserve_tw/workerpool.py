@@ -17,7 +17,8 @@ import itertools
 
 import grpc
 from twisted.internet.defer import Deferred, fail, gatherResults
-from twisted.internet.endpoints import UNIXClientEndpoint, connectProtocol
+from twisted.internet.endpoints import UNIXClientEndpoint
+from twisted.internet.protocol import Factory
 from twisted.python.failure import Failure
 
 from anyserve_tw import framing
@@ -138,9 +139,10 @@ class WorkerHandle:
             return d
         self._waiters.append(d)
         if len(self._waiters) == 1:
+            factory = Factory.forProtocol(lambda: WorkerConnection(self, self._max_payload))
+            factory.noisy = False  # one log line per worker, not per connection
             attempts = [
-                connectProtocol(self._endpoint, WorkerConnection(self, self._max_payload))
-                .addCallback(self._adopt)
+                self._endpoint.connect(factory).addCallback(self._adopt)
                 for _ in range(self._pool_size)
             ]
             gatherResults(attempts, consumeErrors=True).addCallbacks(

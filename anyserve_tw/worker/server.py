@@ -94,7 +94,9 @@ class ModelServer(Service):
         self.pool.start()
         endpoint = UNIXServerEndpoint(self.reactor, self.socket_path, mode=0o600)
         #: Fires once listening; fails if the socket can't be bound.
-        self.listening = endpoint.listen(Factory.forProtocol(lambda: WorkerProtocol(self)))
+        factory = Factory.forProtocol(lambda: WorkerProtocol(self))
+        factory.noisy = False
+        self.listening = endpoint.listen(factory)
         self.listening.addCallback(self._listening)
         super().startService()
 
