@@ -13,6 +13,11 @@ class InferenceError(Exception):
     """A failure the client should see as ``code`` with ``message``."""
 
     def __init__(self, code, message):
+        # Accept what handler authors naturally write: a numeric code, or an
+        # exception as the message.  Both are sent over the wire as is.
+        if not isinstance(code, grpc.StatusCode):
+            code = status_from_number(code) if isinstance(code, int) else grpc.StatusCode.UNKNOWN
+        message = str(message)
         super().__init__(message)
         self.code = code
         self.message = message

@@ -2,7 +2,7 @@
 
 Everything but ModelInfer is answered from the registry.  ModelInfer is
 handled as raw bytes: the ingress reads the model name and version
-(:func:`anyserve_tw.peek.peek_request`) and forwards the request untouched;
+(:func:`anyserve_tw.protowire.peek_request`) and forwards the request untouched;
 the worker's response bytes go back to the client untouched.
 """
 from anyserve_tw import protos, rpc
@@ -10,6 +10,7 @@ from anyserve_tw.errors import InferenceError
 from anyserve_tw.protowire import peek_request
 
 _v2 = protos.inference
+_NO_DEADLINE = 1e9  # seconds; grpcio's "no deadline" is ~9.2e18
 
 
 class InferenceServicer:
@@ -28,11 +29,13 @@ class InferenceServicer:
         except InferenceError as e:
             context.abort(e.code, e.message)
 
-    def _timeout(self, context, ceiling):
+    def _timeout(self, context, default):
+        """The RPC's remaining time, or ``default`` when the client set no
+        deadline (grpcio then reports a practically infinite remainder)."""
         remaining = context.time_remaining()
-        if remaining is None:
-            return ceiling
-        return min(remaining, ceiling)
+        if remaining is None or remaining > _NO_DEADLINE:
+            return default
+        return remaining
 
     def ServerLive(self, request, context):
         return _v2.ServerLiveResponse(live=True)

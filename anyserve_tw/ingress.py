@@ -1,14 +1,16 @@
 """The ingress's service tree.
 
-Started in this order and stopped in reverse, one after another:
+Started in this order:
 
 1. ``router``: registry, worker connections, heartbeat eviction;
 2. ``management``: the WorkerManagement gRPC server (loopback by default);
-3. ``workers``: the supervised worker scripts, if any (they need 2 to register);
-4. ``inference``: the KServe v2 gRPC server.
+3. ``inference``: the KServe v2 gRPC server;
+4. ``workers``: the supervised worker scripts, if any, last, so that a port
+   that can't be bound stops twistd before any worker process exists.
 
-So on SIGTERM the inference server first stops taking RPCs and drains the ones
-in flight (the router still forwards them), then the workers are stopped (they
+Stopped one after another as inference, workers, management, router: on
+SIGTERM the inference server first stops taking RPCs and drains the ones in
+flight (the router still forwards them), then the workers are stopped (they
 unregister through the still-running management server), then the rest.
 """
 from anyserve_tw import __version__, framing
@@ -26,7 +28,7 @@ def make_ingress_service(reactor, port=8000, host="0.0.0.0", mgmt_port=9000,
                          heartbeat_timeout=10.0, grace=10.0,
                          max_message_size=framing.DEFAULT_MAX_PAYLOAD, threads=64,
                          max_concurrent_rpcs=1024, request_timeout=600.0, socket_dir=None):
-    top = SequentialMultiService()
+    top = SequentialMultiService(stop_order=["inference", "workers", "management", "router"])
     router = Router(reactor, pool_size=pool_size, heartbeat_timeout=heartbeat_timeout,
                     max_payload=max_message_size)
     router.setName("router")
@@ -41,6 +43,15 @@ def make_ingress_service(reactor, port=8000, host="0.0.0.0", mgmt_port=9000,
     management.setName("management")
     management.setServiceParent(top)
 
+    inference = GrpcServerService(
+        reactor, "inference", host, port,
+        [inference_handler(InferenceServicer(bridge, router, request_timeout, __version__))],
+        threads=threads, max_message_size=max_message_size,
+        max_concurrent_rpcs=max_concurrent_rpcs, grace=grace,
+    )
+    inference.setName("inference")
+    inference.setServiceParent(top)
+
     if worker_scripts:
         client_host = "127.0.0.1" if mgmt_host in ("0.0.0.0", "::", "[::]") else mgmt_host
         supervisor = WorkerSupervisor(
@@ -50,13 +61,4 @@ def make_ingress_service(reactor, port=8000, host="0.0.0.0", mgmt_port=9000,
         )
         supervisor.setName("workers")
         supervisor.setServiceParent(top)
-
-    inference = GrpcServerService(
-        reactor, "inference", host, port,
-        [inference_handler(InferenceServicer(bridge, router, request_timeout, __version__))],
-        threads=threads, max_message_size=max_message_size,
-        max_concurrent_rpcs=max_concurrent_rpcs, grace=grace,
-    )
-    inference.setName("inference")
-    inference.setServiceParent(top)
     return top

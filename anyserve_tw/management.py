@@ -68,7 +68,7 @@ class ManagementServicer:
         return _m.UnregisterModelResponse(success=True, message="unregistered")
 
     def Heartbeat(self, request, context):
-        healthy = self._call(context, self.router.heartbeat, request.worker_id)
+        healthy = self._call(context, self.router.heartbeat, request.worker_id, list(request.model_names))
         return _m.HeartbeatResponse(healthy=healthy)
 
 

@@ -85,6 +85,15 @@ class ModelRegistry:
                     removed.append((name, version))
         return removed
 
+    def names_served_by(self, worker_id):
+        """Names of the models ``worker_id`` serves (any version)."""
+        return {
+            name
+            for name, versions in self._models.items()
+            for model in versions.values()
+            if any(w.worker_id == worker_id for w in model.workers)
+        }
+
     def versions(self, name):
         """Every known version of ``name`` in natural order (empty if unknown)."""
         return sorted(self._models.get(name, {}), key=natural_key)

@@ -3,13 +3,14 @@
 Everything here runs on the reactor thread.  The gRPC servicers call in through
 :class:`anyserve_tw.bridge.ReactorBridge`; nothing here blocks.
 """
+import grpc
 from twisted.application.service import Service
 from twisted.internet.defer import fail
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
 from anyserve_tw import framing
-from anyserve_tw.errors import unavailable
+from anyserve_tw.errors import InferenceError, unavailable
 from anyserve_tw.registry import ModelRegistry
 from anyserve_tw.workerpool import WorkerHandle
 
@@ -60,9 +61,16 @@ class Router(Service):
         to it; UNAVAILABLE if its socket can't be reached.
         """
         handle = self.workers.get(worker_id)
-        if handle is not None and (handle.address != address or handle.closed):
-            self._forget(handle, "re-registered at %s" % address)
+        if handle is not None and handle.closed:
+            self._forget(handle, "re-registered")
             handle = None
+        if handle is not None and handle.address != address:
+            # A restarted worker has lost its connections (and so its handle)
+            # already; a live one at another address is a different process.
+            raise InferenceError(
+                grpc.StatusCode.ALREADY_EXISTS,
+                "worker id %r is already in use by the worker at %s" % (worker_id, handle.address),
+            )
         if handle is None:
             handle = WorkerHandle(
                 self.reactor, worker_id, address, self._worker_lost,
@@ -97,13 +105,15 @@ class Router(Service):
                           name=name, version=version or "-", worker=worker_id)
         return removed
 
-    def heartbeat(self, worker_id):
-        """Note a worker's heartbeat; False if the worker is unknown here."""
+    def heartbeat(self, worker_id, model_names=()):
+        """Note a worker's heartbeat.  False (register again) if the worker is
+        unknown here or does not serve every model it names."""
         handle = self.workers.get(worker_id)
         if handle is None or handle.closed:
             return False
         handle.last_heartbeat = self.reactor.seconds()
-        return True
+        served = self.registry.names_served_by(worker_id)
+        return all(name in served for name in model_names)
 
     def evict_silent_workers(self):
         """Drop every worker whose last heartbeat is older than the timeout."""

@@ -36,26 +36,36 @@ class WorkerSupervisor(ProcessMonitor):
         self.socket_dir = None
 
     def startService(self):
-        self.socket_dir = self._socket_dir or tempfile.mkdtemp(prefix="anyserve-")
-        for script in self.scripts:
-            base = os.path.splitext(os.path.basename(script))[0]
-            for index in range(self.copies):
-                name = "%s-%d" % (base, index)
-                env = dict(os.environ)  # ProcessMonitor's default environment is empty
-                env.update(
-                    ANYSERVE_INGRESS=self.ingress_address,
-                    ANYSERVE_SOCKET=os.path.join(self.socket_dir, name + ".sock"),
-                    ANYSERVE_HEARTBEAT_INTERVAL=str(self.heartbeat_interval),
-                    ANYSERVE_SUPERVISED="1",
-                    PYTHONUNBUFFERED="1",
-                )
-                if self.max_message_size:
-                    env["ANYSERVE_MAX_MESSAGE_SIZE"] = str(self.max_message_size)
-                env.pop("ANYSERVE_WORKER_ID", None)
-                if name in self._processes:  # started before, stopped, started again
-                    self.removeProcess(name)
-                self.addProcess(name, [self.python, os.path.abspath(script)], env=env)
+        self._add_processes()
         super().startService()
+
+    def slots(self):
+        """(process name, script) for each worker; names are unique even when
+        two scripts share a file name."""
+        used = set()
+        for index, script in enumerate(self.scripts):
+            base = os.path.splitext(os.path.basename(script))[0]
+            if base in used:
+                base = "%s.%d" % (base, index)
+            used.add(base)
+            for copy in range(self.copies):
+                yield "%s-%d" % (base, copy), script
+
+    def _add_processes(self):
+        self.socket_dir = self._socket_dir or tempfile.mkdtemp(prefix="anyserve-")
+        for name, script in self.slots():
+            env = dict(os.environ)  # ProcessMonitor's default environment is empty
+            env.update(
+                ANYSERVE_INGRESS=self.ingress_address,
+                ANYSERVE_SOCKET=os.path.join(self.socket_dir, name + ".sock"),
+                ANYSERVE_HEARTBEAT_INTERVAL=str(self.heartbeat_interval),
+                ANYSERVE_SUPERVISED="1",
+                PYTHONUNBUFFERED="1",
+            )
+            if self.max_message_size:
+                env["ANYSERVE_MAX_MESSAGE_SIZE"] = str(self.max_message_size)
+            env.pop("ANYSERVE_WORKER_ID", None)
+            self.addProcess(name, [self.python, os.path.abspath(script)], env=env)
 
     def stopService(self):
         """SIGTERM every worker (SIGKILL after ``killTime``); fire when all have exited."""
@@ -77,3 +87,5 @@ class WorkerSupervisor(ProcessMonitor):
                 path = os.path.join(self.socket_dir, name + ".sock")
                 if os.path.exists(path):
                     os.unlink(path)
+        for name in list(self._processes):  # all exited: a later start adds them anew
+            self.removeProcess(name)

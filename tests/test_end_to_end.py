@@ -192,6 +192,11 @@ class ProbeTests(IngressTestCase):
         self.assertIn("ValueError", message)
         self.assertTrue(self.client.is_model_ready("fail"))
 
+    def test_handler_chosen_status(self):
+        code, message = status_of(lambda: self.client.infer(
+            "reject", infer_inputs(x=np.array([-1], dtype=np.int32)), client_timeout=10))
+        self.assertEqual((code, message), ("StatusCode.INVALID_ARGUMENT", "x must be positive"))
+
     def test_deadline_exceeded(self):
         seconds = np.array([3.0])
         started = time.monotonic()
@@ -327,6 +332,80 @@ class StandaloneWorkerTests(SynchronousTestCase):
         self.assertFalse(client.is_model_ready("add"))
         code, _ = status_of(lambda: client.infer("add", infer_inputs(a=a, b=a)))
         self.assertEqual(code, "StatusCode.UNAVAILABLE")
+
+
+class WorkerDrainTests(SynchronousTestCase):
+    def test_worker_drains_on_sigterm_while_heartbeating(self):
+        """A worker told to stop withdraws its models at once but finishes the
+        request in flight, heartbeating meanwhile, so the ingress (heartbeat
+        timeout 1 s) does not evict it half way."""
+        ingress = Ingress(args=("--heartbeat-timeout", "1"))
+        self.addCleanup(ingress.cleanup)
+        ingress.wait_ready()
+        worker = Worker(PROBE_SERVER, ingress.mgmt_address, os.path.join(ingress.tmp, "p.sock"))
+        self.addCleanup(worker.stop, signal.SIGKILL)
+        ingress.wait_ready("slow")
+        result = []
+
+        def slow_call():
+            import tritonclient.grpc as grpcclient
+            from tritonclient.utils import InferenceServerException
+
+            client = grpcclient.InferenceServerClient(ingress.address)
+            try:
+                r = client.infer("slow", infer_inputs(seconds=np.array([3.0])), client_timeout=20)
+                result.append(float(r.as_numpy("seconds")[0]))
+            except InferenceServerException as e:
+                result.append(e.message())
+            finally:
+                client.close()
+
+        t = threading.Thread(target=slow_call)
+        t.start()
+        time.sleep(0.5)
+        worker.process.send_signal(signal.SIGTERM)
+        wait_for(lambda: not ingress.client().is_model_ready("slow"), timeout=5,
+                 what="slow withdrawn")
+        t.join(20)
+        self.assertEqual(result, [3.0])
+        self.assertEqual(worker.stop(), 0)
+
+
+class StartupFailureTests(SynchronousTestCase):
+    def test_port_in_use_leaves_no_worker_behind(self):
+        """If the inference port can't be bound, twistd exits and no worker
+        process or socket is left (workers start only after every port is bound)."""
+        import shutil
+        import socket
+        import tempfile
+
+        from tests.harness import cmdline
+
+        holder = socket.socket()
+        holder.bind(("127.0.0.1", 0))
+        holder.listen(1)
+        self.addCleanup(holder.close)
+        marker_dir = tempfile.mkdtemp(prefix="as-port-", dir="/tmp")
+        self.addCleanup(shutil.rmtree, marker_dir, True)
+        script = os.path.join(marker_dir, "marked_worker.py")
+        shutil.copy(KSERVE_SERVER, script)
+        ingress = Ingress((script,), args=("--port", str(holder.getsockname()[1])))
+        self.addCleanup(ingress.cleanup)
+        self.assertNotEqual(ingress.process.wait(30), 0)
+
+        def marked():
+            found = []
+            for pid in filter(str.isdigit, os.listdir("/proc")):
+                try:
+                    if script in cmdline(int(pid)):
+                        found.append(int(pid))
+                except (FileNotFoundError, ProcessLookupError):
+                    pass
+            return found
+
+        time.sleep(0.5)
+        self.assertEqual(marked(), [])
+        self.assertEqual(os.listdir(ingress.socket_dir), [])
 
 
 class ShutdownTests(SynchronousTestCase):

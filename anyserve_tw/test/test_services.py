@@ -264,3 +264,25 @@ class WorkerSupervisorTests(TestCase):
             open(os.path.join(socket_dir, name), "w").close()
         yield sup.stopService()
         self.assertEqual(os.listdir(socket_dir), ["unrelated.txt"])
+
+
+class StopOrderTests(SynchronousTestCase):
+    def test_named_children_stop_first_in_the_given_order(self):
+        """The ingress starts workers last but must stop them second."""
+        from anyserve_tw.services import SequentialMultiService
+
+        stopped = []
+
+        class Recorder(Service):
+            def stopService(self):
+                super().stopService()
+                stopped.append(self.name)
+
+        top = SequentialMultiService(stop_order=["c", "a"])
+        for name in "abcd":
+            child = Recorder()
+            child.setName(name)
+            child.setServiceParent(top)
+        top.startService()
+        top.stopService()
+        self.assertEqual(stopped, ["c", "a", "d", "b"])

@@ -9,10 +9,12 @@ frame, or the deadline carried in the REQUEST, drops work not yet started.
 registers again whenever the ingress says it does not know this worker (it
 evicted us, or it restarted).
 """
+import functools
 import inspect
 import os
 import signal
 import sys
+import threading
 import uuid
 
 import grpc
@@ -45,6 +47,11 @@ class WorkerProtocol(framing.FramedProtocol):
         self.server = server
         self.max_payload = server.max_payload
         self.inflight = {}
+        self.closed = Deferred()
+
+    def connectionMade(self):
+        super().connectionMade()
+        self.server.connections.add(self)
 
     def frameReceived(self, kind, request_id, aux, payload):
         if kind == framing.REQUEST:
@@ -64,9 +71,11 @@ class WorkerProtocol(framing.FramedProtocol):
         )
 
     def connectionLost(self, reason):
+        self.server.connections.discard(self)
         inflight, self.inflight = self.inflight, {}
         for d in inflight.values():
             d.cancel()
+        self.closed.callback(None)
 
 
 class ModelServer(Service):
@@ -80,9 +89,12 @@ class ModelServer(Service):
         self.max_payload = max_payload
         self.grace = grace
         self.pool = ThreadPool(minthreads=1, maxthreads=threads, name="anyserve-model")
+        # A handler stuck past the grace period must not keep the process alive.
+        self.pool.threadFactory = functools.partial(threading.Thread, daemon=True)
         self._port = None
         self._active = set()
         self._idle = None
+        self.connections = set()
 
     @property
     def address(self):
@@ -109,8 +121,17 @@ class ModelServer(Service):
         super().stopService()
         d = maybeDeferred(self._port.stopListening) if self._port else succeed(None)
         d.addCallback(lambda _: self._drained())
+        d.addCallback(lambda _: self._close_connections())
         d.addBoth(self._cleanup)
         return d
+
+    def _close_connections(self):
+        """Close every connection once its last answers are written: the
+        reactor's own shutdown would drop unsent bytes."""
+        closing = [c.closed for c in self.connections]
+        for connection in list(self.connections):
+            connection.transport.loseConnection()
+        return gatherResults(closing).addTimeout(5, self.reactor).addErrback(lambda _: None)
 
     def _drained(self):
         if not self._active:
@@ -119,7 +140,11 @@ class ModelServer(Service):
         return self._idle.addTimeout(self.grace, self.reactor).addErrback(lambda _: None)
 
     def _cleanup(self, result):
-        self.pool.stop()
+        if self._active:
+            log.warn("{count} request(s) still running after {grace}s: exiting without them",
+                     count=len(self._active), grace=self.grace)
+        else:
+            self.pool.stop()
         try:
             os.unlink(self.socket_path)
         except FileNotFoundError:
@@ -138,18 +163,26 @@ class ModelServer(Service):
         self._active.discard(d)
         # Not in flight any more: the ingress cancelled it and wants no answer.
         if protocol.inflight.pop(request_id, None) is not None:
-            if isinstance(result, Failure):
-                e = as_inference_error(result)
-                protocol.sendFrame(framing.ERROR, request_id, e.message.encode("utf-8"), e.code.value[0])
-            elif len(result) > self.max_payload:
-                message = "response of %d bytes exceeds the %d-byte limit" % (len(result), self.max_payload)
-                protocol.sendFrame(framing.ERROR, request_id, message.encode("utf-8"),
-                                   grpc.StatusCode.RESOURCE_EXHAUSTED.value[0])
-            else:
-                protocol.sendFrame(framing.RESPONSE, request_id, result)
+            try:
+                self._send_answer(protocol, request_id, result)
+            except Exception:
+                log.failure("answering request {id}", id=request_id)
+                protocol.sendFrame(framing.ERROR, request_id, b"worker failed to answer",
+                                   grpc.StatusCode.INTERNAL.value[0])
         if not self._active and self._idle is not None:
             idle, self._idle = self._idle, None
             idle.callback(None)
+
+    def _send_answer(self, protocol, request_id, result):
+        if isinstance(result, Failure):
+            e = as_inference_error(result)
+            protocol.sendFrame(framing.ERROR, request_id, e.message.encode("utf-8"), e.code.value[0])
+        elif len(result) > self.max_payload:
+            message = "response of %d bytes exceeds the %d-byte limit" % (len(result), self.max_payload)
+            protocol.sendFrame(framing.ERROR, request_id, message.encode("utf-8"),
+                               grpc.StatusCode.RESOURCE_EXHAUSTED.value[0])
+        else:
+            protocol.sendFrame(framing.RESPONSE, request_id, result)
 
     def _run(self, payload):
         """A Deferred of response bytes for request bytes."""
@@ -217,6 +250,7 @@ class Registration(Service):
         self.interval = interval
         self.rpc_timeout = rpc_timeout
         self.registered = False
+        self.withdrawn = False  # shutting down: keep heartbeating, never register again
         self._channel = None
         self._stub = None
         self._loop = None
@@ -236,7 +270,7 @@ class Registration(Service):
         )
 
     def _tick(self):
-        d = self._heartbeat() if self.registered else self._register()
+        d = self._heartbeat() if self.registered or self.withdrawn else self._register()
         return d.addErrback(self._failed)
 
     def _register(self):
@@ -271,7 +305,7 @@ class Registration(Service):
         )
 
         def answered(response):
-            if not response.healthy:
+            if not response.healthy and not self.withdrawn:
                 log.warn("the ingress does not know worker {worker}: registering again",
                          worker=self.worker_id)
                 self.registered = False
@@ -288,11 +322,13 @@ class Registration(Service):
             log.warn("cannot register with the ingress at {ingress} yet (retrying): {error}",
                      ingress=self.ingress, error=error)
 
-    def stopService(self):
-        """Withdraw every model so the ingress stops routing here, then close."""
-        super().stopService()
-        if self._loop is not None and self._loop.running:
-            self._loop.stop()
+    def withdraw(self):
+        """Unregister every model so the ingress stops routing here.
+
+        Heartbeats go on while requests in flight drain, so the ingress does
+        not evict this worker (and fail those requests) in the meantime.
+        """
+        self.withdrawn = True
         m = protos.management
         d = gatherResults(
             [self._blocking(self._stub.UnregisterModel,
@@ -301,19 +337,41 @@ class Registration(Service):
              for model in self.app.models.values()] if self.registered else [],
             consumeErrors=True,
         )
-        d.addErrback(lambda f: log.warn("unregistering failed: {error}", error=f.value))
-        d.addBoth(lambda _: self._channel.close())
-        return d
+        return d.addErrback(lambda f: log.warn("unregistering failed: {error}", error=f.value))
+
+    def stopService(self):
+        """Stop heartbeating and close the channel (after the drain)."""
+        super().stopService()
+        if self._loop is not None and self._loop.running:
+            self._loop.stop()
+        self._channel.close()
+
+
+class Withdrawal(Service):
+    """First step of a worker's shutdown: its models leave the ingress."""
+
+    def __init__(self, registration):
+        self.registration = registration
+
+    def stopService(self):
+        super().stopService()
+        return self.registration.withdraw()
 
 
 def make_worker_service(reactor, app, ingress, socket_path, worker_id, threads=4,
                         heartbeat_interval=2.0, max_payload=framing.DEFAULT_MAX_PAYLOAD):
-    """The worker's service tree: serve first, then register; stop in reverse."""
-    top = SequentialMultiService()
+    """The worker's service tree: serve, then register.  Shutdown withdraws the
+    models, drains the requests in flight (heartbeats going on), then stops."""
+    top = SequentialMultiService(stop_order=["withdrawal", "models", "registration"])
     server = ModelServer(reactor, app, socket_path, threads=threads, max_payload=max_payload)
     server.setName("models")
     server.setServiceParent(top)
-    Registration(reactor, app, ingress, server.address, worker_id, heartbeat_interval).setServiceParent(top)
+    registration = Registration(reactor, app, ingress, server.address, worker_id, heartbeat_interval)
+    registration.setName("registration")
+    registration.setServiceParent(top)
+    withdrawal = Withdrawal(registration)
+    withdrawal.setName("withdrawal")
+    withdrawal.setServiceParent(top)
     return top
 
 
@@ -333,7 +391,6 @@ def run(app, ingress=None, socket_path=None, worker_id=None, threads=None, heart
     threads = threads or int(env.get("ANYSERVE_THREADS", "4"))
     heartbeat_interval = heartbeat_interval or float(env.get("ANYSERVE_HEARTBEAT_INTERVAL", "2.0"))
 
-    sys.setswitchinterval(float(env.get("SWI","0.005")))
     globalLogBeginner.beginLoggingTo([textFileLogObserver(sys.stderr)])
     max_payload = int(env.get("ANYSERVE_MAX_MESSAGE_SIZE", framing.DEFAULT_MAX_PAYLOAD))
     top = make_worker_service(reactor, app, ingress, socket_path, worker_id, threads,

@@ -58,6 +58,16 @@ def fail(request):
     raise ValueError("boom: %s" % request["x"][0].decode())
 
 
+@app.model("reject", inputs=[("x", "INT32", [-1])])
+@counted
+def reject(request):
+    """Raises InferenceError the way a hurried author might: numeric code,
+    an exception as the message."""
+    from anyserve_tw.worker import InferenceError
+
+    raise InferenceError(3, ValueError("x must be positive"))
+
+
 @app.model("big", inputs=[("n", "INT64", [1])], outputs=[("data", "UINT8", [-1])])
 @counted
 def big(request):
