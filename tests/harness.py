@@ -186,3 +186,36 @@ def infer_inputs(**arrays):
         tensor.set_data_from_numpy(array)
         inputs.append(tensor)
     return inputs
+
+
+class BackgroundInfer:
+    """One ModelInfer on its own client and thread, for requests that must be
+    in flight while the test does something else (kill, stop, signal)."""
+
+    def __init__(self, address, model, client_timeout=60, **arrays):
+        import threading
+
+        self.outcome = None  # ("ok", InferResult, when) or (status, message, when)
+        self._thread = threading.Thread(
+            target=self._run, args=(address, model, client_timeout, arrays)
+        )
+        self._thread.start()
+
+    def _run(self, address, model, client_timeout, arrays):
+        import tritonclient.grpc as grpcclient
+        from tritonclient.utils import InferenceServerException
+
+        client = grpcclient.InferenceServerClient(address)
+        try:
+            result = client.infer(model, infer_inputs(**arrays), client_timeout=client_timeout)
+            self.outcome = ("ok", result, time.monotonic())
+        except InferenceServerException as e:
+            self.outcome = (e.status(), e.message(), time.monotonic())
+        finally:
+            client.close()
+
+    def join(self, timeout=30):
+        self._thread.join(timeout)
+        if self._thread.is_alive():
+            raise AssertionError("request still running after %ss" % timeout)
+        return self.outcome

@@ -5,7 +5,6 @@ a worker cannot disturb another.
 """
 import os
 import signal
-import threading
 import time
 
 import grpc
@@ -13,7 +12,7 @@ import numpy as np
 from twisted.trial.unittest import SynchronousTestCase
 
 from tests.harness import (
-    CLASSIFIER_SERVER, KSERVE_SERVER, PROBE_SERVER, Ingress, Worker, infer_inputs, pid_alive,
+    BackgroundInfer, CLASSIFIER_SERVER, KSERVE_SERVER, PROBE_SERVER, Ingress, Worker, infer_inputs, pid_alive,
     wait_for,
 )
 
@@ -226,24 +225,8 @@ class ProbeTests(IngressTestCase):
         second; the other worker keeps answering; the killed one comes back."""
         probe_pid = int(self.client.infer("whoami", []).as_numpy("pid")[0])
         self.assertIn(probe_pid, self.ingress.worker_pids(PROBE_SERVER))
-        outcomes = []
-
-        def slow_call():
-            from tritonclient.utils import InferenceServerException
-            import tritonclient.grpc as grpcclient
-
-            client = grpcclient.InferenceServerClient(self.ingress.address)
-            try:
-                client.infer("slow", infer_inputs(seconds=np.array([30.0])), client_timeout=60)
-                outcomes.append(("ok", None, None))
-            except InferenceServerException as e:
-                outcomes.append((e.status(), e.message(), time.monotonic()))
-            finally:
-                client.close()
-
-        threads = [threading.Thread(target=slow_call) for _ in range(4)]
-        for t in threads:
-            t.start()
+        calls = [BackgroundInfer(self.ingress.address, "slow", seconds=np.array([30.0]))
+                 for _ in range(4)]
         time.sleep(0.5)  # let the four requests reach the worker
         killed_at = time.monotonic()
         os.kill(probe_pid, signal.SIGKILL)
@@ -251,10 +234,8 @@ class ProbeTests(IngressTestCase):
         a = np.arange(8, dtype=np.int32)
         for _ in range(20):
             np.testing.assert_array_equal(self.add(a, a), 2 * a)
-        for t in threads:
-            t.join(10)
-        self.assertEqual(len(outcomes), 4)
-        for code, message, at in outcomes:
+        for call in calls:
+            code, message, at = call.join()
             self.assertEqual(code, "StatusCode.UNAVAILABLE", message)
             self.assertLess(at - killed_at, 1.0)
         # Supervised: a new probe process registers and serves again.
@@ -345,29 +326,14 @@ class WorkerDrainTests(SynchronousTestCase):
         worker = Worker(PROBE_SERVER, ingress.mgmt_address, os.path.join(ingress.tmp, "p.sock"))
         self.addCleanup(worker.stop, signal.SIGKILL)
         ingress.wait_ready("slow")
-        result = []
-
-        def slow_call():
-            import tritonclient.grpc as grpcclient
-            from tritonclient.utils import InferenceServerException
-
-            client = grpcclient.InferenceServerClient(ingress.address)
-            try:
-                r = client.infer("slow", infer_inputs(seconds=np.array([3.0])), client_timeout=20)
-                result.append(float(r.as_numpy("seconds")[0]))
-            except InferenceServerException as e:
-                result.append(e.message())
-            finally:
-                client.close()
-
-        t = threading.Thread(target=slow_call)
-        t.start()
+        call = BackgroundInfer(ingress.address, "slow", seconds=np.array([3.0]))
         time.sleep(0.5)
         worker.process.send_signal(signal.SIGTERM)
         wait_for(lambda: not ingress.client().is_model_ready("slow"), timeout=5,
                  what="slow withdrawn")
-        t.join(20)
-        self.assertEqual(result, [3.0])
+        status, result = call.join()[:2]
+        self.assertEqual(status, "ok", result)
+        self.assertEqual(float(result.as_numpy("seconds")[0]), 3.0)
         self.assertEqual(worker.stop(), 0)
 
 
@@ -418,27 +384,15 @@ class ShutdownTests(SynchronousTestCase):
         workers = ingress.worker_pids()
         self.assertEqual(len(workers), 2)
         self.assertEqual(len(os.listdir(ingress.socket_dir)), 2)
-        result = []
-
-        def slow_call():
-            import tritonclient.grpc as grpcclient
-
-            client = grpcclient.InferenceServerClient(ingress.address)
-            try:
-                r = client.infer("slow", infer_inputs(seconds=np.array([1.5])), client_timeout=20)
-                result.append(float(r.as_numpy("seconds")[0]))
-            finally:
-                client.close()
-
-        t = threading.Thread(target=slow_call)
-        t.start()
+        call = BackgroundInfer(ingress.address, "slow", client_timeout=20, seconds=np.array([1.5]))
         time.sleep(0.4)
         stopping = time.monotonic()
         # twistd re-raises the signal it stopped on once shutdown is complete,
         # so an orderly stop on SIGTERM exits with -SIGTERM.
         self.assertEqual(ingress.stop(), -signal.SIGTERM)
-        t.join(10)
-        self.assertEqual(result, [1.5])
+        status, result = call.join()[:2]
+        self.assertEqual(status, "ok", result)
+        self.assertEqual(float(result.as_numpy("seconds")[0]), 1.5)
         self.assertLess(time.monotonic() - stopping, 15)
         for pid in workers:
             self.assertFalse(pid_alive(pid), pid)
