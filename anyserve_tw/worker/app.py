@@ -48,13 +48,15 @@ class AnyServe:
             raise not_found(name, version)
         return model
 
-    def handle(self, payload):
+    def handle(self, payload, model=None):
         """Serve one request synchronously: request bytes in, response bytes out.
 
+        ``model`` is what :meth:`route` returned, if the caller has it already.
         Errors come out as :class:`InferenceError`; a handler's own exception
         becomes INTERNAL carrying its message.
         """
-        model = self.route(payload)
+        if model is None:
+            model = self.route(payload)
         request = model.decode(payload)
         try:
             return model.encode(request, model.handler(request))

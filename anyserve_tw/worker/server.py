@@ -105,9 +105,9 @@ class ModelServer(Service):
             os.unlink(self.socket_path)  # left behind by a killed predecessor
         self.pool.start()
         endpoint = UNIXServerEndpoint(self.reactor, self.socket_path, mode=0o600)
-        #: Fires once listening; fails if the socket can't be bound.
         factory = Factory.forProtocol(lambda: WorkerProtocol(self))
         factory.noisy = False
+        #: Fires once listening; fails if the socket can't be bound.
         self.listening = endpoint.listen(factory)
         self.listening.addCallback(self._listening)
         super().startService()
@@ -192,9 +192,9 @@ class ModelServer(Service):
             return fail()
         if model.asynchronous:
             return maybeDeferred(self._run_async, model, payload)
-        return self._run_in_thread(payload)
+        return self._run_in_thread(model, payload)
 
-    def _run_in_thread(self, payload):
+    def _run_in_thread(self, model, payload):
         """Run a plain handler in the pool.  Cancelling drops a request no thread
         has picked up yet; a handler already running finishes unheard."""
         cancelled = []
@@ -202,7 +202,7 @@ class ModelServer(Service):
         def work():
             if cancelled:
                 raise InferenceError(grpc.StatusCode.CANCELLED, "cancelled before it started")
-            return self.app.handle(payload)
+            return self.app.handle(payload, model)
 
         d = Deferred(lambda _: cancelled.append(True))
 
