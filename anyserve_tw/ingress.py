@@ -25,7 +25,7 @@ from anyserve_tw.supervisor import WorkerSupervisor
 
 def make_ingress_service(reactor, port=8000, host="0.0.0.0", mgmt_port=9000,
                          mgmt_host="127.0.0.1", worker_scripts=(), copies=1, pool_size=2,
-                         heartbeat_timeout=10.0, grace=10.0,
+                         heartbeat_timeout=6.0, grace=10.0,
                          max_message_size=framing.DEFAULT_MAX_PAYLOAD, threads=64,
                          max_concurrent_rpcs=1024, request_timeout=600.0, socket_dir=None):
     top = SequentialMultiService(stop_order=["inference", "workers", "management", "router"])

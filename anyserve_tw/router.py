@@ -25,7 +25,7 @@ class Router(Service):
 
     log = Logger()
 
-    def __init__(self, reactor, pool_size=2, heartbeat_timeout=10.0,
+    def __init__(self, reactor, pool_size=2, heartbeat_timeout=6.0,
                  max_payload=framing.DEFAULT_MAX_PAYLOAD, connect_timeout=5.0):
         self.reactor = reactor
         self.registry = ModelRegistry()

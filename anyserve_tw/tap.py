@@ -22,7 +22,7 @@ class Options(usage.Options):
         ["mgmt-host", None, "127.0.0.1", "Address the management server binds."],
         ["workers", "n", 1, "Processes to start for each --worker script.", int],
         ["pool-size", None, 2, "Unix-socket connections kept open to each worker.", int],
-        ["heartbeat-timeout", None, 10.0, "Seconds without a heartbeat before a worker is evicted.", float],
+        ["heartbeat-timeout", None, 6.0, "Seconds without a heartbeat before a worker is evicted (checked every quarter of it).", float],
         ["grace", None, 10.0, "Seconds in-flight requests get to finish on shutdown.", float],
         ["max-message-size", None, framing.DEFAULT_MAX_PAYLOAD, "Largest request or response, bytes.", int],
         ["threads", None, 64, "gRPC server threads (one per RPC in flight).", int],
