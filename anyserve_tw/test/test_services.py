@@ -286,3 +286,21 @@ class StopOrderTests(SynchronousTestCase):
         top.startService()
         top.stopService()
         self.assertEqual(stopped, ["c", "a", "d", "b"])
+
+
+class SlotNameTests(SynchronousTestCase):
+    def test_scripts_sharing_a_file_name_get_distinct_slots(self):
+        from twisted.internet.task import Clock
+
+        from anyserve_tw.supervisor import WorkerSupervisor
+
+        class FakeReactor(Clock):
+            def spawnProcess(self, *args, **kwargs):
+                raise AssertionError("not started in this test")
+
+        sup = WorkerSupervisor(FakeReactor(), ["a/server.py", "b/server.py", "c/other.py"],
+                               copies=2, ingress_address="127.0.0.1:1", heartbeat_interval=1)
+        slots = list(sup.slots())
+        self.assertEqual([name for name, _ in slots],
+                         ["server-0", "server-1", "server.1-0", "server.1-1", "other-0", "other-1"])
+        self.assertEqual([script for _, script in slots][2:4], ["b/server.py"] * 2)
