@@ -215,6 +215,12 @@ class ProbeTests(IngressTestCase):
         result = self.client.infer("relay", infer_inputs(url=url, a=a))
         np.testing.assert_array_equal(result.as_numpy("sum"), 2 * a)
 
+    def test_deferred_handler_runs_on_the_loop(self):
+        x = np.arange(3, dtype=np.int32)
+        result = self.client.infer("later", infer_inputs(x=x))
+        np.testing.assert_array_equal(result.as_numpy("x"), x * 10)
+        self.assertEqual(result.as_numpy("on_loop").tolist(), [True])
+
     def test_async_handler(self):
         a = np.arange(5, dtype=np.int32)
         result = self.client.infer("async_add", infer_inputs(a=a, b=a))

@@ -87,6 +87,16 @@ def relay(request):
         client.close()
 
 
+@app.model("later", inputs=[("x", "INT32", [-1])], asynchronous=True)
+def later(request):
+    """Returns a Deferred: runs on the worker's event loop."""
+    from twisted.internet import reactor
+    from twisted.internet.task import deferLater
+
+    x = request["x"]
+    return deferLater(reactor, 0.01, lambda: {"x": x * 10, "on_loop": np.array([threading.current_thread() is threading.main_thread()])})
+
+
 @app.model("async_add", inputs=[("a", "INT32", [-1]), ("b", "INT32", [-1])])
 async def async_add(request):
     return {"sum": request["a"] + request["b"]}
