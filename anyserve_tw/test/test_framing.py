@@ -332,3 +332,30 @@ class FramedProtocolTests(SynchronousTestCase):
         protocol.dataReceived(frame(REQUEST, 1, b"12345") + frame(REQUEST, 2, b"1234"))
         self.assertEqual(protocol.frames, [("too long", REQUEST, 1, 5), (REQUEST, 2, 0, b"1234")])
         self.assertFalse(transport.disconnecting)
+
+
+class ReadSizeTests(SynchronousTestCase):
+    def test_reads_grow_to_the_frame_in_progress(self):
+        """While a large frame is half received, the transport is asked for the
+        rest in one read; between frames it goes back to Twisted's 64 KiB."""
+        from twisted.internet.testing import StringTransport
+
+        from anyserve_tw.framing import (
+            READ_SIZE, REQUEST, FramedProtocol, encode_header,
+        )
+
+        received = []
+
+        class Receiver(FramedProtocol):
+            def frameReceived(self, kind, request_id, aux, payload):
+                received.append(len(payload))
+
+        protocol = Receiver()
+        transport = StringTransport()
+        protocol.makeConnection(transport)
+        payload = b"x" * (1 << 20)
+        protocol.dataReceived(encode_header(REQUEST, 1, len(payload)) + payload[:1000])
+        self.assertEqual(transport.bufferSize, (1 << 20) - 1000)
+        protocol.dataReceived(payload[1000:])
+        self.assertEqual(received, [1 << 20])
+        self.assertEqual(transport.bufferSize, READ_SIZE)
