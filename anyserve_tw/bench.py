@@ -19,6 +19,7 @@ import os
 import re
 import shutil
 import signal
+import statistics
 import socket
 import struct
 import subprocess
@@ -61,6 +62,7 @@ class Result:
     failed: int = 0
     ingress_us: float = None
     worker_us: float = None
+    round: int = 1
     problems: list = field(default_factory=list)
 
     @property
@@ -489,21 +491,33 @@ def indent(text):
     return "    " + "\n    ".join(text.strip().splitlines())
 
 
-def bench_server(args, server, cases, bodies):
-    """Run every case against one started server; stop early if it died."""
+def wait_until_ready(args, server):
+    """Block until the server's model answers; RuntimeError if it never does."""
     server.wait_ready(args.ready_timeout if server.label == "anyserve"
                       else args.peer_ready_timeout)
     print("%s ready on port %d (pid %d, children %s)"
           % (server.label, server.port, server.pid, server.tree()), flush=True)
+
+
+def run_rounds(args, servers, cases, bodies):
+    """Every case against every server, interleaved, ``--rounds`` times.
+
+    The machine's speed drifts (other tenants): running the servers back to
+    back per case, round after round, keeps that drift out of the ratios.
+    """
     results = []
-    for case in cases:
-        print("  %s: %s ..." % (server.label, case.name), end="", flush=True)
-        res = measure(args, server, case, bodies[case.name])
-        print(" %.0f req/s%s" % (res.req_per_s, "  PROBLEMS" if res.problems else ""),
-              flush=True)
-        results.append(res)
-        if not server.alive():
-            break
+    for round_no in range(1, args.rounds + 1):
+        for case in cases:
+            for server in servers:
+                if not server.alive():
+                    continue
+                print("  round %d %s: %s ..." % (round_no, server.label, case.name),
+                      end="", flush=True)
+                res = measure(args, server, case, bodies[case.name])
+                res.round = round_no
+                print(" %.0f req/s%s" % (res.req_per_s, "  PROBLEMS" if res.problems else ""),
+                      flush=True)
+                results.append(res)
     return results
 
 
@@ -519,14 +533,14 @@ def print_table(results):
     """Plain aligned table; the peer's CPU sits in ingress (main process)."""
     if not results:
         return
-    head = ["server", "case", "in-flight", "requests", "req/s", "mean ms",
+    head = ["round", "server", "case", "in-flight", "requests", "req/s", "mean ms",
             "ingress CPU us/req", "worker CPU us/req", "total CPU us/req", "failed"]
-    rows = [[r.server, r.case.name, str(r.case.inflight), str(r.succeeded + max(r.failed, 0)),
+    rows = [[str(r.round), r.server, r.case.name, str(r.case.inflight), str(r.succeeded + max(r.failed, 0)),
              fmt(r.req_per_s, ".1f"), fmt(r.mean_ms, ".3f"), fmt(r.ingress_us, ".1f"),
              fmt(r.worker_us, ".1f"), fmt(r.total_us, ".1f"), str(r.failed)]
             for r in results]
     widths = [max([len(h)] + [len(row[i]) for row in rows]) for i, h in enumerate(head)]
-    line = lambda cells: "  ".join(c.rjust(w) if i >= 2 else c.ljust(w)
+    line = lambda cells: "  ".join(c.rjust(w) if i >= 3 or i == 0 else c.ljust(w)
                                    for i, (c, w) in enumerate(zip(cells, widths)))
     print()
     print(line(head))
@@ -536,18 +550,25 @@ def print_table(results):
 
 
 def print_ratios(results, peer):
-    """AnyServe req/s over peer req/s for every case both completed."""
-    ours = {r.case.name: r for r in results if r.server == "anyserve"}
-    theirs = {r.case.name: r for r in results if r.server == peer}
-    shared = [name for name in ours if name in theirs]
+    """AnyServe req/s over peer req/s per case: each round's, and the ratio of
+    the medians over all rounds."""
+    by_key = {}
+    for r in results:
+        if r.succeeded and not r.problems:
+            by_key.setdefault((r.server, r.case.name), []).append(r)
+    names = [r.case.name for r in results if r.server == "anyserve"]
+    shared = [n for n in dict.fromkeys(names) if ("anyserve", n) in by_key and (peer, n) in by_key]
     if not shared:
         return
     print()
     for name in shared:
-        a, p = ours[name].req_per_s, theirs[name].req_per_s
-        ratio = "%.2fx" % (a / p) if p else "n/a"
-        print("ratio %-9s anyserve %9.1f req/s / %s %9.1f req/s = %s"
-              % (name, a, peer, p, ratio))
+        ours = {r.round: r.req_per_s for r in by_key["anyserve", name]}
+        theirs = {r.round: r.req_per_s for r in by_key[peer, name]}
+        per_round = ["%.2fx" % (ours[k] / theirs[k]) for k in sorted(ours) if k in theirs]
+        a = statistics.median(ours.values())
+        p = statistics.median(theirs.values())
+        print("ratio %-9s anyserve %9.1f req/s / %s %9.1f req/s = %.2fx (medians; per round %s)"
+              % (name, a, peer, p, a / p, ", ".join(per_round)))
 
 
 def print_problems(results, setup_errors):
@@ -591,6 +612,8 @@ def parse_args(argv=None):
                    help="measured requests for the 16-element cases")
     p.add_argument("--requests-large", type=int, default=1500,
                    help="measured requests for the 1 MiB case")
+    p.add_argument("--rounds", type=int, default=3,
+                   help="times every case runs against every server, interleaved")
     p.add_argument("--cases", default="small-1,small-16,large-8",
                    help="comma-separated subset of small-1, small-16, large-8")
     p.add_argument("--peer", choices=["kserve"], help="also benchmark this peer")
@@ -654,22 +677,26 @@ def main(argv=None):
     bodies = write_bodies(cases, logdir)
     print("%d CPUs, load average %.2f (other load skews the figures)"
           % (os.cpu_count(), os.getloadavg()[0]), flush=True)
+    servers = []
     try:
         for start in starters:
             try:
-                server = start(args, logdir)
+                servers.append(start(args, logdir))
             except OSError as e:
                 setup_errors.append("could not start: %s" % e)
-                continue
+        for server in list(servers):
             try:
-                results.extend(bench_server(args, server, cases, bodies))
+                wait_until_ready(args, server)
             except RuntimeError as e:
                 setup_errors.append(str(e))
-            finally:
                 notes.extend(server.stop())
+                servers.remove(server)
+        results.extend(run_rounds(args, servers, cases, bodies))
     except KeyboardInterrupt:
         setup_errors.append("interrupted")
     finally:
+        for server in servers:
+            notes.extend(server.stop())
         print_table(results)
         if args.peer:
             print_ratios(results, args.peer)
