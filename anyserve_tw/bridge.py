@@ -105,6 +105,13 @@ class ReactorBridge:
             raise as_inference_error(call.result)
         return call.result
 
+    def call_for_rpc(self, context, timeout, f, *args):
+        """:meth:`call` for a servicer: a failure ends the RPC with its status."""
+        try:
+            return self.call(timeout, f, *args, context=context)
+        except InferenceError as e:
+            context.abort(e.code, e.message)
+
     def _start(self, call, timeout, f, args):
         call.deferred = run_bounded(self.reactor, timeout, f, *args)
         call.deferred.addBoth(call.finish)

@@ -23,12 +23,6 @@ class InferenceServicer:
         self.server_version = server_version
         self._quick = 5.0  # bound for registry-only calls
 
-    def _call(self, context, timeout, f, *args):
-        try:
-            return self.bridge.call(timeout, f, *args, context=context)
-        except InferenceError as e:
-            context.abort(e.code, e.message)
-
     def _timeout(self, context, default):
         """The RPC's remaining time, or ``default`` when the client set no
         deadline (grpcio then reports a practically infinite remainder)."""
@@ -41,11 +35,11 @@ class InferenceServicer:
         return _v2.ServerLiveResponse(live=True)
 
     def ServerReady(self, request, context):
-        ready = self._call(context, self._timeout(context, self._quick), self.router.server_ready)
+        ready = self.bridge.call_for_rpc(context, self._timeout(context, self._quick), self.router.server_ready)
         return _v2.ServerReadyResponse(ready=ready)
 
     def ModelReady(self, request, context):
-        ready = self._call(
+        ready = self.bridge.call_for_rpc(
             context, self._timeout(context, self._quick),
             self.router.model_ready, request.name, request.version,
         )
@@ -57,7 +51,7 @@ class InferenceServicer:
         )
 
     def ModelMetadata(self, request, context):
-        model, versions = self._call(
+        model, versions = self.bridge.call_for_rpc(
             context, self._timeout(context, self._quick),
             self.router.model_metadata, request.name, request.version,
         )
@@ -76,7 +70,7 @@ class InferenceServicer:
         except InferenceError as e:
             context.abort(e.code, e.message)
         timeout = self._timeout(context, self.request_timeout)
-        return self._call(context, timeout, self.router.infer, name, version, request_bytes, timeout)
+        return self.bridge.call_for_rpc(context, timeout, self.router.infer, name, version, request_bytes, timeout)
 
 
 def inference_handler(servicer):

@@ -33,10 +33,7 @@ class ManagementServicer:
         self.timeout = timeout
 
     def _call(self, context, f, *args):
-        try:
-            return self.bridge.call(self.timeout, f, *args, context=context)
-        except InferenceError as e:
-            context.abort(e.code, e.message)
+        return self.bridge.call_for_rpc(context, self.timeout, f, *args)
 
     def RegisterModel(self, request, context):
         try:

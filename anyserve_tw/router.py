@@ -160,6 +160,6 @@ class Router(Service):
         return self.running and self.registry.all_ready()
 
     def model_metadata(self, name, version=""):
-        """(name, versions, platform, inputs, outputs) of a model; NOT_FOUND if unknown."""
+        """(ModelVersion, every version of its name); NOT_FOUND if unknown."""
         model = self.registry.resolve(name, version)
         return model, self.registry.versions(name)

@@ -32,7 +32,6 @@ class WorkerSupervisor(ProcessMonitor):
         self.max_message_size = max_message_size
         self.python = python
         self._socket_dir = socket_dir
-        self._own_dir = socket_dir is None
         self.socket_dir = None
 
     def startService(self):
@@ -80,7 +79,7 @@ class WorkerSupervisor(ProcessMonitor):
         return loop.start(0.05, now=True).addCallback(self._remove_sockets)
 
     def _remove_sockets(self, _):
-        if self._own_dir and self.socket_dir:
+        if self._socket_dir is None and self.socket_dir:  # a temp dir of our own
             shutil.rmtree(self.socket_dir, ignore_errors=True)
         elif self.socket_dir:
             for name in self._processes:

@@ -280,10 +280,8 @@ class Registration(Service):
                 model_name=model.name, model_version=model.version,
                 worker_address=self.worker_address, worker_id=self.worker_id,
                 platform=model.platform,
-                inputs=[m.TensorSpec(name=s.name, datatype=s.datatype, shape=s.shape)
-                        for s in model.inputs or ()],
-                outputs=[m.TensorSpec(name=s.name, datatype=s.datatype, shape=s.shape)
-                         for s in model.outputs or ()],
+                inputs=[m.TensorSpec(**spec._asdict()) for spec in model.inputs or ()],
+                outputs=[m.TensorSpec(**spec._asdict()) for spec in model.outputs or ()],
             )
             for model in self.app.models.values()
         ]
