@@ -24,6 +24,16 @@ def natural_key(version):
     return [(1, int(part), "") if part.isdigit() else (0, 0, part) for part in _DIGITS.split(version)]
 
 
+def default_version(name, versions):
+    """The version a request naming none goes to (the rule above); the ingress
+    and the worker both use this, so they always agree.  NOT_FOUND if none."""
+    if not versions:
+        raise not_found(name)
+    if "" in versions:
+        return ""
+    return max(versions, key=natural_key)
+
+
 class ModelVersion:
     """One (name, version), its tensor metadata and the workers serving it."""
 
@@ -99,12 +109,7 @@ class ModelRegistry:
         return sorted(self._models.get(name, {}), key=natural_key)
 
     def default_version(self, name):
-        versions = self._models.get(name)
-        if not versions:
-            raise not_found(name)
-        if "" in versions:
-            return ""
-        return max(versions, key=natural_key)
+        return default_version(name, self._models.get(name, ()))
 
     def resolve(self, name, version=""):
         """The ModelVersion a request for (name, version) goes to, or NOT_FOUND."""

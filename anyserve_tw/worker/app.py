@@ -3,7 +3,7 @@ import grpc
 
 from anyserve_tw.errors import InferenceError, not_found
 from anyserve_tw.protowire import peek_request
-from anyserve_tw.registry import natural_key
+from anyserve_tw.registry import default_version
 from anyserve_tw.worker.model import Model
 
 
@@ -39,10 +39,7 @@ class AnyServe:
         """The Model a request's bytes are for (same default-version rule as the ingress)."""
         name, version, _ = peek_request(payload)
         if not version:
-            versions = [v for (n, v) in self.models if n == name]
-            if not versions:
-                raise not_found(name)
-            version = "" if "" in versions else max(versions, key=natural_key)
+            version = default_version(name, [v for (n, v) in self.models if n == name])
         model = self.models.get((name, version))
         if model is None:
             raise not_found(name, version)
