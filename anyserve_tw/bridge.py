@@ -16,13 +16,11 @@ When the client cancels the RPC, gRPC's done-callback cancels the Deferred too.
 import threading
 
 import grpc
-from twisted.internet.defer import CancelledError, TimeoutError, maybeDeferred
-from twisted.logger import Logger
+from twisted.internet.defer import maybeDeferred
 from twisted.python.failure import Failure
 
-from anyserve_tw.errors import InferenceError
+from anyserve_tw.errors import InferenceError, as_inference_error
 
-log = Logger()
 
 
 def run_bounded(reactor, timeout, f, *args):
@@ -31,18 +29,6 @@ def run_bounded(reactor, timeout, f, *args):
     if timeout is not None:
         d.addTimeout(timeout, reactor)
     return d
-
-
-def as_inference_error(failure):
-    """The InferenceError a failed call should reach the client as."""
-    if failure.check(InferenceError):
-        return failure.value
-    if failure.check(TimeoutError):
-        return InferenceError(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded")
-    if failure.check(CancelledError):
-        return InferenceError(grpc.StatusCode.CANCELLED, "request cancelled")
-    log.failure("unexpected error", failure)
-    return InferenceError(grpc.StatusCode.INTERNAL, "unexpected error: %s" % failure.getErrorMessage())
 
 
 class _Call:

@@ -5,6 +5,10 @@ when a worker dies), the worker SDK (INVALID_ARGUMENT, INTERNAL) and the
 bridge (DEADLINE_EXCEEDED); the gRPC servicers turn it into the RPC's status.
 """
 import grpc
+from twisted.internet.defer import CancelledError, TimeoutError
+from twisted.logger import Logger
+
+log = Logger()
 
 _BY_CODE = {code.value[0]: code for code in grpc.StatusCode}
 
@@ -48,3 +52,15 @@ def unavailable(message):
 
 def invalid_argument(message):
     return InferenceError(grpc.StatusCode.INVALID_ARGUMENT, message)
+
+
+def as_inference_error(failure):
+    """The InferenceError a failed call should reach the client as."""
+    if failure.check(InferenceError):
+        return failure.value
+    if failure.check(TimeoutError):
+        return InferenceError(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded")
+    if failure.check(CancelledError):
+        return InferenceError(grpc.StatusCode.CANCELLED, "request cancelled")
+    log.failure("unexpected error", failure)
+    return InferenceError(grpc.StatusCode.INTERNAL, "unexpected error: %s" % failure.getErrorMessage())

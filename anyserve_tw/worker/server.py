@@ -31,8 +31,7 @@ from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 
 from anyserve_tw import framing, protos, rpc
-from anyserve_tw.bridge import as_inference_error
-from anyserve_tw.errors import InferenceError
+from anyserve_tw.errors import InferenceError, as_inference_error
 from anyserve_tw.grpcserver import channel_options
 from anyserve_tw.services import SequentialMultiService
 from anyserve_tw.worker.app import handler_error
