@@ -1,8 +1,12 @@
 """Tests for anyserve_tw.framing: the ingress <-> worker frame format."""
 import os
+import socket
 
+from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.internet.endpoints import UNIXClientEndpoint
+from twisted.internet.protocol import Factory
 from twisted.internet.testing import StringTransport
-from twisted.trial.unittest import SynchronousTestCase
+from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from anyserve_tw import framing
 from anyserve_tw.framing import (
@@ -359,3 +363,50 @@ class ReadSizeTests(SynchronousTestCase):
         protocol.dataReceived(payload[1000:])
         self.assertEqual(received, [1 << 20])
         self.assertEqual(transport.bufferSize, READ_SIZE)
+
+
+class SocketBufferTests(TestCase):
+    """Real Unix sockets: the connection asks for wide kernel buffers, and a
+    frame larger than any one buffer still arrives whole."""
+
+    def setUp(self):
+        from twisted.internet import reactor
+
+        self.reactor = reactor
+        self.path = self.mktemp()
+        self.received = Deferred()
+        received = self.received
+
+        class Receiver(FramedProtocol):
+            def frameReceived(self, kind, request_id, aux, payload):
+                received.callback((kind, request_id, aux, payload))
+
+        self.port = reactor.listenUNIX(self.path, Factory.forProtocol(Receiver))
+        self.addCleanup(self.port.stopListening)
+
+    def granted_for(self, size):
+        """What this kernel grants a fresh Unix socket asking for ``size``."""
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as fresh:
+            fresh.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, size)
+            return fresh.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF)
+
+    @inlineCallbacks
+    def test_large_frame_over_widened_socket(self):
+        endpoint = UNIXClientEndpoint(self.reactor, self.path)
+        sender = yield endpoint.connect(Factory.forProtocol(FramedProtocol))
+        self.addCleanup(sender.transport.loseConnection)
+        sock = sender.transport.getHandle()
+        granted = sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF)
+        self.assertEqual(granted, self.granted_for(framing.SOCKET_BUFFER))
+        self.assertEqual(sender.transport.SEND_LIMIT, max(granted, 128 * 1024))
+        payload = os.urandom(3 * 1024 * 1024 + 7)
+        sender.sendFrame(REQUEST, 9, payload, aux=250)
+        kind, request_id, aux, got = yield self.received
+        self.assertEqual((kind, request_id, aux, len(got)), (REQUEST, 9, 250, len(payload)))
+        self.assertEqual(got, payload)
+
+    def test_transport_without_socket(self):
+        """A fake transport is left alone."""
+        transport = StringTransport()
+        self.assertIsNone(framing.widen_socket_buffers(transport, framing.SOCKET_BUFFER))
+        self.assertFalse(hasattr(transport, "SEND_LIMIT"))
