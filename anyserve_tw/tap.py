@@ -51,7 +51,10 @@ class Options(usage.Options):
 def makeService(options):
     from twisted.internet import reactor
 
+    from anyserve_tw.allocator import keep_freed_memory
     from anyserve_tw.ingress import make_ingress_service
+
+    keep_freed_memory()
 
     return make_ingress_service(
         reactor,
