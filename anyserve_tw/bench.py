@@ -62,6 +62,7 @@ class Result:
     failed: int = 0
     ingress_us: float = None
     worker_us: float = None
+    faults_per_req: float = None
     round: int = 1
     problems: list = field(default_factory=list)
 
@@ -211,14 +212,25 @@ def descendants(pid):
     return out
 
 
-def cpu_ticks(pids):
-    """Sum of utime+stime (clock ticks) over pids that still exist."""
+def stat_sum(pids, *indexes):
+    """Sum of the given read_stat() fields over pids that still exist."""
     total = 0
     for pid in pids:
         st = read_stat(pid)
         if st:
-            total += int(st[11]) + int(st[12])
+            total += sum(int(st[i]) for i in indexes)
     return total
+
+
+def cpu_ticks(pids):
+    """utime+stime, in clock ticks."""
+    return stat_sum(pids, 11, 12)
+
+
+def minor_faults(pids):
+    """Page faults served without I/O: a server that keeps mapping fresh
+    memory for every request shows hundreds per request here."""
+    return stat_sum(pids, 7)
 
 
 def identity(pid):
@@ -241,14 +253,14 @@ def free_port():
 class Server:
     """A server started in its own session so the whole tree can be stopped."""
 
-    def __init__(self, label, argv, port, logdir, cwd):
+    def __init__(self, label, argv, port, logdir, cwd, env=None):
         self.label = label
         self.argv = argv
         self.port = port
         self.log_path = os.path.join(logdir, label + ".log")
         self._log = open(self.log_path, "wb")
         self.proc = subprocess.Popen(
-            argv, cwd=cwd, stdin=subprocess.DEVNULL, stdout=self._log,
+            argv, cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=self._log,
             stderr=subprocess.STDOUT, start_new_session=True)
         self.seen = set()
 
@@ -360,10 +372,12 @@ def start_kserve(args, logdir):
     """The KServe peer, usually from its own venv (kserve pins heavy deps)."""
     port, http = free_port(), free_port()
     argv = [args.peer_python, args.peer_script, str(port), str(http)]
-    print("starting:", " ".join(argv), flush=True)
+    print("starting:", " ".join(args.peer_env + argv), flush=True)
     cwd = os.path.join(logdir, "kserve-cwd")
     os.makedirs(cwd, exist_ok=True)
-    return Server("kserve", argv, port, logdir, cwd)
+    env = dict(os.environ)
+    env.update(item.split("=", 1) for item in args.peer_env)
+    return Server("kserve", argv, port, logdir, cwd, env)
 
 
 # --------------------------------------------------------------------------
@@ -452,8 +466,10 @@ def measure(args, server, case, body_path):
     ingress_pids = [server.pid]
     workers_before = server.tree()
     t_ing, t_work = cpu_ticks(ingress_pids), cpu_ticks(workers_before)
+    faults = minor_faults(ingress_pids + workers_before)
     run = run_h2load(args, server.port, body_path, case.requests, case.inflight)
     d_ing = cpu_ticks(ingress_pids) - t_ing
+    faults = minor_faults(ingress_pids + workers_before) - faults
     workers_after = server.tree()
     d_work = cpu_ticks(workers_before) - t_work
 
@@ -463,6 +479,7 @@ def measure(args, server, case, body_path):
         per_req = 1e6 / os.sysconf("SC_CLK_TCK") / res.succeeded
         res.ingress_us = d_ing * per_req
         res.worker_us = d_work * per_req if workers_before else None
+        res.faults_per_req = faults / res.succeeded
     record_run_problems(res, run, case, server, workers_before, workers_after)
     return res
 
@@ -534,10 +551,12 @@ def print_table(results):
     if not results:
         return
     head = ["round", "server", "case", "in-flight", "requests", "req/s", "mean ms",
-            "ingress CPU us/req", "worker CPU us/req", "total CPU us/req", "failed"]
+            "ingress CPU us/req", "worker CPU us/req", "total CPU us/req", "page faults/req",
+            "failed"]
     rows = [[str(r.round), r.server, r.case.name, str(r.case.inflight), str(r.succeeded + max(r.failed, 0)),
              fmt(r.req_per_s, ".1f"), fmt(r.mean_ms, ".3f"), fmt(r.ingress_us, ".1f"),
-             fmt(r.worker_us, ".1f"), fmt(r.total_us, ".1f"), str(r.failed)]
+             fmt(r.worker_us, ".1f"), fmt(r.total_us, ".1f"), fmt(r.faults_per_req, ".1f"),
+             str(r.failed)]
             for r in results]
     widths = [max([len(h)] + [len(row[i]) for row in rows]) for i, h in enumerate(head)]
     line = lambda cells: "  ".join(c.rjust(w) if i >= 3 or i == 0 else c.ljust(w)
@@ -624,6 +643,10 @@ def parse_args(argv=None):
     p.add_argument("--peer-script",
                    default=os.path.normpath(os.path.join(
                        REPO, "..", "shared", "peers", "kserve_add.py")))
+    p.add_argument("--peer-env", action="append", default=[], metavar="NAME=VALUE",
+                   help="extra environment for the peer (repeatable), e.g. glibc "
+                        "malloc settings like those AnyServe applies to itself: "
+                        "MALLOC_MMAP_THRESHOLD_=33554432 MALLOC_TRIM_THRESHOLD_=67108864")
     p.add_argument("--ready-timeout", type=float, default=30.0,
                    help="seconds to wait for AnyServe's model to be ready")
     p.add_argument("--peer-ready-timeout", type=float, default=90.0,
@@ -635,6 +658,9 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if args.only_peer and not args.peer:
         args.peer = "kserve"
+    for item in args.peer_env:
+        if "=" not in item:
+            p.error("--peer-env wants NAME=VALUE, got %r" % item)
     return args
 
 
