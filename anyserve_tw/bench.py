@@ -368,6 +368,16 @@ def start_anyserve(args, logdir):
     return Server("anyserve", argv, port, logdir, cwd)
 
 
+def start_floor(args, logdir):
+    """The ingress's gRPC front with ``add`` inline (see anyserve_tw.benchfloor)."""
+    port = free_port()
+    argv = [sys.executable, "-m", "anyserve_tw.benchfloor", str(port)]
+    print("starting:", " ".join(argv), flush=True)
+    cwd = os.path.join(logdir, "floor-cwd")
+    os.makedirs(cwd, exist_ok=True)
+    return Server("floor", argv, port, logdir, cwd)
+
+
 def start_kserve(args, logdir):
     """The KServe peer, usually from its own venv (kserve pins heavy deps)."""
     port, http = free_port(), free_port()
@@ -568,26 +578,25 @@ def print_table(results):
         print(line(row))
 
 
-def print_ratios(results, peer):
-    """AnyServe req/s over peer req/s per case: each round's, and the ratio of
-    the medians over all rounds."""
+def print_ratios(results, peer, ours=("anyserve", "floor")):
+    """Our servers' req/s over the peer's per case: each round's, and the
+    ratio of the medians over all rounds."""
     by_key = {}
     for r in results:
         if r.succeeded and not r.problems:
             by_key.setdefault((r.server, r.case.name), []).append(r)
-    names = [r.case.name for r in results if r.server == "anyserve"]
-    shared = [n for n in dict.fromkeys(names) if ("anyserve", n) in by_key and (peer, n) in by_key]
-    if not shared:
-        return
-    print()
-    for name in shared:
-        ours = {r.round: r.req_per_s for r in by_key["anyserve", name]}
+    rows = [(server, name) for server, name in dict.fromkeys((r.server, r.case.name) for r in results)
+            if server in ours and (server, name) in by_key and (peer, name) in by_key]
+    if rows:
+        print()
+    for server, name in sorted(rows, key=lambda row: (ours.index(row[0]), row[1])):
+        mine = {r.round: r.req_per_s for r in by_key[server, name]}
         theirs = {r.round: r.req_per_s for r in by_key[peer, name]}
-        per_round = ["%.2fx" % (ours[k] / theirs[k]) for k in sorted(ours) if k in theirs]
-        a = statistics.median(ours.values())
+        per_round = ["%.2fx" % (mine[k] / theirs[k]) for k in sorted(mine) if k in theirs]
+        a = statistics.median(mine.values())
         p = statistics.median(theirs.values())
-        print("ratio %-9s anyserve %9.1f req/s / %s %9.1f req/s = %.2fx (medians; per round %s)"
-              % (name, a, peer, p, a / p, ", ".join(per_round)))
+        print("ratio %-9s %-8s %9.1f req/s / %s %9.1f req/s = %.2fx (medians; per round %s)"
+              % (name, server, a, peer, p, a / p, ", ".join(per_round)))
 
 
 def print_problems(results, setup_errors):
@@ -636,6 +645,9 @@ def parse_args(argv=None):
     p.add_argument("--cases", default="small-1,small-16,large-8",
                    help="comma-separated subset of small-1, small-16, large-8")
     p.add_argument("--peer", choices=["kserve"], help="also benchmark this peer")
+    p.add_argument("--floor", action="store_true",
+                   help="also run the ingress's gRPC front alone with the model inline "
+                        "(anyserve_tw.benchfloor): the most any design behind it can reach")
     p.add_argument("--only-peer", action="store_true",
                    help="skip AnyServe, benchmark the peer alone (implies --peer kserve)")
     p.add_argument("--peer-python", default=sys.executable,
@@ -698,6 +710,7 @@ def main(argv=None):
     signal.signal(signal.SIGTERM, on_sigterm)
     logdir = tempfile.mkdtemp(prefix="anyserve-bench-")
     starters = ([] if args.only_peer else [start_anyserve])
+    starters += [start_floor] if args.floor else []
     starters += [start_kserve] if args.peer == "kserve" else []
     results, setup_errors, notes = [], [], []
     bodies = write_bodies(cases, logdir)

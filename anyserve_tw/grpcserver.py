@@ -15,6 +15,11 @@ from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 
 
+#: Threads of the public gRPC server: one per RPC in flight, as grpcio's
+#: synchronous server blocks a thread for each.
+DEFAULT_THREADS = 64
+
+
 def channel_options(max_message_size):
     """Options shared by our servers and clients: the message caps both ways."""
     return [
