@@ -26,7 +26,9 @@ from twisted.internet.endpoints import UNIXServerEndpoint
 from twisted.internet.protocol import Factory
 from twisted.internet.task import LoopingCall
 from twisted.internet.threads import deferToThreadPool
-from twisted.logger import Logger
+from twisted.logger import (
+    FileLogObserver, Logger, formatEventAsClassicLogText, textFileLogObserver,
+)
 from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 
@@ -373,13 +375,27 @@ def make_worker_service(reactor, app, ingress, socket_path, worker_id, threads=4
     return top
 
 
+def _untimed_log_line(event):
+    """Twisted's classic log line without its leading timestamp."""
+    text = formatEventAsClassicLogText(event, formatTime=lambda when: "")
+    return text[1:] if text else text
+
+
+def log_observer(out, environ):
+    """Where the worker logs: timestamped lines on its own; without a
+    timestamp under a supervising ingress, which stamps every line it relays."""
+    if environ.get("ANYSERVE_SUPERVISED"):
+        return FileLogObserver(out, _untimed_log_line)
+    return textFileLogObserver(out)
+
+
 def run(app, ingress=None, socket_path=None, worker_id=None, threads=None, heartbeat_interval=None):
     """Serve ``app`` until SIGTERM/SIGINT.  Unset options come from the
     environment (ANYSERVE_INGRESS, ANYSERVE_SOCKET, ANYSERVE_WORKER_ID,
     ANYSERVE_THREADS, ANYSERVE_HEARTBEAT_INTERVAL, ANYSERVE_MAX_MESSAGE_SIZE), which is how a supervising
     ingress configures the workers it starts."""
     from twisted.internet import reactor
-    from twisted.logger import globalLogBeginner, textFileLogObserver
+    from twisted.logger import globalLogBeginner
 
     env = os.environ
     ingress = ingress or env.get("ANYSERVE_INGRESS", "127.0.0.1:9000")
@@ -389,7 +405,7 @@ def run(app, ingress=None, socket_path=None, worker_id=None, threads=None, heart
     threads = threads or int(env.get("ANYSERVE_THREADS", "4"))
     heartbeat_interval = heartbeat_interval or float(env.get("ANYSERVE_HEARTBEAT_INTERVAL", "2.0"))
 
-    globalLogBeginner.beginLoggingTo([textFileLogObserver(sys.stderr)])
+    globalLogBeginner.beginLoggingTo([log_observer(sys.stderr, env)])
     if keep_freed_memory():
         log.info("malloc keeps freed buffers (mmap threshold {size} bytes)", size=MMAP_THRESHOLD)
     max_payload = int(env.get("ANYSERVE_MAX_MESSAGE_SIZE", framing.DEFAULT_MAX_PAYLOAD))
