@@ -8,8 +8,10 @@ CPU.  Raising the mmap and trim thresholds keeps freed memory for the next
 request (worker CPU per request ~2.5 -> ~1.25 ms, req/s ~250 -> ~335).
 
 The cost is memory held after a burst: up to ``trim_threshold`` of free heap
-per malloc arena.  Users who tune malloc themselves (``MALLOC_*_`` variables
-or ``GLIBC_TUNABLES``) are left alone, as is any libc without ``mallopt``.
+per malloc arena.  Users who set these themselves (``MALLOC_MMAP_THRESHOLD_``,
+``MALLOC_TRIM_THRESHOLD_``, ``MALLOC_TOP_PAD_`` or a ``glibc.malloc.*``
+tunable in ``GLIBC_TUNABLES``) are left alone, as is any libc without
+``mallopt``.
 """
 import ctypes
 import os

@@ -589,7 +589,8 @@ def print_ratios(results, peer, ours=("anyserve", "floor")):
             if server in ours and (server, name) in by_key and (peer, name) in by_key]
     if rows:
         print()
-    for server, name in sorted(rows, key=lambda row: (ours.index(row[0]), row[1])):
+    case_order = list(dict.fromkeys(r.case.name for r in results))
+    for server, name in sorted(rows, key=lambda row: (ours.index(row[0]), case_order.index(row[1]))):
         mine = {r.round: r.req_per_s for r in by_key[server, name]}
         theirs = {r.round: r.req_per_s for r in by_key[peer, name]}
         per_round = ["%.2fx" % (mine[k] / theirs[k]) for k in sorted(mine) if k in theirs]
@@ -671,8 +672,10 @@ def parse_args(argv=None):
     if args.only_peer and not args.peer:
         args.peer = "kserve"
     for item in args.peer_env:
-        if "=" not in item:
+        if not item.partition("=")[0] or "=" not in item:
             p.error("--peer-env wants NAME=VALUE, got %r" % item)
+    if args.peer_env and not args.peer:
+        p.error("--peer-env needs --peer")
     return args
 
 

@@ -2,7 +2,7 @@
 
 ``python -m anyserve_tw.bench --floor`` starts this beside the ingress.  It is
 a grpcio thread-pool server built like the ingress's (same thread count,
-channel options and malloc settings), but ModelInfer computes ``add`` right in the
+concurrency cap, message size cap and malloc settings), but ModelInfer computes ``add`` right in the
 gRPC thread: no reactor bridge, no worker, no second process.  Whatever
 design sits behind a thread-pool grpcio front, it cannot beat this, so the
 floor's req/s is the ceiling of the ingress's design on the machine at hand.
@@ -17,9 +17,11 @@ from concurrent import futures
 import grpc
 import numpy as np
 
-from anyserve_tw import protos
+from anyserve_tw import framing, protos
 from anyserve_tw.allocator import keep_freed_memory
-from anyserve_tw.grpcserver import DEFAULT_THREADS, channel_options
+from anyserve_tw.grpcserver import (
+    DEFAULT_MAX_CONCURRENT_RPCS, DEFAULT_THREADS, channel_options,
+)
 
 _v2 = protos.inference
 _INT32 = np.dtype("<i4")  # v2 raw contents are little-endian
@@ -53,7 +55,8 @@ def serve(port):
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=DEFAULT_THREADS),
         handlers=[grpc.method_handlers_generic_handler(protos.INFERENCE_SERVICE, handlers)],
-        options=channel_options(64 * 1024 * 1024) + [("grpc.so_reuseport", 0)])
+        options=channel_options(framing.DEFAULT_MAX_PAYLOAD) + [("grpc.so_reuseport", 0)],
+        maximum_concurrent_rpcs=DEFAULT_MAX_CONCURRENT_RPCS)
     if not server.add_insecure_port("127.0.0.1:%d" % port):
         raise SystemExit("cannot listen on port %d" % port)
     server.start()

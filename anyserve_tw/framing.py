@@ -48,7 +48,8 @@ MAX_READ_SIZE = 4 * 1024 * 1024
 #: went out in 16 writes and came in over as many reads, each a reactor
 #: iteration of its own, on both ends; with 4 MiB it is one write and one or
 #: two reads (2 x 1 MiB bench case: 202-234 -> 269-291 req/s, A/B pairs).
-#: The kernel grants at most ``net.core.wmem_max``; less only costs speed.
+#: Linux grants twice what it is asked, but at most twice
+#: ``net.core.wmem_max`` (often 212992: then a 2 MiB frame takes ~5 writes).
 SOCKET_BUFFER = 4 * 1024 * 1024
 
 #: Default cap on one payload: 64 MiB, the same as the gRPC message limit.
@@ -163,7 +164,7 @@ class FrameDecoder:
 
 def widen_socket_buffers(transport, size):
     """Ask the kernel for ``size``-byte buffers on ``transport``'s socket and
-    let one write hand it as much as it granted.  Returns the granted send
+    let one write hand it up to ``size`` bytes.  Returns the granted send
     buffer, or None for a transport without a socket (tests' fakes)."""
     get_handle = getattr(transport, "getHandle", None)
     sock = get_handle() if get_handle is not None else None
@@ -175,8 +176,12 @@ def widen_socket_buffers(transport, size):
         granted = sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF)
     except OSError:
         return None
-    # Twisted reads SEND_LIMIT from the transport, so the instance may raise it.
-    transport.SEND_LIMIT = max(transport.SEND_LIMIT, granted)
+    # Twisted's FileDescriptor reads SEND_LIMIT from the instance, so it may be
+    # raised per transport.  It also bounds how much unsent data doWrite joins
+    # at once, so it stays at ``size`` even where the kernel granted more.
+    limit = getattr(transport, "SEND_LIMIT", None)
+    if limit is not None:
+        transport.SEND_LIMIT = max(limit, min(granted, size))
     return granted
 
 

@@ -19,6 +19,9 @@ from twisted.logger import Logger
 #: synchronous server blocks a thread for each.
 DEFAULT_THREADS = 64
 
+#: RPCs the public server takes in before answering RESOURCE_EXHAUSTED.
+DEFAULT_MAX_CONCURRENT_RPCS = 1024
+
 
 def channel_options(max_message_size):
     """Options shared by our servers and clients: the message caps both ways."""

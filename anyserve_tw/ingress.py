@@ -15,7 +15,9 @@ unregister through the still-running management server), then the rest.
 """
 from anyserve_tw import __version__, framing
 from anyserve_tw.bridge import ReactorBridge
-from anyserve_tw.grpcserver import DEFAULT_THREADS, GrpcServerService
+from anyserve_tw.grpcserver import (
+    DEFAULT_MAX_CONCURRENT_RPCS, DEFAULT_THREADS, GrpcServerService,
+)
 from anyserve_tw.inference import InferenceServicer, inference_handler
 from anyserve_tw.management import ManagementServicer, management_handler
 from anyserve_tw.router import Router
@@ -27,7 +29,7 @@ def make_ingress_service(reactor, port=8000, host="0.0.0.0", mgmt_port=9000,
                          mgmt_host="127.0.0.1", worker_scripts=(), copies=1, pool_size=2,
                          heartbeat_timeout=6.0, grace=10.0,
                          max_message_size=framing.DEFAULT_MAX_PAYLOAD, threads=DEFAULT_THREADS,
-                         max_concurrent_rpcs=1024, request_timeout=600.0, socket_dir=None):
+                         max_concurrent_rpcs=DEFAULT_MAX_CONCURRENT_RPCS, request_timeout=600.0, socket_dir=None):
     top = SequentialMultiService(stop_order=["inference", "workers", "management", "router"])
     router = Router(reactor, pool_size=pool_size, heartbeat_timeout=heartbeat_timeout,
                     max_payload=max_message_size)

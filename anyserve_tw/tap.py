@@ -6,7 +6,7 @@ takes the reactor as a parameter.
 from twisted.python import usage
 
 from anyserve_tw import framing
-from anyserve_tw.grpcserver import DEFAULT_THREADS
+from anyserve_tw.grpcserver import DEFAULT_MAX_CONCURRENT_RPCS, DEFAULT_THREADS
 
 
 class Options(usage.Options):
@@ -27,7 +27,7 @@ class Options(usage.Options):
         ["grace", None, 10.0, "Seconds in-flight requests get to finish on shutdown.", float],
         ["max-message-size", None, framing.DEFAULT_MAX_PAYLOAD, "Largest request or response, bytes.", int],
         ["threads", None, DEFAULT_THREADS, "gRPC server threads (one per RPC in flight).", int],
-        ["max-concurrent-rpcs", None, 1024, "RPCs in flight before RESOURCE_EXHAUSTED.", int],
+        ["max-concurrent-rpcs", None, DEFAULT_MAX_CONCURRENT_RPCS, "RPCs in flight before RESOURCE_EXHAUSTED.", int],
         ["request-timeout", None, 600.0, "Longest wait for a worker when the client sets no deadline.", float],
         ["socket-dir", None, None, "Directory for supervised workers' sockets (default: a new temp dir)."],
     ]

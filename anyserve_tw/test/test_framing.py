@@ -3,6 +3,7 @@ import os
 import socket
 
 from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.internet.abstract import FileDescriptor
 from twisted.internet.endpoints import UNIXClientEndpoint
 from twisted.internet.protocol import Factory
 from twisted.internet.testing import StringTransport
@@ -366,8 +367,8 @@ class ReadSizeTests(SynchronousTestCase):
 
 
 class SocketBufferTests(TestCase):
-    """Real Unix sockets: the connection asks for wide kernel buffers, and a
-    frame larger than any one buffer still arrives whole."""
+    """Real Unix sockets: both ends ask for wide kernel buffers, and a frame
+    larger than any one buffer still arrives whole."""
 
     def setUp(self):
         from twisted.internet import reactor
@@ -375,9 +376,14 @@ class SocketBufferTests(TestCase):
         self.reactor = reactor
         self.path = self.mktemp()
         self.received = Deferred()
-        received = self.received
+        self.accepted = []
+        received, accepted = self.received, self.accepted
 
         class Receiver(FramedProtocol):
+            def connectionMade(self):
+                super().connectionMade()
+                accepted.append(self)
+
             def frameReceived(self, kind, request_id, aux, payload):
                 received.callback((kind, request_id, aux, payload))
 
@@ -390,20 +396,24 @@ class SocketBufferTests(TestCase):
             fresh.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, size)
             return fresh.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF)
 
+    def assertWidened(self, transport):
+        granted = transport.getHandle().getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF)
+        self.assertEqual(granted, self.granted_for(framing.SOCKET_BUFFER))
+        self.assertEqual(transport.SEND_LIMIT, max(
+            FileDescriptor.SEND_LIMIT, min(granted, framing.SOCKET_BUFFER)))
+
     @inlineCallbacks
     def test_large_frame_over_widened_socket(self):
         endpoint = UNIXClientEndpoint(self.reactor, self.path)
         sender = yield endpoint.connect(Factory.forProtocol(FramedProtocol))
         self.addCleanup(sender.transport.loseConnection)
-        sock = sender.transport.getHandle()
-        granted = sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF)
-        self.assertEqual(granted, self.granted_for(framing.SOCKET_BUFFER))
-        self.assertEqual(sender.transport.SEND_LIMIT, max(granted, 128 * 1024))
         payload = os.urandom(3 * 1024 * 1024 + 7)
         sender.sendFrame(REQUEST, 9, payload, aux=250)
         kind, request_id, aux, got = yield self.received
         self.assertEqual((kind, request_id, aux, len(got)), (REQUEST, 9, 250, len(payload)))
         self.assertEqual(got, payload)
+        self.assertWidened(sender.transport)
+        self.assertWidened(self.accepted[0].transport)
 
     def test_transport_without_socket(self):
         """A fake transport is left alone."""

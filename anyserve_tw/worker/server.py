@@ -26,9 +26,7 @@ from twisted.internet.endpoints import UNIXServerEndpoint
 from twisted.internet.protocol import Factory
 from twisted.internet.task import LoopingCall
 from twisted.internet.threads import deferToThreadPool
-from twisted.logger import (
-    FileLogObserver, Logger, formatEventAsClassicLogText, textFileLogObserver,
-)
+from twisted.logger import FileLogObserver, Logger, eventAsText, textFileLogObserver
 from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 
@@ -376,9 +374,9 @@ def make_worker_service(reactor, app, ingress, socket_path, worker_id, threads=4
 
 
 def _untimed_log_line(event):
-    """Twisted's classic log line without its leading timestamp."""
-    text = formatEventAsClassicLogText(event, formatTime=lambda when: "")
-    return text[1:] if text else text
+    """Twisted's classic log line, without its timestamp."""
+    text = eventAsText(event, includeTimestamp=False)
+    return text.replace("\n", "\n\t") + "\n" if text else None
 
 
 def log_observer(out, environ):
