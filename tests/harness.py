@@ -15,6 +15,7 @@ KSERVE_SERVER = os.path.join(EXAMPLES, "kserve_server.py")
 CLASSIFIER_SERVER = os.path.join(EXAMPLES, "classifier_server.py")
 PROBE_SERVER = os.path.join(ROOT, "tests", "workers", "probe_server.py")
 TWISTD = os.path.join(os.path.dirname(sys.executable), "twistd")
+TWISTD_MAIN = "from twisted.scripts.twistd import run; run()"
 
 
 def free_port():
@@ -71,22 +72,25 @@ def cmdline(pid):
 class Ingress:
     """``twistd -n anyserve`` with its supervised workers, on free ports."""
 
-    def __init__(self, workers=(), copies=1, args=()):
+    def __init__(self, workers=(), copies=1, args=(), python=None, env=None):
+        """``python``: run twistd with this interpreter instead of ours;
+        ``env``: its environment instead of ours."""
         self.port = free_port()
         self.mgmt = free_port()
         self.tmp = tempfile.mkdtemp(prefix="as-e2e-", dir="/tmp")
         self.socket_dir = os.path.join(self.tmp, "s")
         os.mkdir(self.socket_dir)
         self.log_path = os.path.join(self.tmp, "ingress.log")
-        command = [
-            TWISTD, "-n", "--pidfile=", "--logfile=" + self.log_path, "anyserve",
+        twistd = [TWISTD] if python is None else [python, "-c", TWISTD_MAIN]
+        command = twistd + [
+            "-n", "--pidfile=", "--logfile=" + self.log_path, "anyserve",
             "--port", str(self.port), "--mgmt", str(self.mgmt), "--host", "127.0.0.1",
             "--socket-dir", self.socket_dir, "--workers", str(copies),
         ]
         for script in workers:
             command += ["--worker", script]
         command += list(args)
-        self.process = subprocess.Popen(command, cwd=self.tmp, stdin=subprocess.DEVNULL)
+        self.process = subprocess.Popen(command, cwd=self.tmp, env=env, stdin=subprocess.DEVNULL)
         self._client = None
 
     @property
