@@ -82,7 +82,9 @@ setup(
         "numpy>=1.24",
     ],
     extras_require={
-        "test": ["tritonclient[grpc]>=2.40"],
+        # tests/test_install.py builds this project without build isolation
+        # (offline), so the build requirements of pyproject.toml come along.
+        "test": ["tritonclient[grpc]>=2.40", "setuptools>=68", "wheel", "grpcio-tools>=1.60"],
         "bench": ["kserve"],
     },
     entry_points={
