@@ -221,6 +221,12 @@ class ProbeTests(IngressTestCase):
         np.testing.assert_array_equal(result.as_numpy("x"), x * 10)
         self.assertEqual(result.as_numpy("on_loop").tolist(), [True])
 
+    def test_asynchronous_handler_returning_a_value(self):
+        a = np.arange(4, dtype=np.int32)
+        result = self.client.infer("inline_add", infer_inputs(a=a, b=a + 1))
+        np.testing.assert_array_equal(result.as_numpy("sum"), 2 * a + 1)
+        self.assertEqual(result.as_numpy("on_loop").tolist(), [True])
+
     def test_async_handler(self):
         a = np.arange(5, dtype=np.int32)
         result = self.client.infer("async_add", infer_inputs(a=a, b=a))

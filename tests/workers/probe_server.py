@@ -97,6 +97,13 @@ def later(request):
     return deferLater(reactor, 0.01, lambda: {"x": x * 10, "on_loop": np.array([threading.current_thread() is threading.main_thread()])})
 
 
+@app.model("inline_add", inputs=[("a", "INT32", [-1]), ("b", "INT32", [-1])], asynchronous=True)
+def inline_add(request):
+    """Returns its answer directly: runs on the loop, with no thread hop."""
+    on_loop = threading.current_thread() is threading.main_thread()
+    return {"sum": request["a"] + request["b"], "on_loop": np.array([on_loop])}
+
+
 @app.model("async_add", inputs=[("a", "INT32", [-1]), ("b", "INT32", [-1])])
 async def async_add(request):
     return {"sum": request["a"] + request["b"]}
