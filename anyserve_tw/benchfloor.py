@@ -1,9 +1,9 @@
 """The bench's floor: the ingress's gRPC front with the model inline.
 
 ``python -m anyserve_tw.bench --floor`` starts this beside the ingress.  It is
-a grpcio thread-pool server built like the ingress's (same thread count,
-concurrency cap, message size cap and malloc settings), but ModelInfer computes ``add`` right in the
-gRPC thread: no reactor bridge, no worker, no second process.  Whatever
+a grpcio thread-pool server made by the ingress's own ``build_server`` with
+the ingress's defaults and malloc settings, but ModelInfer computes ``add``
+right in the gRPC thread: no reactor bridge, no worker, no second process.  Whatever
 design sits behind a thread-pool grpcio front, it cannot beat this, so the
 floor's req/s is the ceiling of the ingress's design on the machine at hand.
 
@@ -12,16 +12,13 @@ Usage: python -m anyserve_tw.benchfloor PORT
 import signal
 import sys
 import threading
-from concurrent import futures
 
 import grpc
 import numpy as np
 
 from anyserve_tw import framing, protos
 from anyserve_tw.allocator import keep_freed_memory
-from anyserve_tw.grpcserver import (
-    DEFAULT_MAX_CONCURRENT_RPCS, DEFAULT_THREADS, channel_options,
-)
+from anyserve_tw.grpcserver import build_server
 
 _v2 = protos.inference
 _INT32 = np.dtype("<i4")  # v2 raw contents are little-endian
@@ -52,11 +49,9 @@ def serve(port):
             model_ready, request_deserializer=_v2.ModelReadyRequest.FromString,
             response_serializer=_v2.ModelReadyResponse.SerializeToString),
     }
-    server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=DEFAULT_THREADS),
-        handlers=[grpc.method_handlers_generic_handler(protos.INFERENCE_SERVICE, handlers)],
-        options=channel_options(framing.DEFAULT_MAX_PAYLOAD) + [("grpc.so_reuseport", 0)],
-        maximum_concurrent_rpcs=DEFAULT_MAX_CONCURRENT_RPCS)
+    server = build_server(
+        [grpc.method_handlers_generic_handler(protos.INFERENCE_SERVICE, handlers)],
+        max_message_size=framing.DEFAULT_MAX_PAYLOAD, label="floor")
     if not server.add_insecure_port("127.0.0.1:%d" % port):
         raise SystemExit("cannot listen on port %d" % port)
     server.start()

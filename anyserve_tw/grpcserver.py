@@ -31,6 +31,18 @@ def channel_options(max_message_size):
     ]
 
 
+def build_server(handlers, threads=DEFAULT_THREADS, max_message_size=64 * 1024 * 1024,
+                 max_concurrent_rpcs=DEFAULT_MAX_CONCURRENT_RPCS, label=""):
+    """A grpcio thread-pool server, not yet bound or started: one thread per
+    RPC in flight, the message caps both ways, no port sharing."""
+    return grpc.server(
+        futures.ThreadPoolExecutor(max_workers=threads, thread_name_prefix=label),
+        handlers=handlers,
+        options=channel_options(max_message_size) + [("grpc.so_reuseport", 0)],
+        maximum_concurrent_rpcs=max_concurrent_rpcs,
+    )
+
+
 class GrpcServerService(Service):
     """Serves ``handlers`` on ``host:port`` from a pool of ``threads`` threads."""
 
@@ -51,12 +63,8 @@ class GrpcServerService(Service):
         self.bound_port = None
 
     def startService(self):
-        self.server = grpc.server(
-            futures.ThreadPoolExecutor(max_workers=self.threads, thread_name_prefix=self.label),
-            handlers=self.handlers,
-            options=channel_options(self.max_message_size) + [("grpc.so_reuseport", 0)],
-            maximum_concurrent_rpcs=self.max_concurrent_rpcs,
-        )
+        self.server = build_server(self.handlers, self.threads, self.max_message_size,
+                                   self.max_concurrent_rpcs, self.label)
         address = "%s:%d" % (self.host, self.port)
         self.bound_port = self.server.add_insecure_port(address)
         if not self.bound_port:
