@@ -113,6 +113,9 @@ class Model:
         self.version = version or ""
         self.inputs = [as_spec(s) for s in inputs] if inputs is not None else None
         self.outputs = [as_spec(s) for s in outputs] if outputs is not None else None
+        # By name, for checking each request and result (None: anything goes).
+        self._input_specs = {s.name: s for s in self.inputs} if inputs is not None else None
+        self._output_specs = {s.name: s for s in self.outputs} if outputs is not None else None
         self.platform = platform
         if asynchronous is None:
             asynchronous = inspect.iscoroutinefunction(handler)
@@ -135,7 +138,7 @@ class Model:
             raise invalid_argument(
                 "%d raw_input_contents for %d inputs" % (len(raw), len(message.inputs))
             )
-        specs = {s.name: s for s in self.inputs} if self.inputs is not None else None
+        specs = self._input_specs
         inputs = {}
         for index, tensor in enumerate(message.inputs):
             name, datatype, shape = tensor.name, tensor.datatype, tuple(tensor.shape)
@@ -172,9 +175,8 @@ class Model:
                     "model '%s' is missing input(s): %s" % (self.name, ", ".join(missing))
                 )
         requested = [o.name for o in message.outputs]
-        if requested and self.outputs is not None:
-            known = {s.name for s in self.outputs}
-            unknown = [n for n in requested if n not in known]
+        if requested and self._output_specs is not None:
+            unknown = [n for n in requested if n not in self._output_specs]
             if unknown:
                 raise invalid_argument(
                     "model '%s' has no output(s): %s" % (self.name, ", ".join(unknown))
@@ -208,7 +210,7 @@ class Model:
     def encode(self, request, result):
         """Build response bytes from a handler result, honouring requested outputs."""
         parameters, outputs = self._named_outputs(result)
-        specs = {s.name: s for s in self.outputs} if self.outputs is not None else {}
+        specs = self._output_specs or {}
         if request.requested_outputs:
             produced = dict(outputs)
             missing = [n for n in request.requested_outputs if n not in produced]
