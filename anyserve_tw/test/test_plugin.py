@@ -104,6 +104,12 @@ class OptionsTests(SynchronousTestCase):
         self.assertEqual(options["mgmt-host"], "127.0.0.1")
         self.assertEqual(options["max-message-size"], framing.DEFAULT_MAX_PAYLOAD)
         self.assertIsNone(options["socket-dir"])
+        # The rest of README's option table, as written there.
+        self.assertEqual(
+            {name: options[name] for name in ("host", "pool-size", "heartbeat-timeout", "grace",
+                                              "threads", "max-concurrent-rpcs", "request-timeout")},
+            {"host": "0.0.0.0", "pool-size": 2, "heartbeat-timeout": 6.0, "grace": 10.0,
+             "threads": 64, "max-concurrent-rpcs": 1024, "request-timeout": 600.0})
         self.parse("--worker", "x.py")
         self.assertEqual(self.parse()["worker"], [])
 

@@ -1,13 +1,13 @@
 """A worker for end-to-end tests: models that report on the worker itself.
 
 - ``whoami``: returns this process's pid (output ``pid``, INT64 [1]);
-- ``seen``: how many requests this worker has handled, this one included;
+- ``seen``: how many requests have reached this worker, this one included
+  (counted when the worker routes them, before any handler or model lookup);
 - ``slow``: sleeps ``seconds`` (FP64 [1]) then returns it;
 - ``fail``: raises ValueError("boom: <input>");
 - ``big``: returns ``n`` (INT64 [1]) zero bytes as UINT8;
 - ``relay``: calls ``add`` through the ingress at ``url`` with tritonclient.
 """
-import itertools
 import os
 import threading
 import time
@@ -17,35 +17,35 @@ import tritonclient.grpc as tritongrpc  # a worker may be a client of other mode
 
 from anyserve_tw import AnyServe
 
-app = AnyServe()
-_count = itertools.count(1)
-_lock = threading.Lock()
+class CountingApp(AnyServe):
+    """Counts every request the worker is asked to route, known model or not."""
+
+    def __init__(self):
+        super().__init__()
+        self.reached = 0
+        self._lock = threading.Lock()
+
+    def route(self, payload):
+        with self._lock:
+            self.reached += 1
+        return super().route(payload)
 
 
-def counted(handler):
-    def wrapper(request):
-        with _lock:
-            next(_count)
-        return handler(request)
-
-    wrapper.__name__ = handler.__name__
-    return wrapper
+app = CountingApp()
 
 
 @app.model("whoami", outputs=[("pid", "INT64", [1])])
-@counted
 def whoami(request):
     return np.array([os.getpid()], dtype=np.int64)
 
 
 @app.model("seen", outputs=[("count", "INT64", [1])])
 def seen(request):
-    with _lock:
-        return np.array([next(_count)], dtype=np.int64)
+    with app._lock:
+        return np.array([app.reached], dtype=np.int64)
 
 
 @app.model("slow", inputs=[("seconds", "FP64", [1])], outputs=[("seconds", "FP64", [1])])
-@counted
 def slow(request):
     seconds = float(request["seconds"][0])
     time.sleep(seconds)
@@ -53,13 +53,11 @@ def slow(request):
 
 
 @app.model("fail", inputs=[("x", "BYTES", [-1])])
-@counted
 def fail(request):
     raise ValueError("boom: %s" % request["x"][0].decode())
 
 
 @app.model("reject", inputs=[("x", "INT32", [-1])])
-@counted
 def reject(request):
     """Raises InferenceError the way a hurried author might: numeric code,
     an exception as the message."""
@@ -69,7 +67,6 @@ def reject(request):
 
 
 @app.model("big", inputs=[("n", "INT64", [1])], outputs=[("data", "UINT8", [-1])])
-@counted
 def big(request):
     return np.zeros(int(request["n"][0]), dtype=np.uint8)
 

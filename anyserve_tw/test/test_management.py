@@ -1,0 +1,45 @@
+"""Tests for anyserve_tw.management: malformed registrations are refused with
+INVALID_ARGUMENT in the gRPC thread, before anything reaches the router."""
+import grpc
+from twisted.trial.unittest import SynchronousTestCase
+
+from anyserve_tw import protos
+from anyserve_tw.management import ManagementServicer
+
+_m = protos.management
+
+
+class Aborted(Exception):
+    pass
+
+
+class AbortingContext:
+    """grpc's context.abort raises; so does this one."""
+
+    def abort(self, code, message):
+        raise Aborted(code, message)
+
+
+class UnusedBridge:
+    def call_for_rpc(self, *args):
+        raise AssertionError("a malformed registration reached the router")
+
+
+class RegisterModelValidationTests(SynchronousTestCase):
+    def status(self, **fields):
+        request = _m.RegisterModelRequest(**fields)
+        servicer = ManagementServicer(UnusedBridge(), router=None)
+        with self.assertRaises(Aborted) as caught:
+            servicer.RegisterModel(request, AbortingContext())
+        return caught.exception.args
+
+    def test_malformed_registrations(self):
+        good = dict(model_name="add", worker_id="w1", worker_address="unix:///tmp/w.sock")
+        cases = [
+            (dict(good, model_name=""), "model_name is required"),
+            (dict(good, worker_id=""), "worker_id is required"),
+            (dict(good, inputs=[_m.TensorSpec(name="", datatype="INT32")]), "input tensor without a name"),
+            (dict(good, outputs=[_m.TensorSpec(name="y", datatype="INT33")]), "output 'y': unknown datatype 'INT33'"),
+        ]
+        for fields, message in cases:
+            self.assertEqual(self.status(**fields), (grpc.StatusCode.INVALID_ARGUMENT, message))

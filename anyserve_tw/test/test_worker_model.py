@@ -1,0 +1,55 @@
+"""Tests for anyserve_tw.worker.model: request bytes to handler arguments and
+handler results to response bytes, without copying raw tensors."""
+import numpy as np
+from twisted.trial.unittest import SynchronousTestCase
+
+from anyserve_tw import protos
+from anyserve_tw.worker.model import Model
+
+_v2 = protos.inference
+
+
+def add_request(a, b, **fields):
+    request = _v2.ModelInferRequest(model_name="add", **fields)
+    for name, array in (("a", a), ("b", b)):
+        request.inputs.add(name=name, datatype="INT32", shape=list(array.shape))
+        request.raw_input_contents.append(array.astype("<i4").tobytes())
+    return request.SerializeToString()
+
+
+def add_model():
+    return Model(lambda request: {"sum": request["a"] + request["b"]}, "add",
+                 inputs=[("a", "INT32", [-1]), ("b", "INT32", [-1])],
+                 outputs=[("sum", "INT32", [-1])])
+
+
+class DecodeTests(SynchronousTestCase):
+    def test_raw_inputs_are_views_of_the_frame(self):
+        """README: the handler sees a raw tensor through np.frombuffer on the
+        frame's bytes, without a copy (and so cannot write to it)."""
+        a, b = np.arange(1000, dtype=np.int32), np.ones(1000, dtype=np.int32)
+        payload = add_request(a, b, id="r7")
+        request = add_model().decode(payload)
+        frame = np.frombuffer(payload, dtype=np.uint8)
+        for name, expected in (("a", a), ("b", b)):
+            array = request[name]
+            np.testing.assert_array_equal(array, expected)
+            self.assertTrue(np.shares_memory(array, frame), name)
+            self.assertFalse(array.flags.writeable)
+        self.assertEqual(request.id, "r7")
+
+
+class EncodeTests(SynchronousTestCase):
+    def test_raw_outputs_parse_back(self):
+        """Outputs appended as raw bytes behind the serialized response read
+        back with protobuf like any other response."""
+        model = add_model()
+        a = np.arange(5, dtype=np.int32)
+        request = model.decode(add_request(a, a, id="x"))
+        response = _v2.ModelInferResponse.FromString(
+            model.encode(request, model.handler(request)))
+        self.assertEqual((response.model_name, response.id), ("add", "x"))
+        self.assertEqual([(o.name, o.datatype, list(o.shape)) for o in response.outputs],
+                         [("sum", "INT32", [5])])
+        np.testing.assert_array_equal(
+            np.frombuffer(response.raw_output_contents[0], dtype="<i4"), 2 * a)
