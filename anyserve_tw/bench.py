@@ -253,10 +253,17 @@ def free_port():
 class Server:
     """A server started in its own session so the whole tree can be stopped."""
 
-    def __init__(self, label, argv, port, logdir, cwd, env=None):
+    def __init__(self, label, argv, port, logdir, extra_env=None):
+        """Start ``argv`` in a scratch cwd of its own (for pidfiles), its output
+        in ``<label>.log``, with ``extra_env`` added to our environment."""
         self.label = label
         self.argv = argv
         self.port = port
+        print("starting:", " ".join(["%s=%s" % kv for kv in (extra_env or {}).items()] + argv),
+              flush=True)
+        cwd = os.path.join(logdir, label + "-cwd")
+        os.makedirs(cwd, exist_ok=True)
+        env = dict(os.environ, **extra_env) if extra_env else None
         self.log_path = os.path.join(logdir, label + ".log")
         self._log = open(self.log_path, "wb")
         self.proc = subprocess.Popen(
@@ -358,36 +365,26 @@ class Server:
 
 
 def start_anyserve(args, logdir):
-    """``twistd -n anyserve`` with one worker, in a scratch cwd for its pidfile."""
+    """``twistd -n anyserve`` with one worker."""
     port, mgmt = free_port(), free_port()
     argv = [args.twistd, "-n", "anyserve", "--port", str(port),
             "--mgmt", str(mgmt), "--worker", args.worker_script]
-    print("starting:", " ".join(argv), flush=True)
-    cwd = os.path.join(logdir, "anyserve-cwd")
-    os.makedirs(cwd, exist_ok=True)
-    return Server("anyserve", argv, port, logdir, cwd)
+    return Server("anyserve", argv, port, logdir)
 
 
 def start_floor(args, logdir):
     """The ingress's gRPC front with ``add`` inline (see anyserve_tw.benchfloor)."""
     port = free_port()
     argv = [sys.executable, "-m", "anyserve_tw.benchfloor", str(port)]
-    print("starting:", " ".join(argv), flush=True)
-    cwd = os.path.join(logdir, "floor-cwd")
-    os.makedirs(cwd, exist_ok=True)
-    return Server("floor", argv, port, logdir, cwd)
+    return Server("floor", argv, port, logdir)
 
 
 def start_kserve(args, logdir):
     """The KServe peer, usually from its own venv (kserve pins heavy deps)."""
     port, http = free_port(), free_port()
     argv = [args.peer_python, args.peer_script, str(port), str(http)]
-    print("starting:", " ".join(args.peer_env + argv), flush=True)
-    cwd = os.path.join(logdir, "kserve-cwd")
-    os.makedirs(cwd, exist_ok=True)
-    env = dict(os.environ)
-    env.update(item.split("=", 1) for item in args.peer_env)
-    return Server("kserve", argv, port, logdir, cwd, env)
+    extra = dict(item.split("=", 1) for item in args.peer_env)
+    return Server("kserve", argv, port, logdir, extra)
 
 
 # --------------------------------------------------------------------------
