@@ -12,13 +12,15 @@ from twisted.trial.unittest import SynchronousTestCase
 from anyserve_tw import framing
 from anyserve_tw.errors import InferenceError
 from anyserve_tw.router import Router
-from anyserve_tw.test.test_workerpool import FakeWorkerLink, accept_pending, fail_attempt, frame
+from anyserve_tw.test.test_workerpool import (
+    FailsWithMixin, FakeWorkerLink, accept_pending, fail_attempt, frame,
+)
 
 INPUTS = [("INPUT0", "FP32", (1, 4))]
 OUTPUTS = [("OUTPUT0", "FP32", (1, 4))]
 
 
-class RouterTests(SynchronousTestCase):
+class RouterTests(FailsWithMixin, SynchronousTestCase):
     def setUp(self):
         self.reactor = MemoryReactorClock()
         self.router = Router(self.reactor, pool_size=2, heartbeat_timeout=10.0, connect_timeout=3.0)
@@ -37,11 +39,6 @@ class RouterTests(SynchronousTestCase):
         links = self.accept()
         self.assertIs(self.successResultOf(d), True)
         return links
-
-    def assertFailsWith(self, d, code):
-        failure = self.failureResultOf(d, InferenceError)
-        self.assertEqual(failure.value.code, code)
-        return failure.value
 
     def assertNoFrames(self, links):
         self.assertEqual([link.transport.value() for link in links], [b""] * len(links))

@@ -14,6 +14,7 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from anyserve_tw import framing
 from anyserve_tw.errors import InferenceError
+from anyserve_tw.test.test_framing import frame
 from anyserve_tw.workerpool import WorkerConnection, WorkerHandle, endpoint_for
 
 
@@ -54,10 +55,6 @@ class ClosingTransport(StringTransport):
         self.connected = False
         self.lost_scheduled = True
         self.protocol.connectionLost(Failure(error.ConnectionDone()))
-
-
-def frame(kind, request_id, payload=b"", aux=0):
-    return framing.encode_header(kind, request_id, len(payload), aux) + payload
 
 
 def written_frames(transport):
@@ -114,7 +111,15 @@ class FakeHandle:
 # -- WorkerConnection -----------------------------------------------------------
 
 
-class WorkerConnectionTests(SynchronousTestCase):
+class FailsWithMixin:
+    def assertFailsWith(self, d, code):
+        """``d`` has failed with an InferenceError of ``code``; return it."""
+        failure = self.failureResultOf(d, InferenceError)
+        self.assertEqual(failure.value.code, code)
+        return failure.value
+
+
+class WorkerConnectionTests(FailsWithMixin, SynchronousTestCase):
     def connection(self, max_payload=framing.DEFAULT_MAX_PAYLOAD):
         self.clock = MemoryReactorClock()
         self.handle = FakeHandle()
@@ -123,11 +128,6 @@ class WorkerConnectionTests(SynchronousTestCase):
         self.transport.protocol = conn
         conn.makeConnection(self.transport)
         return conn
-
-    def assertFailsWith(self, d, code):
-        failure = self.failureResultOf(d, InferenceError)
-        self.assertEqual(failure.value.code, code)
-        return failure.value
 
     def test_forward_writes_request_frames(self):
         conn = self.connection()
@@ -258,7 +258,7 @@ class WorkerConnectionTests(SynchronousTestCase):
 # -- WorkerHandle ---------------------------------------------------------------
 
 
-class WorkerHandleTests(SynchronousTestCase):
+class WorkerHandleTests(FailsWithMixin, SynchronousTestCase):
     address = "unix:///tmp/anyserve-test-w1.sock"
 
     def setUp(self):
@@ -275,11 +275,6 @@ class WorkerHandleTests(SynchronousTestCase):
         links = accept_pending(self.reactor, 0)
         self.assertIs(self.successResultOf(d), handle)
         return handle, links
-
-    def assertFailsWith(self, d, code):
-        failure = self.failureResultOf(d, InferenceError)
-        self.assertEqual(failure.value.code, code)
-        return failure.value
 
     def test_connect_opens_pool_and_fires_when_all_up(self):
         handle = self.handle(pool_size=3, connect_timeout=7)
