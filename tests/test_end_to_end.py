@@ -40,6 +40,12 @@ class IngressTestCase(SynchronousTestCase):
         self.ingress.wait_ready(*self.ready)
         self.client = self.ingress.client()
 
+    def start_worker(self, script, socket_name):
+        """A worker started on its own (not supervised) next to this ingress."""
+        worker = Worker(script, self.ingress.mgmt_address, os.path.join(self.ingress.tmp, socket_name))
+        self.addCleanup(worker.stop, signal.SIGKILL)
+        return worker
+
     def add(self, a, b, **kwargs):
         result = self.client.infer("add", infer_inputs(a=a, b=b), **kwargs)
         return result.as_numpy("sum")
@@ -322,17 +328,13 @@ class SharedModelTests(IngressTestCase):
         )
 
 
-class StandaloneWorkerTests(SynchronousTestCase):
+class StandaloneWorkerTests(IngressTestCase):
     def test_standalone_worker_registers_and_unregisters(self):
         """``python examples/kserve_server.py`` next to a running ingress."""
-        ingress = Ingress()
-        self.addCleanup(ingress.cleanup)
-        ingress.wait_ready()
-        socket_path = os.path.join(ingress.tmp, "w.sock")
-        worker = Worker(KSERVE_SERVER, ingress.mgmt_address, socket_path)
-        self.addCleanup(worker.stop, signal.SIGKILL)
+        ingress, client = self.ingress, self.client
+        worker = self.start_worker(KSERVE_SERVER, "w.sock")
+        socket_path = worker.socket_path
         ingress.wait_ready("add", "echo")
-        client = ingress.client()
         a = np.arange(4, dtype=np.int32)
         np.testing.assert_array_equal(
             client.infer("add", infer_inputs(a=a, b=a)).as_numpy("sum"), 2 * a)
@@ -348,16 +350,15 @@ class StandaloneWorkerTests(SynchronousTestCase):
         self.assertEqual(code, "StatusCode.UNAVAILABLE")
 
 
-class WorkerDrainTests(SynchronousTestCase):
+class WorkerDrainTests(IngressTestCase):
+    args = ("--heartbeat-timeout", "1")
+
     def test_worker_drains_on_sigterm_while_heartbeating(self):
         """A worker told to stop withdraws its models at once but finishes the
         request in flight, heartbeating meanwhile, so the ingress (heartbeat
         timeout 1 s) does not evict it half way."""
-        ingress = Ingress(args=("--heartbeat-timeout", "1"))
-        self.addCleanup(ingress.cleanup)
-        ingress.wait_ready()
-        worker = Worker(PROBE_SERVER, ingress.mgmt_address, os.path.join(ingress.tmp, "p.sock"))
-        self.addCleanup(worker.stop, signal.SIGKILL)
+        ingress = self.ingress
+        worker = self.start_worker(PROBE_SERVER, "p.sock")
         ingress.wait_ready("slow")
         call = BackgroundInfer(ingress.address, "slow", seconds=np.array([3.0]))
         time.sleep(0.5)
@@ -407,13 +408,15 @@ class StartupFailureTests(SynchronousTestCase):
         self.assertEqual(os.listdir(ingress.socket_dir), [])
 
 
-class ShutdownTests(SynchronousTestCase):
+class ShutdownTests(IngressTestCase):
+    workers = (KSERVE_SERVER, PROBE_SERVER)
+    args = ("--grace", "10")
+    ready = ("add", "slow")
+
     def test_sigterm_drains_and_cleans_up(self):
         """SIGTERM: the request in flight finishes, new ones are refused, every
         worker process exits, no socket file is left."""
-        ingress = Ingress((KSERVE_SERVER, PROBE_SERVER), args=("--grace", "10"))
-        self.addCleanup(ingress.cleanup)
-        ingress.wait_ready("add", "slow")
+        ingress = self.ingress
         workers = ingress.worker_pids()
         self.assertEqual(len(workers), 2)
         self.assertEqual(len(os.listdir(ingress.socket_dir)), 2)
