@@ -16,6 +16,10 @@ tunable in ``GLIBC_TUNABLES``) are left alone, as is any libc without
 import ctypes
 import os
 
+from twisted.logger import Logger
+
+log = Logger()
+
 # mallopt() parameters, from glibc's <malloc.h>.
 M_TRIM_THRESHOLD = -1
 M_MMAP_THRESHOLD = -3
@@ -45,5 +49,9 @@ def keep_freed_memory(environ=None, mmap_threshold=MMAP_THRESHOLD,
         return False
     mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
     mallopt.restype = ctypes.c_int
-    return bool(mallopt(M_MMAP_THRESHOLD, mmap_threshold)
-                and mallopt(M_TRIM_THRESHOLD, trim_threshold))
+    taken = bool(mallopt(M_MMAP_THRESHOLD, mmap_threshold)
+                 and mallopt(M_TRIM_THRESHOLD, trim_threshold))
+    if taken:
+        log.info("malloc keeps freed buffers (mmap threshold {mmap} bytes, trim threshold {trim})",
+                 mmap=mmap_threshold, trim=trim_threshold)
+    return taken

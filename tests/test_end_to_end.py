@@ -60,6 +60,31 @@ class ExampleModelsTests(IngressTestCase):
     workers = (KSERVE_SERVER, CLASSIFIER_SERVER)
     ready = ("add", "echo", ("cls", "v1"), ("cls", "v2"))
 
+    def test_example_client(self):
+        """README's ``python examples/client.py`` reaches every example model."""
+        import subprocess
+        import sys
+
+        from tests.harness import EXAMPLES
+
+        out = subprocess.run([sys.executable, os.path.join(EXAMPLES, "client.py"), "--url", self.ingress.address],
+                             check=True, capture_output=True, text=True, timeout=60).stdout
+        self.assertIn("server live: True ready: True", out)
+        self.assertIn("add: [100 101 102", out)
+        self.assertIn("echo: [b'hello' b'world']", out)
+        for line in ("cls v1 -> version v1:", "cls v2 -> version v2:", "cls (default) -> version v2:",
+                     "no-such-model: StatusCode.NOT_FOUND"):
+            self.assertIn(line, out)
+        # The two versions answer differently, as the seed's picture has it.
+        labels = {line.split(":", 1)[0]: line.split(":", 1)[1] for line in out.splitlines()}
+        self.assertNotEqual(labels["cls v1 -> version v1"], labels["cls v2 -> version v2"])
+
+    def test_ingress_and_workers_keep_freed_memory(self):
+        """README "Memory": the ingress and each worker apply the malloc settings."""
+        lines = [l for l in self.ingress.log().splitlines() if "malloc keeps freed buffers" in l]
+        self.assertEqual(len(lines), 3, lines)  # the ingress and its two workers
+        self.assertEqual(len([l for l in lines if "[kserve_server-0]" in l or "[classifier_server-0]" in l]), 2)
+
     def test_server_rpcs(self):
         self.assertTrue(self.client.is_server_live())
         self.assertTrue(self.client.is_server_ready())

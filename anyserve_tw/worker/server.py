@@ -31,7 +31,7 @@ from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 
 from anyserve_tw import framing, protos, rpc
-from anyserve_tw.allocator import MMAP_THRESHOLD, keep_freed_memory
+from anyserve_tw.allocator import keep_freed_memory
 from anyserve_tw.errors import InferenceError, as_inference_error
 from anyserve_tw.grpcserver import channel_options
 from anyserve_tw.services import SequentialMultiService
@@ -404,8 +404,7 @@ def run(app, ingress=None, socket_path=None, worker_id=None, threads=None, heart
     heartbeat_interval = heartbeat_interval or float(env.get("ANYSERVE_HEARTBEAT_INTERVAL", "2.0"))
 
     globalLogBeginner.beginLoggingTo([log_observer(sys.stderr, env)])
-    if keep_freed_memory():
-        log.info("malloc keeps freed buffers (mmap threshold {size} bytes)", size=MMAP_THRESHOLD)
+    keep_freed_memory()
     max_payload = int(env.get("ANYSERVE_MAX_MESSAGE_SIZE", framing.DEFAULT_MAX_PAYLOAD))
     top = make_worker_service(reactor, app, ingress, socket_path, worker_id, threads,
                               heartbeat_interval, max_payload)
