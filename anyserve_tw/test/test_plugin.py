@@ -137,3 +137,30 @@ class OptionsTests(SynchronousTestCase):
     def test_unknown_option(self):
         """Unknown options are rejected."""
         self.assertRaises(usage.UsageError, self.parse, "--no-such-option")
+
+
+class ServiceTreeTests(SynchronousTestCase):
+    """What makeService builds from the options (nothing is started)."""
+
+    def make(self, *args):
+        from anyserve_tw.tap import Options, makeService
+
+        options = Options()
+        options.parseOptions(list(args))
+        return makeService(options)
+
+    def test_supervised_heartbeat_interval(self):
+        """README: supervised workers beat every min(2, timeout / 4) seconds, so
+        a worker is never evicted for beating at its own pace."""
+        for timeout, interval in (("6", 1.5), ("20", 2.0), ("1", 0.25)):
+            supervisor = self.make("--worker", "w.py", "--heartbeat-timeout", timeout).getServiceNamed("workers")
+            self.assertEqual(supervisor.heartbeat_interval, interval)
+
+    def test_supervisor_passes_the_ingress_settings(self):
+        supervisor = self.make("--worker", "w.py", "--mgmt", "9100", "--mgmt-host", "0.0.0.0",
+                               "--max-message-size", "12345").getServiceNamed("workers")
+        self.assertEqual(supervisor.ingress_address, "127.0.0.1:9100")  # reachable, not 0.0.0.0
+        self.assertEqual(supervisor.max_message_size, 12345)
+
+    def test_no_workers_no_supervisor(self):
+        self.assertEqual(sorted(s.name for s in self.make()), ["inference", "management", "router"])
