@@ -5,17 +5,9 @@ import numpy as np
 from twisted.trial.unittest import SynchronousTestCase
 
 from anyserve_tw import benchfloor, protos
+from anyserve_tw.test.test_management import Aborted, AbortingContext
 
 _v2 = protos.inference
-
-
-class Aborted(Exception):
-    pass
-
-
-class FakeContext:
-    def abort(self, code, message):
-        raise Aborted(code, message)
 
 
 class ModelInferTests(SynchronousTestCase):
@@ -30,7 +22,7 @@ class ModelInferTests(SynchronousTestCase):
         a = np.arange(16, dtype=np.int32)
         b = np.arange(16, dtype=np.int32) * 7 - 3
         response = _v2.ModelInferResponse.FromString(
-            benchfloor.model_infer(self.request(a, b), FakeContext()))
+            benchfloor.model_infer(self.request(a, b), AbortingContext()))
         self.assertEqual((response.model_name, response.id), ("add", "r1"))
         self.assertEqual([(o.name, o.datatype, list(o.shape)) for o in response.outputs],
                          [("sum", "INT32", [16])])
@@ -39,7 +31,7 @@ class ModelInferTests(SynchronousTestCase):
 
     def test_one_input_is_invalid(self):
         with self.assertRaises(Aborted) as caught:
-            benchfloor.model_infer(self.request(np.zeros(4, np.int32)), FakeContext())
+            benchfloor.model_infer(self.request(np.zeros(4, np.int32)), AbortingContext())
         self.assertEqual(caught.exception.args[0], grpc.StatusCode.INVALID_ARGUMENT)
 
     def test_ready_only_for_add(self):
