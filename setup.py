@@ -62,6 +62,8 @@ setup(
     packages=[
         "anyserve_tw",
         "anyserve_tw._generated",
+        "anyserve_tw.ingress",
+        "anyserve_tw.wire",
         "anyserve_tw.worker",
         "anyserve_tw.test",
         "twisted.plugins",
@@ -86,8 +88,5 @@ setup(
         # (offline), so the build requirements of pyproject.toml come along.
         "test": ["tritonclient[grpc]>=2.40", "setuptools>=68", "wheel", "grpcio-tools>=1.60"],
         "bench": ["kserve"],
-    },
-    entry_points={
-        "console_scripts": ["anyserve-bench = anyserve_tw.bench:main"],
     },
 )

@@ -1,6 +1,6 @@
 """AnyServe: KServe v2 gRPC model serving with Python workers, on Twisted.
 
-The ingress (``twistd anyserve``) lives in :mod:`anyserve_tw.tap`; model
+The ingress (``twistd anyserve``) lives in :mod:`anyserve_tw.ingress.tap`; model
 authors only need :class:`anyserve_tw.worker.AnyServe`, re-exported here
 lazily so that importing the package stays cheap for twistd.
 """

@@ -1,4 +1,4 @@
-"""Tests for anyserve_tw.bridge (run_bounded, ReactorBridge) and the failure-to-status mapping it uses."""
+"""Tests for anyserve_tw.ingress.bridge (run_bounded, ReactorBridge) and the failure-to-status mapping it uses."""
 import queue
 import threading
 import time
@@ -9,9 +9,9 @@ from twisted.internet.task import Clock
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
-from anyserve_tw.bridge import ReactorBridge, run_bounded
-from anyserve_tw.errors import as_inference_error
-from anyserve_tw.errors import InferenceError
+from anyserve_tw.ingress.bridge import ReactorBridge, run_bounded
+from anyserve_tw.wire.errors import as_inference_error
+from anyserve_tw.wire.errors import InferenceError
 
 WAIT = 10  # seconds: a bound on waits for the other thread, never reached when all is well
 

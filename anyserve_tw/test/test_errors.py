@@ -2,7 +2,7 @@
 import grpc
 from twisted.trial.unittest import SynchronousTestCase
 
-from anyserve_tw.errors import InferenceError, status_from_number
+from anyserve_tw.wire.errors import InferenceError, status_from_number
 
 
 class InferenceErrorTests(SynchronousTestCase):

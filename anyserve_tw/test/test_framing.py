@@ -1,4 +1,4 @@
-"""Tests for anyserve_tw.framing: the ingress <-> worker frame format."""
+"""Tests for anyserve_tw.wire.framing: the ingress <-> worker frame format."""
 import os
 import socket
 
@@ -9,8 +9,8 @@ from twisted.internet.protocol import Factory
 from twisted.internet.testing import StringTransport
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-from anyserve_tw import framing
-from anyserve_tw.framing import (
+from anyserve_tw.wire import defaults, framing
+from anyserve_tw.wire.framing import (
     CANCEL,
     ERROR,
     HEADER_SIZE,
@@ -256,6 +256,7 @@ class OversizeTests(SynchronousTestCase):
         """The default cap is 64 MiB."""
         self.assertEqual(FrameDecoder().max_payload, 64 * 1024 * 1024)
         self.assertEqual(framing.DEFAULT_MAX_PAYLOAD, 64 * 1024 * 1024)
+        self.assertEqual(defaults.MAX_MESSAGE_SIZE, 64 * 1024 * 1024)
 
 
 class RecordingProtocol(FramedProtocol):
@@ -345,7 +346,7 @@ class ReadSizeTests(SynchronousTestCase):
         rest in one read; between frames it goes back to Twisted's 64 KiB."""
         from twisted.internet.testing import StringTransport
 
-        from anyserve_tw.framing import (
+        from anyserve_tw.wire.framing import (
             READ_SIZE, REQUEST, FramedProtocol, encode_header,
         )
 

@@ -1,10 +1,10 @@
-"""Tests for anyserve_tw.management: malformed registrations are refused with
+"""Tests for anyserve_tw.ingress.management: malformed registrations are refused with
 INVALID_ARGUMENT in the gRPC thread, before anything reaches the router."""
 import grpc
 from twisted.trial.unittest import SynchronousTestCase
 
-from anyserve_tw import protos
-from anyserve_tw.management import ManagementServicer
+from anyserve_tw.wire import protos
+from anyserve_tw.ingress.management import ManagementServicer
 
 _m = protos.management
 

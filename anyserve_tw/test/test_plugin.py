@@ -8,7 +8,7 @@ from twisted.plugin import getPlugins
 from twisted.python import usage
 from twisted.trial.unittest import SynchronousTestCase
 
-from anyserve_tw import framing
+from anyserve_tw.wire import defaults, framing
 
 
 def anyserve_maker():
@@ -37,8 +37,8 @@ class DiscoveryTests(SynchronousTestCase):
         maker = anyserve_maker()
         self.assertTrue(IServiceMaker.providedBy(maker))
         self.assertTrue(maker.description)
-        self.assertEqual(maker.module, "anyserve_tw.tap")
-        from anyserve_tw import tap
+        self.assertEqual(maker.module, "anyserve_tw.ingress.tap")
+        from anyserve_tw.ingress import tap
 
         self.assertIs(maker.options, tap.Options)
 
@@ -48,7 +48,7 @@ class DiscoveryTests(SynchronousTestCase):
             "import sys\n"
             "import twisted.plugins.anyserve_plugin\n"
             "print('grpc' in sys.modules, 'numpy' in sys.modules,"
-            " 'anyserve_tw.tap' in sys.modules)\n"
+            " 'anyserve_tw.ingress.tap' in sys.modules)\n"
         )
         self.assertEqual(out, "False False False")
 
@@ -102,7 +102,7 @@ class OptionsTests(SynchronousTestCase):
         self.assertEqual(options["workers"], 1)
         self.assertEqual(options["worker"], [])
         self.assertEqual(options["mgmt-host"], "127.0.0.1")
-        self.assertEqual(options["max-message-size"], framing.DEFAULT_MAX_PAYLOAD)
+        self.assertEqual(options["max-message-size"], defaults.MAX_MESSAGE_SIZE)
         self.assertIsNone(options["socket-dir"])
         # The rest of README's option table, as written there.
         self.assertEqual(
@@ -143,7 +143,7 @@ class ServiceTreeTests(SynchronousTestCase):
     """What makeService builds from the options (nothing is started)."""
 
     def make(self, *args):
-        from anyserve_tw.tap import Options, makeService
+        from anyserve_tw.ingress.tap import Options, makeService
 
         options = Options()
         options.parseOptions(list(args))

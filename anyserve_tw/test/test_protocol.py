@@ -1,5 +1,5 @@
-"""Tests for anyserve_tw.protos (our messages match KServe v2 / tritonclient)
-and anyserve_tw.rpc (method tables built from the descriptor pool)."""
+"""Tests for anyserve_tw.wire.protos (our messages match KServe v2 / tritonclient)
+and anyserve_tw.wire.rpc (method tables built from the descriptor pool)."""
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -10,7 +10,7 @@ from tritonclient.grpc import service_pb2 as triton
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from anyserve_tw import protos, rpc
+from anyserve_tw.wire import protos, rpc
 
 TRITON_POOL = triton.DESCRIPTOR.pool
 
@@ -136,12 +136,12 @@ class MessageCompatibilityTests(SynchronousTestCase):
     def test_both_importable_in_either_order(self):
         """No "duplicate symbol": tritonclient and our protos load together."""
         for first, second in (
-            ("tritonclient.grpc.service_pb2", "anyserve_tw.protos"),
-            ("anyserve_tw.protos", "tritonclient.grpc"),
+            ("tritonclient.grpc.service_pb2", "anyserve_tw.wire.protos"),
+            ("anyserve_tw.wire.protos", "tritonclient.grpc"),
         ):
             code = (
                 "import importlib; importlib.import_module(%r); importlib.import_module(%r);"
-                "from anyserve_tw import protos, rpc;"
+                "from anyserve_tw.wire import protos, rpc;"
                 "from tritonclient.grpc import service_pb2;"
                 "print(protos.inference.ModelInferRequest(model_name='x').SerializeToString()"
                 " == service_pb2.ModelInferRequest(model_name='x').SerializeToString())"

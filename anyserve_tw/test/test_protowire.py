@@ -1,13 +1,13 @@
-"""Tests for peek_request (anyserve_tw.protowire):
+"""Tests for peek_request (anyserve_tw.wire.protowire):
 routing fields without decoding."""
 import grpc
 from tritonclient.grpc import service_pb2 as triton
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from anyserve_tw.errors import InferenceError
-from anyserve_tw.protowire import peek_request
-from anyserve_tw.protos import inference as ours
+from anyserve_tw.wire.errors import InferenceError
+from anyserve_tw.wire.protowire import peek_request
+from anyserve_tw.wire.protos import inference as ours
 
 
 def varint(value):
@@ -228,7 +228,7 @@ class SplitAndAppendTests(SynchronousTestCase):
             tensor = request.inputs.add(name=name, datatype="UINT8")
             tensor.shape.append(3)
         request.raw_input_contents.extend([b"\x01\x02\x03", b"\x04\x05\x06"])
-        from anyserve_tw.protowire import split_raw_inputs
+        from anyserve_tw.wire.protowire import split_raw_inputs
 
         rest, raw = split_raw_inputs(request.SerializeToString())
         self.assertEqual([bytes(r) for r in raw], [b"\x01\x02\x03", b"\x04\x05\x06"])
@@ -239,14 +239,14 @@ class SplitAndAppendTests(SynchronousTestCase):
         self.assertEqual(parsed.id, "7")
 
     def test_split_malformed_is_invalid_argument(self):
-        from anyserve_tw.protowire import split_raw_inputs
+        from anyserve_tw.wire.protowire import split_raw_inputs
 
         with self.assertRaises(InferenceError) as caught:
             split_raw_inputs(b"\x3a\x10abc")
         self.assertEqual(caught.exception.code, grpc.StatusCode.INVALID_ARGUMENT)
 
     def test_append_raw_outputs_parses_as_the_field(self):
-        from anyserve_tw.protowire import append_raw_outputs
+        from anyserve_tw.wire.protowire import append_raw_outputs
 
         head = ours.ModelInferResponse(model_name="m").SerializeToString()
         big = bytes(range(256)) * 1000  # length needs a multi-byte varint

@@ -1,10 +1,11 @@
-"""Tests for anyserve_tw.registry: which workers serve which (model, version)."""
+"""Tests for anyserve_tw.ingress.registry: which workers serve which (model, version)."""
 import grpc
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from anyserve_tw.errors import InferenceError
-from anyserve_tw.registry import ModelRegistry, natural_key
+from anyserve_tw.wire.errors import InferenceError
+from anyserve_tw.ingress.registry import ModelRegistry
+from anyserve_tw.wire.defaults import natural_key
 
 
 class FakeWorker:

@@ -1,4 +1,4 @@
-"""Tests for anyserve_tw.router.Router, on a MemoryReactorClock.
+"""Tests for anyserve_tw.ingress.router.Router, on a MemoryReactorClock.
 
 Worker connections are completed by hand (see FakeWorkerLink): every
 connectUNIX the router's worker handles make is recorded by the fake reactor,
@@ -9,10 +9,10 @@ from twisted.internet.defer import maybeDeferred
 from twisted.internet.testing import MemoryReactorClock
 from twisted.trial.unittest import SynchronousTestCase
 
-from anyserve_tw import framing
-from anyserve_tw.errors import InferenceError
-from anyserve_tw.router import Router
-from anyserve_tw.test.test_workerpool import (
+from anyserve_tw.wire import framing
+from anyserve_tw.wire.errors import InferenceError
+from anyserve_tw.ingress.router import Router
+from anyserve_tw.test.test_workerlink import (
     FailsWithMixin, FakeWorkerLink, accept_pending, fail_attempt, frame,
 )
 

@@ -1,4 +1,4 @@
-"""Tests for anyserve_tw.tensors, the worker's Model.decode/encode and
+"""Tests for anyserve_tw.worker.tensors, the worker's Model.decode/encode and
 AnyServe.route/handle: request bytes in, handler arguments, response bytes out."""
 import grpc
 import numpy as np
@@ -8,8 +8,9 @@ from tritonclient.grpc import service_pb2 as triton
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from anyserve_tw import protos, tensors
-from anyserve_tw.errors import InferenceError
+from anyserve_tw.wire import protos
+from anyserve_tw.worker import tensors
+from anyserve_tw.wire.errors import InferenceError
 from anyserve_tw.worker.app import AnyServe
 from anyserve_tw.worker.model import InferResponse, Model, TensorSpec
 

@@ -3,7 +3,7 @@ handler results to response bytes, without copying raw tensors."""
 import numpy as np
 from twisted.trial.unittest import SynchronousTestCase
 
-from anyserve_tw import protos
+from anyserve_tw.wire import protos
 from anyserve_tw.worker.model import Model
 
 _v2 = protos.inference

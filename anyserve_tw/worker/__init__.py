@@ -1,5 +1,5 @@
 """The worker SDK: write handlers, ``app.run()`` serves them to an ingress."""
-from anyserve_tw.errors import InferenceError
+from anyserve_tw.wire.errors import InferenceError
 from anyserve_tw.worker.app import AnyServe
 from anyserve_tw.worker.model import InferInput, InferRequest, InferResponse, TensorSpec
 

@@ -1,9 +1,9 @@
 """The model author's API: ``app = AnyServe()``, ``@app.model(...)``, ``app.run()``."""
 import grpc
 
-from anyserve_tw.errors import InferenceError, not_found
-from anyserve_tw.protowire import peek_request
-from anyserve_tw.registry import default_version
+from anyserve_tw.wire.errors import InferenceError, not_found
+from anyserve_tw.wire.protowire import peek_request
+from anyserve_tw.wire.defaults import default_version
 from anyserve_tw.worker.model import Model
 
 

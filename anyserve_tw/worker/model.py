@@ -7,8 +7,9 @@ from collections import namedtuple
 import grpc
 import numpy as np
 
-from anyserve_tw import protos, protowire, tensors
-from anyserve_tw.errors import InferenceError, invalid_argument
+from anyserve_tw.wire import protos, protowire
+from anyserve_tw.worker import tensors
+from anyserve_tw.wire.errors import InferenceError, invalid_argument
 
 _v2 = protos.inference
 

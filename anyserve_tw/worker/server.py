@@ -30,11 +30,11 @@ from twisted.logger import FileLogObserver, Logger, eventAsText, textFileLogObse
 from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 
-from anyserve_tw import framing, protos, rpc
 from anyserve_tw.allocator import keep_freed_memory
-from anyserve_tw.errors import InferenceError, as_inference_error
-from anyserve_tw.grpcserver import channel_options
-from anyserve_tw.services import SequentialMultiService
+from anyserve_tw.wire import defaults, framing, protos, rpc
+from anyserve_tw.wire.errors import InferenceError, as_inference_error
+from anyserve_tw.wire.rpc import channel_options
+from anyserve_tw.servicetree import SequentialMultiService
 from anyserve_tw.worker.app import handler_error
 
 log = Logger()
@@ -82,7 +82,7 @@ class ModelServer(Service):
     """Serves an app's models on a Unix socket."""
 
     def __init__(self, reactor, app, socket_path, threads=4,
-                 max_payload=framing.DEFAULT_MAX_PAYLOAD, grace=10.0):
+                 max_payload=defaults.MAX_MESSAGE_SIZE, grace=10.0):
         self.reactor = reactor
         self.app = app
         self.socket_path = socket_path
@@ -357,7 +357,7 @@ class Withdrawal(Service):
 
 
 def make_worker_service(reactor, app, ingress, socket_path, worker_id, threads=4,
-                        heartbeat_interval=2.0, max_payload=framing.DEFAULT_MAX_PAYLOAD):
+                        heartbeat_interval=2.0, max_payload=defaults.MAX_MESSAGE_SIZE):
     """The worker's service tree: serve, then register.  Shutdown withdraws the
     models, drains the requests in flight (heartbeats going on), then stops."""
     top = SequentialMultiService(stop_order=["withdrawal", "models", "registration"])
@@ -382,7 +382,7 @@ def _untimed_log_line(event):
 def log_observer(out, environ):
     """Where the worker logs: timestamped lines on its own; without a
     timestamp under a supervising ingress, which stamps every line it relays."""
-    if environ.get("ANYSERVE_SUPERVISED"):
+    if environ.get(defaults.ENV_SUPERVISED):
         return FileLogObserver(out, _untimed_log_line)
     return textFileLogObserver(out)
 
@@ -396,16 +396,17 @@ def run(app, ingress=None, socket_path=None, worker_id=None, threads=None, heart
     from twisted.logger import globalLogBeginner
 
     env = os.environ
-    ingress = ingress or env.get("ANYSERVE_INGRESS", "127.0.0.1:9000")
-    socket_path = socket_path or env.get("ANYSERVE_SOCKET") or "/tmp/anyserve-worker-%s.sock" % uuid.uuid4().hex[:12]
-    worker_id = worker_id or env.get("ANYSERVE_WORKER_ID") or "%s-%d" % (
+    ingress = ingress or env.get(defaults.ENV_INGRESS, defaults.DEFAULT_INGRESS)
+    socket_path = socket_path or env.get(defaults.ENV_SOCKET) or "/tmp/anyserve-worker-%s.sock" % uuid.uuid4().hex[:12]
+    worker_id = worker_id or env.get(defaults.ENV_WORKER_ID) or "%s-%d" % (
         os.path.splitext(os.path.basename(socket_path))[0], os.getpid())
-    threads = threads or int(env.get("ANYSERVE_THREADS", "4"))
-    heartbeat_interval = heartbeat_interval or float(env.get("ANYSERVE_HEARTBEAT_INTERVAL", "2.0"))
+    threads = threads or int(env.get(defaults.ENV_THREADS, defaults.DEFAULT_WORKER_THREADS))
+    heartbeat_interval = heartbeat_interval or float(
+        env.get(defaults.ENV_HEARTBEAT_INTERVAL, defaults.DEFAULT_HEARTBEAT_INTERVAL))
 
     globalLogBeginner.beginLoggingTo([log_observer(sys.stderr, env)])
     keep_freed_memory()
-    max_payload = int(env.get("ANYSERVE_MAX_MESSAGE_SIZE", framing.DEFAULT_MAX_PAYLOAD))
+    max_payload = int(env.get(defaults.ENV_MAX_MESSAGE_SIZE, defaults.MAX_MESSAGE_SIZE))
     top = make_worker_service(reactor, app, ingress, socket_path, worker_id, threads,
                               heartbeat_interval, max_payload)
     exit_code = []
@@ -420,7 +421,7 @@ def run(app, ingress=None, socket_path=None, worker_id=None, threads=None, heart
         d.addCallback(lambda _: top.getServiceNamed("models").listening)
         d.addErrback(failed)
 
-    if env.get("ANYSERVE_SUPERVISED"):
+    if env.get(defaults.ENV_SUPERVISED):
         # A terminal's Ctrl-C reaches the whole process group; a supervised
         # worker leaves SIGINT to its ingress, which stops it with SIGTERM in
         # the right order (after draining).

@@ -7,7 +7,7 @@ from twisted.application.service import ServiceMaker
 
 anyserve = ServiceMaker(
     "AnyServe ingress",
-    "anyserve_tw.tap",
+    "anyserve_tw.ingress.tap",
     "KServe v2 gRPC ingress routing to Python model workers.",
     "anyserve",
 )

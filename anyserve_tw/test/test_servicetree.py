@@ -1,5 +1,5 @@
-"""Tests for anyserve_tw.services.SequentialMultiService and
-anyserve_tw.supervisor.WorkerSupervisor (the latter with real processes)."""
+"""Tests for anyserve_tw.servicetree.SequentialMultiService and
+anyserve_tw.ingress.supervisor.WorkerSupervisor (the latter with real processes)."""
 import json
 import os
 import shutil
@@ -13,8 +13,8 @@ from twisted.internet.defer import Deferred, fail, inlineCallbacks
 from twisted.internet.task import deferLater
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-from anyserve_tw.services import SequentialMultiService
-from anyserve_tw.supervisor import WorkerSupervisor
+from anyserve_tw.servicetree import SequentialMultiService
+from anyserve_tw.ingress.supervisor import WorkerSupervisor
 
 
 class Child(Service):
@@ -269,7 +269,7 @@ class WorkerSupervisorTests(TestCase):
 class StopOrderTests(SynchronousTestCase):
     def test_named_children_stop_first_in_the_given_order(self):
         """The ingress starts workers last but must stop them second."""
-        from anyserve_tw.services import SequentialMultiService
+        from anyserve_tw.servicetree import SequentialMultiService
 
         stopped = []
 
@@ -292,7 +292,7 @@ class SlotNameTests(SynchronousTestCase):
     def test_scripts_sharing_a_file_name_get_distinct_slots(self):
         from twisted.internet.task import Clock
 
-        from anyserve_tw.supervisor import WorkerSupervisor
+        from anyserve_tw.ingress.supervisor import WorkerSupervisor
 
         class FakeReactor(Clock):
             def spawnProcess(self, *args, **kwargs):

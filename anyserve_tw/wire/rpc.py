@@ -1,14 +1,22 @@
 """gRPC method tables built from the descriptor pool, for servers and clients.
 
 ``protoc``'s ``_pb2_grpc`` modules would register their messages in protobuf's
-default pool (see :mod:`anyserve_tw.protos`), so handlers and stubs are built
+default pool (see :mod:`anyserve_tw.wire.protos`), so handlers and stubs are built
 here from the service descriptors instead: the same paths
 (``/inference.GRPCInferenceService/ModelInfer``) and messages on the wire.
 """
 import grpc
 from google.protobuf import message_factory
 
-from anyserve_tw import protos
+from anyserve_tw.wire import protos
+
+
+def channel_options(max_message_size):
+    """Options shared by our servers and clients: the message caps both ways."""
+    return [
+        ("grpc.max_receive_message_length", max_message_size),
+        ("grpc.max_send_message_length", max_message_size),
+    ]
 
 
 def _methods(service_name):

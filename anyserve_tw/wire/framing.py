@@ -29,6 +29,8 @@ from collections import deque
 
 from twisted.internet.protocol import Protocol
 
+from anyserve_tw.wire.defaults import MAX_MESSAGE_SIZE
+
 HEADER = struct.Struct("!IBBHQI")
 HEADER_SIZE = HEADER.size
 
@@ -52,8 +54,8 @@ MAX_READ_SIZE = 4 * 1024 * 1024
 #: ``net.core.wmem_max`` (often 212992: then a 2 MiB frame takes ~5 writes).
 SOCKET_BUFFER = 4 * 1024 * 1024
 
-#: Default cap on one payload: 64 MiB, the same as the gRPC message limit.
-DEFAULT_MAX_PAYLOAD = 64 * 1024 * 1024
+#: Default cap on one payload: the same as the gRPC message limit.
+DEFAULT_MAX_PAYLOAD = MAX_MESSAGE_SIZE
 
 
 def encode_header(kind, request_id, length, aux=0):

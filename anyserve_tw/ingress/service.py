@@ -13,22 +13,23 @@ SIGTERM the inference server first stops taking RPCs and drains the ones in
 flight (the router still forwards them), then the workers are stopped (they
 unregister through the still-running management server), then the rest.
 """
-from anyserve_tw import __version__, framing
-from anyserve_tw.bridge import ReactorBridge
-from anyserve_tw.grpcserver import (
+from anyserve_tw import __version__
+from anyserve_tw.wire import defaults, framing
+from anyserve_tw.ingress.bridge import ReactorBridge
+from anyserve_tw.ingress.grpcserver import (
     DEFAULT_MAX_CONCURRENT_RPCS, DEFAULT_THREADS, GrpcServerService,
 )
-from anyserve_tw.inference import InferenceServicer, inference_handler
-from anyserve_tw.management import ManagementServicer, management_handler
-from anyserve_tw.router import Router
-from anyserve_tw.services import SequentialMultiService
-from anyserve_tw.supervisor import WorkerSupervisor
+from anyserve_tw.ingress.inference import InferenceServicer, inference_handler
+from anyserve_tw.ingress.management import ManagementServicer, management_handler
+from anyserve_tw.ingress.router import Router
+from anyserve_tw.servicetree import SequentialMultiService
+from anyserve_tw.ingress.supervisor import WorkerSupervisor
 
 
 def make_ingress_service(reactor, port=8000, host="0.0.0.0", mgmt_port=9000,
                          mgmt_host="127.0.0.1", worker_scripts=(), copies=1, pool_size=2,
                          heartbeat_timeout=6.0, grace=10.0,
-                         max_message_size=framing.DEFAULT_MAX_PAYLOAD, threads=DEFAULT_THREADS,
+                         max_message_size=defaults.MAX_MESSAGE_SIZE, threads=DEFAULT_THREADS,
                          max_concurrent_rpcs=DEFAULT_MAX_CONCURRENT_RPCS, request_timeout=600.0, socket_dir=None):
     top = SequentialMultiService(stop_order=["inference", "workers", "management", "router"])
     router = Router(reactor, pool_size=pool_size, heartbeat_timeout=heartbeat_timeout,

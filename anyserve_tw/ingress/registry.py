@@ -1,37 +1,17 @@
 """The model registry: which workers serve which (model, version).
 
 Owned by the reactor thread: every read and write happens there (gRPC threads
-reach it through :mod:`anyserve_tw.bridge`), so it needs no lock.
+reach it through :mod:`anyserve_tw.ingress.bridge`), so it needs no lock.
 
 A model stays known after its last worker is gone: it is then *not ready* and
 requests for it get UNAVAILABLE rather than NOT_FOUND, so clients can tell "try
 again" from "no such model".
 
-Default version: a request that names no version goes to the version that was
-registered without one (``""``) if there is one; otherwise to the highest
-version in natural order, where digit runs compare as numbers (``v2 < v10``,
-``2 < 10``).
+Requests naming no version follow :func:`anyserve_tw.wire.defaults.default_version`,
+the rule the workers use too.
 """
-import re
-
-from anyserve_tw.errors import InferenceError, not_found, unavailable
-
-_DIGITS = re.compile(r"(\d+)")
-
-
-def natural_key(version):
-    """Sort key comparing digit runs as numbers: ``v2`` < ``v10``."""
-    return [(1, int(part), "") if part.isdigit() else (0, 0, part) for part in _DIGITS.split(version)]
-
-
-def default_version(name, versions):
-    """The version a request naming none goes to (the rule above); the ingress
-    and the worker both use this, so they always agree.  NOT_FOUND if none."""
-    if not versions:
-        raise not_found(name)
-    if "" in versions:
-        return ""
-    return max(versions, key=natural_key)
+from anyserve_tw.wire.defaults import default_version, natural_key
+from anyserve_tw.wire.errors import InferenceError, not_found, unavailable
 
 
 class ModelVersion:

@@ -12,7 +12,7 @@ from types import SimpleNamespace
 
 from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 
-_DESCRIPTOR_SET = os.path.join(os.path.dirname(__file__), "_generated", "anyserve.desc")
+_DESCRIPTOR_SET = os.path.join(os.path.dirname(os.path.dirname(__file__)), "_generated", "anyserve.desc")
 
 
 def _load_pool(path):

@@ -14,6 +14,8 @@ import tempfile
 from twisted.internet.task import LoopingCall
 from twisted.runner.procmon import ProcessMonitor
 
+from anyserve_tw.wire import defaults
+
 
 class WorkerSupervisor(ProcessMonitor):
     """Runs ``copies`` of each worker script, restarting any that exits."""
@@ -54,16 +56,16 @@ class WorkerSupervisor(ProcessMonitor):
         self.socket_dir = self._socket_dir or tempfile.mkdtemp(prefix="anyserve-")
         for name, script in self.slots():
             env = dict(os.environ)  # ProcessMonitor's default environment is empty
-            env.update(
-                ANYSERVE_INGRESS=self.ingress_address,
-                ANYSERVE_SOCKET=os.path.join(self.socket_dir, name + ".sock"),
-                ANYSERVE_HEARTBEAT_INTERVAL=str(self.heartbeat_interval),
-                ANYSERVE_SUPERVISED="1",
-                PYTHONUNBUFFERED="1",
-            )
+            env.update({
+                defaults.ENV_INGRESS: self.ingress_address,
+                defaults.ENV_SOCKET: os.path.join(self.socket_dir, name + ".sock"),
+                defaults.ENV_HEARTBEAT_INTERVAL: str(self.heartbeat_interval),
+                defaults.ENV_SUPERVISED: "1",
+                "PYTHONUNBUFFERED": "1",
+            })
             if self.max_message_size:
-                env["ANYSERVE_MAX_MESSAGE_SIZE"] = str(self.max_message_size)
-            env.pop("ANYSERVE_WORKER_ID", None)
+                env[defaults.ENV_MAX_MESSAGE_SIZE] = str(self.max_message_size)
+            env.pop(defaults.ENV_WORKER_ID, None)
             self.addProcess(name, [self.python, os.path.abspath(script)], env=env)
 
     def stopService(self):

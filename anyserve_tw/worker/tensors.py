@@ -9,7 +9,7 @@ import struct
 
 import numpy as np
 
-from anyserve_tw.errors import invalid_argument
+from anyserve_tw.wire.errors import invalid_argument
 
 #: v2 datatype -> numpy dtype (little-endian).
 DATATYPES = {

@@ -1,7 +1,7 @@
 """The ingress core: the registry, the worker pools, and heartbeat eviction.
 
 Everything here runs on the reactor thread.  The gRPC servicers call in through
-:class:`anyserve_tw.bridge.ReactorBridge`; nothing here blocks.
+:class:`anyserve_tw.ingress.bridge.ReactorBridge`; nothing here blocks.
 """
 import grpc
 from twisted.application.service import Service
@@ -9,10 +9,10 @@ from twisted.internet.defer import fail
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
-from anyserve_tw import framing
-from anyserve_tw.errors import InferenceError, unavailable
-from anyserve_tw.registry import ModelRegistry
-from anyserve_tw.workerpool import WorkerHandle
+from anyserve_tw.wire import defaults, framing
+from anyserve_tw.wire.errors import InferenceError, unavailable
+from anyserve_tw.ingress.registry import ModelRegistry
+from anyserve_tw.ingress.workerlink import WorkerHandle
 
 
 class Router(Service):
@@ -26,7 +26,7 @@ class Router(Service):
     log = Logger()
 
     def __init__(self, reactor, pool_size=2, heartbeat_timeout=6.0,
-                 max_payload=framing.DEFAULT_MAX_PAYLOAD, connect_timeout=5.0):
+                 max_payload=defaults.MAX_MESSAGE_SIZE, connect_timeout=5.0):
         self.reactor = reactor
         self.registry = ModelRegistry()
         self.workers = {}  # worker_id -> WorkerHandle

@@ -19,7 +19,7 @@ import grpc
 from twisted.internet.defer import maybeDeferred
 from twisted.python.failure import Failure
 
-from anyserve_tw.errors import InferenceError, as_inference_error
+from anyserve_tw.wire.errors import InferenceError, as_inference_error
 
 
 

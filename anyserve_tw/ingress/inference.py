@@ -2,12 +2,12 @@
 
 Everything but ModelInfer is answered from the registry.  ModelInfer is
 handled as raw bytes: the ingress reads the model name and version
-(:func:`anyserve_tw.protowire.peek_request`) and forwards the request untouched;
+(:func:`anyserve_tw.wire.protowire.peek_request`) and forwards the request untouched;
 the worker's response bytes go back to the client untouched.
 """
-from anyserve_tw import protos, rpc
-from anyserve_tw.errors import InferenceError
-from anyserve_tw.protowire import peek_request
+from anyserve_tw.wire import protos, rpc
+from anyserve_tw.wire.errors import InferenceError
+from anyserve_tw.wire.protowire import peek_request
 
 _v2 = protos.inference
 _NO_DEADLINE = 1e9  # seconds; grpcio's "no deadline" is ~9.2e18

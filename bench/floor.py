@@ -1,13 +1,13 @@
 """The bench's floor: the ingress's gRPC front with the model inline.
 
-``python -m anyserve_tw.bench --floor`` starts this beside the ingress.  It is
+``python bench/bench.py --floor`` starts this beside the ingress.  It is
 a grpcio thread-pool server made by the ingress's own ``build_server`` with
 the ingress's defaults and malloc settings, but ModelInfer computes ``add``
 right in the gRPC thread: no reactor bridge, no worker, no second process.  Whatever
 design sits behind a thread-pool grpcio front, it cannot beat this, so the
 floor's req/s is the ceiling of the ingress's design on the machine at hand.
 
-Usage: python -m anyserve_tw.benchfloor PORT
+Usage: python bench/floor.py PORT
 """
 import signal
 import sys
@@ -16,9 +16,9 @@ import threading
 import grpc
 import numpy as np
 
-from anyserve_tw import framing, protos
+from anyserve_tw.wire import defaults, framing, protos
 from anyserve_tw.allocator import keep_freed_memory
-from anyserve_tw.grpcserver import build_server
+from anyserve_tw.ingress.grpcserver import build_server
 
 _v2 = protos.inference
 _INT32 = np.dtype("<i4")  # v2 raw contents are little-endian
@@ -51,7 +51,7 @@ def serve(port):
     }
     server = build_server(
         [grpc.method_handlers_generic_handler(protos.INFERENCE_SERVICE, handlers)],
-        max_message_size=framing.DEFAULT_MAX_PAYLOAD, label="floor")
+        max_message_size=defaults.MAX_MESSAGE_SIZE, label="floor")
     if not server.add_insecure_port("127.0.0.1:%d" % port):
         raise SystemExit("cannot listen on port %d" % port)
     server.start()

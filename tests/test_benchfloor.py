@@ -1,10 +1,11 @@
-"""Tests for anyserve_tw.benchfloor's inline add: the floor must answer like
+"""Tests for bench/floor.py's inline add: the floor must answer like
 the real model does, or its figures would compare nothing."""
 import grpc
 import numpy as np
 from twisted.trial.unittest import SynchronousTestCase
 
-from anyserve_tw import benchfloor, protos
+from anyserve_tw.wire import protos
+from bench import floor as benchfloor
 from anyserve_tw.test.test_management import Aborted, AbortingContext
 
 _v2 = protos.inference

@@ -14,6 +14,8 @@ from twisted.application.service import Service
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 
+from anyserve_tw.wire.rpc import channel_options
+
 
 #: Threads of the public gRPC server: one per RPC in flight, as grpcio's
 #: synchronous server blocks a thread for each.
@@ -21,14 +23,6 @@ DEFAULT_THREADS = 64
 
 #: RPCs the public server takes in before answering RESOURCE_EXHAUSTED.
 DEFAULT_MAX_CONCURRENT_RPCS = 1024
-
-
-def channel_options(max_message_size):
-    """Options shared by our servers and clients: the message caps both ways."""
-    return [
-        ("grpc.max_receive_message_length", max_message_size),
-        ("grpc.max_send_message_length", max_message_size),
-    ]
 
 
 def build_server(handlers, threads=DEFAULT_THREADS, max_message_size=64 * 1024 * 1024,

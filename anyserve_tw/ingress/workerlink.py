@@ -2,7 +2,7 @@
 
 Each worker gets a small pool of persistent Unix-socket connections
 (:class:`WorkerConnection`), each carrying many requests at once, told apart by
-request id (see :mod:`anyserve_tw.framing`).  A request is a Deferred: it fires
+request id (see :mod:`anyserve_tw.wire.framing`).  A request is a Deferred: it fires
 with the worker's response bytes, fails with the worker's status, and, when
 cancelled (deadline passed, client gone), sends CANCEL so the worker can drop
 the work.
@@ -21,8 +21,8 @@ from twisted.internet.endpoints import UNIXClientEndpoint
 from twisted.internet.protocol import Factory
 from twisted.python.failure import Failure
 
-from anyserve_tw import framing
-from anyserve_tw.errors import InferenceError, invalid_argument, status_from_number, unavailable
+from anyserve_tw.wire import defaults, framing
+from anyserve_tw.wire.errors import InferenceError, invalid_argument, status_from_number, unavailable
 
 UNIX_PREFIX = "unix://"
 
@@ -99,7 +99,7 @@ class WorkerHandle:
     """The ingress's view of one worker: its address, connections and load."""
 
     def __init__(self, reactor, worker_id, address, on_lost, pool_size=2,
-                 max_payload=framing.DEFAULT_MAX_PAYLOAD, connect_timeout=5):
+                 max_payload=defaults.MAX_MESSAGE_SIZE, connect_timeout=5):
         self.worker_id = worker_id
         self.address = address
         self._endpoint = endpoint_for(reactor, address, connect_timeout)  # fails early on a bad address

@@ -11,7 +11,7 @@ zero-copy views (:func:`split_raw_inputs`) and to append
 ``raw_output_contents`` to a response without copying them through protobuf
 (:func:`append_raw_outputs`).
 """
-from anyserve_tw.errors import invalid_argument
+from anyserve_tw.wire.errors import invalid_argument
 
 LENGTH_DELIMITED = 2
 

@@ -6,9 +6,9 @@ registration, UNAVAILABLE when the worker's socket can't be reached.
 """
 import grpc
 
-from anyserve_tw import protos, rpc
-from anyserve_tw.errors import InferenceError, invalid_argument
-from anyserve_tw.tensors import DATATYPES
+from anyserve_tw.wire import protos, rpc
+from anyserve_tw.wire.errors import InferenceError, invalid_argument
+from anyserve_tw.wire.defaults import DATATYPE_NAMES
 
 _m = protos.management
 
@@ -18,7 +18,7 @@ def _specs(specs, kind):
     for spec in specs:
         if not spec.name:
             raise invalid_argument("%s tensor without a name" % kind)
-        if spec.datatype not in DATATYPES:
+        if spec.datatype not in DATATYPE_NAMES:
             raise invalid_argument(
                 "%s '%s': unknown datatype %r" % (kind, spec.name, spec.datatype)
             )

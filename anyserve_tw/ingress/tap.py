@@ -5,8 +5,8 @@ takes the reactor as a parameter.
 """
 from twisted.python import usage
 
-from anyserve_tw import framing
-from anyserve_tw.grpcserver import DEFAULT_MAX_CONCURRENT_RPCS, DEFAULT_THREADS
+from anyserve_tw.wire import defaults, framing
+from anyserve_tw.ingress.grpcserver import DEFAULT_MAX_CONCURRENT_RPCS, DEFAULT_THREADS
 
 
 class Options(usage.Options):
@@ -25,7 +25,7 @@ class Options(usage.Options):
         ["pool-size", None, 2, "Unix-socket connections kept open to each worker.", int],
         ["heartbeat-timeout", None, 6.0, "Seconds without a heartbeat before a worker is evicted (checked every quarter of it).", float],
         ["grace", None, 10.0, "Seconds in-flight requests get to finish on shutdown.", float],
-        ["max-message-size", None, framing.DEFAULT_MAX_PAYLOAD, "Largest request or response, bytes.", int],
+        ["max-message-size", None, defaults.MAX_MESSAGE_SIZE, "Largest request or response, bytes.", int],
         ["threads", None, DEFAULT_THREADS, "gRPC server threads (one per RPC in flight).", int],
         ["max-concurrent-rpcs", None, DEFAULT_MAX_CONCURRENT_RPCS, "RPCs in flight before RESOURCE_EXHAUSTED.", int],
         ["request-timeout", None, 600.0, "Longest wait for a worker when the client sets no deadline.", float],
@@ -53,7 +53,7 @@ def makeService(options):
     from twisted.internet import reactor
 
     from anyserve_tw.allocator import keep_freed_memory
-    from anyserve_tw.ingress import make_ingress_service
+    from anyserve_tw.ingress.service import make_ingress_service
 
     keep_freed_memory()
 

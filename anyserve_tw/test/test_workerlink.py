@@ -1,4 +1,4 @@
-"""Tests for anyserve_tw.workerpool: WorkerConnection and WorkerHandle."""
+"""Tests for anyserve_tw.ingress.workerlink: WorkerConnection and WorkerHandle."""
 import os
 import shutil
 import tempfile
@@ -12,10 +12,10 @@ from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-from anyserve_tw import framing
-from anyserve_tw.errors import InferenceError
+from anyserve_tw.wire import defaults, framing
+from anyserve_tw.wire.errors import InferenceError
 from anyserve_tw.test.test_framing import frame
-from anyserve_tw.workerpool import WorkerConnection, WorkerHandle, endpoint_for
+from anyserve_tw.ingress.workerlink import WorkerConnection, WorkerHandle, endpoint_for
 
 
 # -- helpers (also used by test_router) ---------------------------------------
@@ -120,7 +120,7 @@ class FailsWithMixin:
 
 
 class WorkerConnectionTests(FailsWithMixin, SynchronousTestCase):
-    def connection(self, max_payload=framing.DEFAULT_MAX_PAYLOAD):
+    def connection(self, max_payload=defaults.MAX_MESSAGE_SIZE):
         self.clock = MemoryReactorClock()
         self.handle = FakeHandle()
         conn = WorkerConnection(self.handle, max_payload)

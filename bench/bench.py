@@ -1,6 +1,6 @@
 """ModelInfer throughput benchmark for AnyServe, optionally against KServe.
 
-Run ``python -m anyserve_tw.bench`` (or ``anyserve-bench``). It starts the
+Run ``python bench/bench.py`` from a checkout. It starts the
 ingress with one worker as a single ``twistd -n anyserve`` command, drives
 ``ModelInfer`` on the ``add`` model with h2load (a separate native process, so
 the load generator does not compete for the servers' Python interpreter), and
@@ -373,9 +373,9 @@ def start_anyserve(args, logdir):
 
 
 def start_floor(args, logdir):
-    """The ingress's gRPC front with ``add`` inline (see anyserve_tw.benchfloor)."""
+    """The ingress's gRPC front with ``add`` inline (see bench/floor.py)."""
     port = free_port()
-    argv = [sys.executable, "-m", "anyserve_tw.benchfloor", str(port)]
+    argv = [sys.executable, os.path.join(REPO, "bench", "floor.py"), str(port)]
     return Server("floor", argv, port, logdir)
 
 
@@ -645,7 +645,7 @@ def parse_args(argv=None):
     p.add_argument("--peer", choices=["kserve"], help="also benchmark this peer")
     p.add_argument("--floor", action="store_true",
                    help="also run the ingress's gRPC front alone with the model inline "
-                        "(anyserve_tw.benchfloor): the most any design behind it can reach")
+                        "(bench/floor.py): the most any design behind it can reach")
     p.add_argument("--only-peer", action="store_true",
                    help="skip AnyServe, benchmark the peer alone (implies --peer kserve)")
     p.add_argument("--peer-python", default=sys.executable,
