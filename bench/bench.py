@@ -1,12 +1,14 @@
 """ModelInfer throughput benchmark for AnyServe, optionally against KServe.
 
-Run ``python bench/bench.py`` from a checkout. It starts the
-ingress with one worker as a single ``twistd -n anyserve`` command, drives
-``ModelInfer`` on the ``add`` model with h2load (a separate native process, so
-the load generator does not compete for the servers' Python interpreter), and
-prints a table of request rate, mean latency and CPU time per request of the
-ingress and the worker. With ``--peer kserve`` the same cases run against the
-KServe Python ModelServer and the ratios are printed.
+Run ``python bench/bench.py`` from a checkout. It starts the ingress with one
+worker as a single ``twistd -n anyserve`` command, once per gRPC front
+(``--fronts``, default both ``aio`` and ``threads``), drives ``ModelInfer`` on
+the ``add`` model with h2load (a separate native process, so the load
+generator does not compete for the servers' Python interpreter), and prints a
+table of request rate, mean latency and CPU time per request of the ingress
+and the worker. With ``--peer kserve`` the same cases run against the KServe
+Python ModelServer, with ``--floor`` against bench/floor.py, interleaved in the
+same rounds; the ratios and the targets AnyServe is held to are printed.
 
 This is a benchmark, not a test: it prints figures. It exits non-zero only when
 a server failed to start, a correctness check failed or h2load saw failures.
@@ -15,8 +17,10 @@ Only stdlib, numpy and tritonclient are used; tritonclient (and numpy) are
 imported lazily so ``--help`` works without them.
 """
 import argparse
+import functools
 import os
 import re
+import shlex
 import shutil
 import signal
 import statistics
@@ -33,7 +37,11 @@ RPC_PATH = "/inference.GRPCInferenceService/ModelInfer"
 LARGE_ELEMENTS = 262144  # 1 MiB of INT32 per input
 SMALL_ELEMENTS = 16
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the checkout
+
+# ``--fronts`` names: the ingress's ``--front`` for each; "default" passes none
+# (the ingress's own default, and the only choice before ``--front`` existed).
+FRONT_ARGS = {"aio": ["--front", "aio"], "threads": ["--front", "threads"], "default": []}
 
 
 # --------------------------------------------------------------------------
@@ -253,12 +261,13 @@ def free_port():
 class Server:
     """A server started in its own session so the whole tree can be stopped."""
 
-    def __init__(self, label, argv, port, logdir, extra_env=None):
+    def __init__(self, label, argv, port, logdir, extra_env=None, ready_timeout=30.0):
         """Start ``argv`` in a scratch cwd of its own (for pidfiles), its output
         in ``<label>.log``, with ``extra_env`` added to our environment."""
         self.label = label
         self.argv = argv
         self.port = port
+        self.ready_timeout = ready_timeout
         print("starting:", " ".join(["%s=%s" % kv for kv in (extra_env or {}).items()] + argv),
               flush=True)
         cwd = os.path.join(logdir, label + "-cwd")
@@ -364,27 +373,41 @@ class Server:
                 pass
 
 
-def start_anyserve(args, logdir):
-    """``twistd -n anyserve`` with one worker."""
+def anyserve_label(front):
+    """Server label for a ``--fronts`` name: anyserve-aio, anyserve-threads,
+    or plain anyserve for the ingress's default."""
+    return "anyserve" if front == "default" else "anyserve-" + front
+
+
+def start_anyserve(front, args, logdir):
+    """``twistd -n anyserve`` with one worker, the given front, then
+    ``--ingress-args``, with ``--ingress-env`` added to its environment."""
     port, mgmt = free_port(), free_port()
     argv = [args.twistd, "-n", "anyserve", "--port", str(port),
             "--mgmt", str(mgmt), "--worker", args.worker_script]
-    return Server("anyserve", argv, port, logdir)
+    argv += FRONT_ARGS[front] + args.ingress_argv
+    return Server(anyserve_label(front), argv, port, logdir, env_items(args.ingress_env),
+                  args.ready_timeout)
 
 
 def start_floor(args, logdir):
-    """The ingress's gRPC front with ``add`` inline (see bench/floor.py)."""
+    """The thread front with ``add`` inline (see bench/floor.py)."""
     port = free_port()
     argv = [sys.executable, os.path.join(REPO, "bench", "floor.py"), str(port)]
-    return Server("floor", argv, port, logdir)
+    return Server("floor", argv, port, logdir, ready_timeout=args.ready_timeout)
 
 
 def start_kserve(args, logdir):
     """The KServe peer, usually from its own venv (kserve pins heavy deps)."""
     port, http = free_port(), free_port()
     argv = [args.peer_python, args.peer_script, str(port), str(http)]
-    extra = dict(item.split("=", 1) for item in args.peer_env)
-    return Server("kserve", argv, port, logdir, extra)
+    return Server("kserve", argv, port, logdir, env_items(args.peer_env),
+                  args.peer_ready_timeout)
+
+
+def env_items(items):
+    """``NAME=VALUE`` strings (checked by parse_args) as a dict."""
+    return dict(item.split("=", 1) for item in items)
 
 
 # --------------------------------------------------------------------------
@@ -517,8 +540,7 @@ def indent(text):
 
 def wait_until_ready(args, server):
     """Block until the server's model answers; RuntimeError if it never does."""
-    server.wait_ready(args.ready_timeout if server.label == "anyserve"
-                      else args.peer_ready_timeout)
+    server.wait_ready(server.ready_timeout)
     print("%s ready on port %d (pid %d, children %s)"
           % (server.label, server.port, server.pid, server.tree()), flush=True)
 
@@ -528,11 +550,15 @@ def run_rounds(args, servers, cases, bodies):
 
     The machine's speed drifts (other tenants): running the servers back to
     back per case, round after round, keeps that drift out of the ratios.
+    Each round starts one server further down the list, so no server always
+    runs first (or right after the same other one).
     """
     results = []
     for round_no in range(1, args.rounds + 1):
+        shift = (round_no - 1) % len(servers) if servers else 0
+        order = servers[shift:] + servers[:shift]
         for case in cases:
-            for server in servers:
+            for server in order:
                 if not server.alive():
                     continue
                 print("  round %d %s: %s ..." % (round_no, server.label, case.name),
@@ -553,8 +579,20 @@ def fmt(value, spec):
     return "-" if value is None else format(value, spec)
 
 
+def print_aligned(head, rows, left):
+    """Plain aligned table; columns in ``left`` flush left, the rest right."""
+    widths = [max([len(h)] + [len(row[i]) for row in rows]) for i, h in enumerate(head)]
+    line = lambda cells: "  ".join(c.ljust(w) if i in left else c.rjust(w)
+                                   for i, (c, w) in enumerate(zip(cells, widths)))
+    print()
+    print(line(head))
+    print(line(["-" * w for w in widths]))
+    for row in rows:
+        print(line(row))
+
+
 def print_table(results):
-    """Plain aligned table; the peer's CPU sits in ingress (main process)."""
+    """Every run, in the order run; the peer's CPU sits in ingress (main process)."""
     if not results:
         return
     head = ["round", "server", "case", "in-flight", "requests", "req/s", "mean ms",
@@ -565,36 +603,165 @@ def print_table(results):
              fmt(r.worker_us, ".1f"), fmt(r.total_us, ".1f"), fmt(r.faults_per_req, ".1f"),
              str(r.failed)]
             for r in results]
-    widths = [max([len(h)] + [len(row[i]) for row in rows]) for i, h in enumerate(head)]
-    line = lambda cells: "  ".join(c.rjust(w) if i >= 3 or i == 0 else c.ljust(w)
-                                   for i, (c, w) in enumerate(zip(cells, widths)))
-    print()
-    print(line(head))
-    print(line(["-" * w for w in widths]))
-    for row in rows:
-        print(line(row))
+    print_aligned(head, rows, left={1, 2})
 
 
-def print_ratios(results, peer, ours=("anyserve", "floor")):
-    """Our servers' req/s over the peer's per case: each round's, and the
-    ratio of the medians over all rounds."""
+def clean_runs(results):
+    """{(server, case name): [Result]} of the runs whose figures hold."""
     by_key = {}
     for r in results:
         if r.succeeded and not r.problems:
             by_key.setdefault((r.server, r.case.name), []).append(r)
-    rows = [(server, name) for server, name in dict.fromkeys((r.server, r.case.name) for r in results)
-            if server in ours and (server, name) in by_key and (peer, name) in by_key]
-    if rows:
-        print()
-    case_order = list(dict.fromkeys(r.case.name for r in results))
-    for server, name in sorted(rows, key=lambda row: (ours.index(row[0]), case_order.index(row[1]))):
-        mine = {r.round: r.req_per_s for r in by_key[server, name]}
-        theirs = {r.round: r.req_per_s for r in by_key[peer, name]}
-        per_round = ["%.2fx" % (mine[k] / theirs[k]) for k in sorted(mine) if k in theirs]
-        a = statistics.median(mine.values())
-        p = statistics.median(theirs.values())
-        print("ratio %-9s %-8s %9.1f req/s / %s %9.1f req/s = %.2fx (medians; per round %s)"
-              % (name, server, a, peer, p, a / p, ", ".join(per_round)))
+    return by_key
+
+
+def median_of(runs, attr):
+    """Median of one figure over runs, None when no run has it."""
+    values = [getattr(r, attr) for r in runs if getattr(r, attr) is not None]
+    return statistics.median(values) if values else None
+
+
+def print_medians(results, labels, case_names):
+    """One row per server and case: each figure's median over the clean rounds."""
+    by_key = clean_runs(results)
+    attrs = [("req_per_s", ".1f"), ("mean_ms", ".3f"), ("ingress_us", ".1f"),
+             ("worker_us", ".1f"), ("total_us", ".1f"), ("faults_per_req", ".1f")]
+    rows = [[name, label, str(len(by_key[label, name]))]
+            + [fmt(median_of(by_key[label, name], a), spec) for a, spec in attrs]
+            for name in case_names for label in labels if (label, name) in by_key]
+    if not rows:
+        return
+    head = ["case", "server", "rounds", "req/s", "mean ms", "ingress CPU us/req",
+            "worker CPU us/req", "total CPU us/req", "page faults/req"]
+    print("\nmedians over the rounds without problems:", end="")
+    print_aligned(head, rows, left={0, 1})
+
+
+def compare(by_key, mine, theirs, case_name, attr):
+    """``mine``'s figure over ``theirs``' for one case: (ratio of the medians,
+    my median, their median, each round's own ratio), or None without data."""
+    a_runs, b_runs = by_key.get((mine, case_name)), by_key.get((theirs, case_name))
+    if not a_runs or not b_runs:
+        return None
+    a, b = median_of(a_runs, attr), median_of(b_runs, attr)
+    if a is None or not b:
+        return None
+    theirs_by_round = {r.round: getattr(r, attr) for r in b_runs}
+    per_round = [getattr(r, attr) / theirs_by_round[r.round] for r in a_runs
+                 if getattr(r, attr) is not None and theirs_by_round.get(r.round)]
+    return a / b, a, b, per_round
+
+
+def ratio_pairs(labels, peer):
+    """(numerator, denominator) server pairs whose req/s ratio is printed:
+    each AnyServe front and the floor over the peer, each front over the floor."""
+    fronts = [label for label in labels if label.startswith("anyserve")]
+    pairs = [(f, peer) for f in fronts] + [("floor", peer)] + [(f, "floor") for f in fronts]
+    return [(a, b) for a, b in pairs if a in labels and b in labels]
+
+
+def print_ratios(results, pairs, case_names):
+    """Per case, req/s of each pair: the ratio of the medians over the rounds,
+    then each round's own ratio."""
+    by_key = clean_runs(results)
+    width = max([len(a) for a, _ in pairs] + [0])
+    first = True
+    for name in case_names:
+        for mine, theirs in pairs:
+            found = compare(by_key, mine, theirs, name, "req_per_s")
+            if found is None:
+                continue
+            if first:
+                print("\nreq/s ratios (of the medians%s):" % brackets_note(results))
+                first = False
+            ratio, a, b, per_round = found
+            print("  %-9s %-*s / %-6s %9.1f / %9.1f = %5.2fx%s"
+                  % (name, width, mine, theirs, a, b, ratio, rounds_note(per_round)))
+
+
+def brackets_note(results):
+    return "; each round's in brackets" if len({r.round for r in results}) > 1 else ""
+
+
+def rounds_note(per_round):
+    """Each round's own ratio, when there is more than one round."""
+    if len(per_round) < 2:
+        return ""
+    return "  [%s]" % ", ".join("%.2f" % x for x in per_round)
+
+
+@dataclass(frozen=True)
+class Target:
+    """AnyServe's figure for ``case`` against ``factor`` times the baseline's
+    (``peer`` or ``floor``): at least that when ``at_least``, else at most."""
+
+    case: str
+    attr: str
+    baseline: str
+    factor: float
+    at_least: bool
+
+    def describe(self, peer):
+        what = {"req_per_s": "req/s", "mean_ms": "mean latency",
+                "total_us": "CPU us/req"}[self.attr]
+        return "%-8s %-12s %s %.2fx %-6s" % (
+            self.case, what, ">=" if self.at_least else "<=", self.factor,
+            peer if self.baseline == "peer" else self.baseline)
+
+
+# What the issue asks of the default front; CPU is the whole server's
+# (ingress + worker, against the peer's processes together).
+TARGETS = [
+    Target("small-16", "req_per_s", "peer", 1.3, True),
+    Target("small-16", "req_per_s", "floor", 0.75, True),
+    Target("small-1", "mean_ms", "peer", 0.9, False),
+    Target("large-8", "req_per_s", "peer", 1.1, True),
+] + [Target(name, "total_us", "peer", 1.0, False) for name in ("small-1", "small-16", "large-8")]
+
+
+def print_targets(results, labels, peer):
+    """PASS/MISS of every target for every AnyServe front that ran, judged
+    on the ratio of the medians over the rounds."""
+    fronts = [label for label in labels if label.startswith("anyserve")]
+    if not fronts or not peer:
+        return
+    by_key = clean_runs(results)
+    for front in fronts:
+        print("\ntargets for %s (ratio of the medians%s):" % (front, brackets_note(results)))
+        counts = {}
+        for target in TARGETS:
+            verdict, detail = judge(by_key, labels, peer, front, target)
+            counts[verdict] = counts.get(verdict, 0) + 1
+            print("  %-4s  %s  %s" % (verdict, target.describe(peer), detail))
+        print("  %s: %s" % (front, ", ".join("%d %s" % (counts[v], v)
+                                              for v in ("PASS", "MISS", "n/a") if v in counts)))
+
+
+def judge(by_key, labels, peer, front, target):
+    """("PASS", "MISS" or "n/a", the figures or why there are none)."""
+    baseline = peer if target.baseline == "peer" else target.baseline
+    found = compare(by_key, front, baseline, target.case, target.attr)
+    if found is None:
+        if baseline not in labels:
+            return "n/a", " no %s (run with --%s)" % (baseline, target.baseline)
+        return "n/a", " %s not measured cleanly on both" % target.case
+    ratio, _, _, per_round = found
+    ok = ratio >= target.factor if target.at_least else ratio <= target.factor
+    return ("PASS" if ok else "MISS"), "%5.2fx  (%s / %s)%s" % (
+        ratio, figure(by_key, front, target), figure(by_key, baseline, target),
+        rounds_note(per_round))
+
+
+def figure(by_key, label, target):
+    """The median a target judges; CPU with the medians of its two parts."""
+    runs = by_key[label, target.case]
+    if target.attr == "mean_ms":
+        return "%.3f ms" % median_of(runs, "mean_ms")
+    if target.attr == "total_us":
+        return "%.1f us: ingress %s, worker %s" % (
+            median_of(runs, "total_us"), fmt(median_of(runs, "ingress_us"), ".1f"),
+            fmt(median_of(runs, "worker_us"), ".1f"))
+    return "%.1f" % median_of(runs, target.attr)
 
 
 def print_problems(results, setup_errors):
@@ -625,7 +792,7 @@ def print_notes(notes):
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(
-        prog="anyserve-bench", description=__doc__.split("\n\n")[0],
+        prog="python bench/bench.py", description=__doc__.split("\n\n")[0],
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--worker-script",
                    default=os.path.join(REPO, "examples", "kserve_server.py"),
@@ -642,6 +809,16 @@ def parse_args(argv=None):
                    help="times every case runs against every server, interleaved")
     p.add_argument("--cases", default="small-1,small-16,large-8",
                    help="comma-separated subset of small-1, small-16, large-8")
+    p.add_argument("--fronts", default="aio,threads",
+                   help="comma-separated ingress fronts to benchmark, each as its own "
+                        "server in the same rounds: aio (anyserve-aio), threads "
+                        "(anyserve-threads), default (anyserve, no --front: for an "
+                        "ingress without that option)")
+    p.add_argument("--ingress-args", action="append", default=[], metavar="ARGS",
+                   help="extra arguments for every ingress, split like a shell "
+                        "would (repeatable), e.g. --ingress-args='--threads 8'")
+    p.add_argument("--ingress-env", action="append", default=[], metavar="NAME=VALUE",
+                   help="extra environment for every ingress (repeatable)")
     p.add_argument("--peer", choices=["kserve"], help="also benchmark this peer")
     p.add_argument("--floor", action="store_true",
                    help="also run the ingress's gRPC front alone with the model inline "
@@ -668,11 +845,24 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if args.only_peer and not args.peer:
         args.peer = "kserve"
-    for item in args.peer_env:
-        if not item.partition("=")[0] or "=" not in item:
-            p.error("--peer-env wants NAME=VALUE, got %r" % item)
+    for option, items in (("--peer-env", args.peer_env), ("--ingress-env", args.ingress_env)):
+        for item in items:
+            if not item.partition("=")[0] or "=" not in item:
+                p.error("%s wants NAME=VALUE, got %r" % (option, item))
     if args.peer_env and not args.peer:
         p.error("--peer-env needs --peer")
+    args.fronts = list(dict.fromkeys(f.strip() for f in args.fronts.split(",") if f.strip()))
+    unknown = [f for f in args.fronts if f not in FRONT_ARGS]
+    if unknown:
+        p.error("unknown front(s) %s; known: %s" % (", ".join(unknown), ", ".join(FRONT_ARGS)))
+    if args.only_peer:
+        args.fronts = []
+    elif not args.fronts:
+        p.error("--fronts names no front (use --only-peer to skip AnyServe)")
+    try:
+        args.ingress_argv = [a for chunk in args.ingress_args for a in shlex.split(chunk)]
+    except ValueError as e:
+        p.error("--ingress-args: %s" % e)
     return args
 
 
@@ -685,6 +875,19 @@ def preflight(args):
     for what, path in need:
         if path and not os.path.exists(path):
             raise SystemExit("%s not found: %s" % (what, path))
+    if any(FRONT_ARGS[f] for f in args.fronts) and not ingress_has_front_option(args.twistd):
+        raise SystemExit("this ingress (%s anyserve) has no --front option: "
+                         "use --fronts default" % args.twistd)
+
+
+def ingress_has_front_option(twistd):
+    """Whether ``twistd anyserve --help`` lists ``--front``."""
+    try:
+        out = subprocess.run([twistd, "anyserve", "--help"], stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, timeout=120)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        raise SystemExit("%s anyserve --help failed: %s" % (twistd, e))
+    return b"--front=" in out.stdout
 
 
 def write_bodies(cases, logdir):
@@ -709,7 +912,7 @@ def main(argv=None):
     cases = build_cases(args)
     signal.signal(signal.SIGTERM, on_sigterm)
     logdir = tempfile.mkdtemp(prefix="anyserve-bench-")
-    starters = ([] if args.only_peer else [start_anyserve])
+    starters = [functools.partial(start_anyserve, front) for front in args.fronts]
     starters += [start_floor] if args.floor else []
     starters += [start_kserve] if args.peer == "kserve" else []
     results, setup_errors, notes = [], [], []
@@ -736,9 +939,13 @@ def main(argv=None):
     finally:
         for server in servers:
             notes.extend(server.stop())
+        labels = ([anyserve_label(f) for f in args.fronts] + ["floor"] * args.floor
+                  + [args.peer] * bool(args.peer))
+        case_names = [case.name for case in cases]
         print_table(results)
-        if args.peer:
-            print_ratios(results, args.peer)
+        print_medians(results, labels, case_names)
+        print_ratios(results, ratio_pairs(labels, args.peer), case_names)
+        print_targets(results, labels, args.peer)
         bad = print_problems(results, setup_errors)
         print_notes(notes)
         if args.keep_logs or bad:
