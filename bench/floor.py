@@ -18,7 +18,7 @@ import numpy as np
 
 from anyserve_tw.wire import defaults, framing, protos
 from anyserve_tw.allocator import keep_freed_memory
-from anyserve_tw.ingress.grpcserver import build_server
+from anyserve_tw.ingress.threadfront import build_server
 
 _v2 = protos.inference
 _INT32 = np.dtype("<i4")  # v2 raw contents are little-endian

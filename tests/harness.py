@@ -14,6 +14,9 @@ EXAMPLES = os.path.join(ROOT, "examples")
 KSERVE_SERVER = os.path.join(EXAMPLES, "kserve_server.py")
 CLASSIFIER_SERVER = os.path.join(EXAMPLES, "classifier_server.py")
 PROBE_SERVER = os.path.join(ROOT, "tests", "workers", "probe_server.py")
+#: Every model of PROBE_SERVER: it registers them concurrently, in no order.
+PROBE_MODELS = ("whoami", "seen", "slow", "fail", "reject", "big", "relay", "later",
+                "inline_add", "async_add", "nap", "cancelled")
 TWISTD = os.path.join(os.path.dirname(sys.executable), "twistd")
 TWISTD_MAIN = "from twisted.scripts.twistd import run; run()"
 

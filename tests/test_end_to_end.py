@@ -12,7 +12,7 @@ import numpy as np
 from twisted.trial.unittest import SynchronousTestCase
 
 from tests.harness import (
-    BackgroundInfer, CLASSIFIER_SERVER, KSERVE_SERVER, PROBE_SERVER, Ingress, Worker, infer_inputs, pid_alive,
+    BackgroundInfer, CLASSIFIER_SERVER, KSERVE_SERVER, PROBE_MODELS, PROBE_SERVER, Ingress, Worker, infer_inputs, pid_alive,
     wait_for,
 )
 
@@ -33,9 +33,10 @@ class IngressTestCase(SynchronousTestCase):
     copies = 1
     args = ()
     ready = ()
+    front = "aio"  # every class runs on the thread front too (see the end)
 
     def setUp(self):
-        self.ingress = Ingress(self.workers, self.copies, self.args)
+        self.ingress = Ingress(self.workers, self.copies, tuple(self.args) + ("--front", self.front))
         self.addCleanup(self.ingress.cleanup)
         self.ingress.wait_ready(*self.ready)
         self.client = self.ingress.client()
@@ -204,7 +205,7 @@ class ProbeTests(IngressTestCase):
     """Failures and routing, checked from the workers' side too."""
 
     workers = (KSERVE_SERVER, PROBE_SERVER)
-    ready = ("add", "whoami", "seen", "slow", "fail")
+    ready = ("add",) + PROBE_MODELS
 
     def test_unknown_model_never_reaches_a_worker(self):
         before = self.seen()
@@ -397,6 +398,8 @@ class WorkerDrainTests(IngressTestCase):
 
 
 class StartupFailureTests(SynchronousTestCase):
+    front = "aio"
+
     def test_port_in_use_leaves_no_worker_behind(self):
         """If the inference port can't be bound, twistd exits and no worker
         process or socket is left (workers start only after every port is bound)."""
@@ -414,7 +417,7 @@ class StartupFailureTests(SynchronousTestCase):
         self.addCleanup(shutil.rmtree, marker_dir, True)
         script = os.path.join(marker_dir, "marked_worker.py")
         shutil.copy(KSERVE_SERVER, script)
-        ingress = Ingress((script,), args=("--port", str(holder.getsockname()[1])))
+        ingress = Ingress((script,), args=("--port", str(holder.getsockname()[1]), "--front", self.front))
         self.addCleanup(ingress.cleanup)
         self.assertNotEqual(ingress.process.wait(30), 0)
 
@@ -464,3 +467,16 @@ class ShutdownTests(IngressTestCase):
             self.assertFalse(pid_alive(pid), pid)
         self.assertEqual(os.listdir(ingress.socket_dir), [])
         self.assertIn("Server Shut Down", ingress.log())
+
+
+def on_the_thread_front(namespace):
+    """Add a copy of every test class here that runs on ``--front threads``."""
+    for name, case in list(namespace.items()):
+        if (isinstance(case, type) and issubclass(case, SynchronousTestCase)
+                and getattr(case, "front", None) == "aio" and case.__module__ == namespace["__name__"]
+                and name != "IngressTestCase"):
+            namespace[name + "OnThreads"] = type(
+                name + "OnThreads", (case,), {"front": "threads", "__module__": namespace["__name__"]})
+
+
+on_the_thread_front(globals())

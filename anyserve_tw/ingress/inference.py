@@ -1,60 +1,53 @@
-"""The KServe v2 ``inference.GRPCInferenceService`` the ingress serves.
+"""The KServe v2 ``inference.GRPCInferenceService``, answered on the reactor.
 
+:class:`InferenceAPI` is what either front (:mod:`anyserve_tw.ingress.fronts`)
+serves: each method takes the request and the time the RPC may still take and
+returns the response, a Deferred of it, or raises :class:`InferenceError`.
 Everything but ModelInfer is answered from the registry.  ModelInfer is
 handled as raw bytes: the ingress reads the model name and version
-(:func:`anyserve_tw.wire.protowire.peek_request`) and forwards the request untouched;
-the worker's response bytes go back to the client untouched.
+(:func:`anyserve_tw.wire.protowire.peek_request`) and forwards the request
+untouched; the worker's response bytes go back to the client untouched.
 """
-from anyserve_tw.wire import protos, rpc
-from anyserve_tw.wire.errors import InferenceError
+from anyserve_tw.wire import protos
 from anyserve_tw.wire.protowire import peek_request
 
 _v2 = protos.inference
-_NO_DEADLINE = 1e9  # seconds; grpcio's "no deadline" is ~9.2e18
 
 
-class InferenceServicer:
-    """Runs in gRPC threads; reaches the reactor-owned router through the bridge."""
+class InferenceAPI:
+    """GRPCInferenceService over the router; runs on the reactor thread."""
 
-    def __init__(self, bridge, router, request_timeout=600.0, server_version=""):
-        self.bridge = bridge
+    service_name = protos.INFERENCE_SERVICE
+    #: Methods that take and return serialized bytes, never parsed here.
+    raw_methods = ("ModelInfer",)
+    #: Methods that read no reactor-owned state: the thread front answers them
+    #: in its own thread, without a hop to the reactor.
+    reactor_free = ("ServerLive", "ServerMetadata")
+
+    def __init__(self, router, request_timeout=600.0, server_version="", quick_timeout=5.0):
         self.router = router
         self.request_timeout = request_timeout
         self.server_version = server_version
-        self._quick = 5.0  # bound for registry-only calls
+        self.quick_timeout = quick_timeout
 
-    def _timeout(self, context, default):
-        """The RPC's remaining time, or ``default`` when the client set no
-        deadline (grpcio then reports a practically infinite remainder)."""
-        remaining = context.time_remaining()
-        if remaining is None or remaining > _NO_DEADLINE:
-            return default
-        return remaining
+    def default_timeout(self, method):
+        """How long ``method`` may take when the client sets no deadline."""
+        return self.request_timeout if method == "ModelInfer" else self.quick_timeout
 
-    def ServerLive(self, request, context):
+    def ServerLive(self, request, timeout):
         return _v2.ServerLiveResponse(live=True)
 
-    def ServerReady(self, request, context):
-        ready = self.bridge.call_for_rpc(context, self._timeout(context, self._quick), self.router.server_ready)
-        return _v2.ServerReadyResponse(ready=ready)
+    def ServerReady(self, request, timeout):
+        return _v2.ServerReadyResponse(ready=self.router.server_ready())
 
-    def ModelReady(self, request, context):
-        ready = self.bridge.call_for_rpc(
-            context, self._timeout(context, self._quick),
-            self.router.model_ready, request.name, request.version,
-        )
-        return _v2.ModelReadyResponse(ready=ready)
+    def ModelReady(self, request, timeout):
+        return _v2.ModelReadyResponse(ready=self.router.model_ready(request.name, request.version))
 
-    def ServerMetadata(self, request, context):
-        return _v2.ServerMetadataResponse(
-            name="anyserve", version=self.server_version, extensions=[]
-        )
+    def ServerMetadata(self, request, timeout):
+        return _v2.ServerMetadataResponse(name="anyserve", version=self.server_version, extensions=[])
 
-    def ModelMetadata(self, request, context):
-        model, versions = self.bridge.call_for_rpc(
-            context, self._timeout(context, self._quick),
-            self.router.model_metadata, request.name, request.version,
-        )
+    def ModelMetadata(self, request, timeout):
+        model, versions = self.router.model_metadata(request.name, request.version)
         tensor = _v2.ModelMetadataResponse.TensorMetadata
         return _v2.ModelMetadataResponse(
             name=model.name,
@@ -64,14 +57,6 @@ class InferenceServicer:
             outputs=[tensor(name=n, datatype=t, shape=s) for n, t, s in model.outputs],
         )
 
-    def ModelInfer(self, request_bytes, context):
-        try:
-            name, version, _ = peek_request(request_bytes)
-        except InferenceError as e:
-            context.abort(e.code, e.message)
-        timeout = self._timeout(context, self.request_timeout)
-        return self.bridge.call_for_rpc(context, timeout, self.router.infer, name, version, request_bytes, timeout)
-
-
-def inference_handler(servicer):
-    return rpc.generic_handler(protos.INFERENCE_SERVICE, servicer, raw_methods=("ModelInfer",))
+    def ModelInfer(self, request_bytes, timeout):
+        name, version, _ = peek_request(request_bytes)
+        return self.router.infer(name, version, request_bytes, timeout)

@@ -1,14 +1,15 @@
 """The ``anyserve.management.WorkerManagement`` service workers call.
 
-Requests are checked here (in the gRPC thread) and applied to the router on the
-reactor thread.  Errors are gRPC statuses: INVALID_ARGUMENT for a malformed
-registration, UNAVAILABLE when the worker's socket can't be reached.
+Like :class:`anyserve_tw.ingress.inference.InferenceAPI`, answered on the
+reactor by either front.  Errors are gRPC statuses: INVALID_ARGUMENT for a
+malformed registration (checked before anything reaches the router),
+UNAVAILABLE when the worker's socket can't be reached.
 """
 import grpc
 
-from anyserve_tw.wire import protos, rpc
-from anyserve_tw.wire.errors import InferenceError, invalid_argument
+from anyserve_tw.wire import protos
 from anyserve_tw.wire.defaults import DATATYPE_NAMES
+from anyserve_tw.wire.errors import InferenceError, invalid_argument
 
 _m = protos.management
 
@@ -26,48 +27,42 @@ def _specs(specs, kind):
     return out
 
 
-class ManagementServicer:
-    def __init__(self, bridge, router, timeout=10.0):
-        self.bridge = bridge
+class ManagementAPI:
+    """WorkerManagement over the router; runs on the reactor thread."""
+
+    service_name = protos.MANAGEMENT_SERVICE
+    raw_methods = ()
+    reactor_free = ()
+
+    def __init__(self, router, timeout=10.0):
         self.router = router
         self.timeout = timeout
 
-    def _call(self, context, f, *args):
-        return self.bridge.call_for_rpc(context, self.timeout, f, *args)
+    def default_timeout(self, method):
+        return self.timeout
 
-    def RegisterModel(self, request, context):
-        try:
-            if not request.model_name:
-                raise invalid_argument("model_name is required")
-            if not request.worker_id:
-                raise invalid_argument("worker_id is required")
-            inputs = _specs(request.inputs, "input")
-            outputs = _specs(request.outputs, "output")
-        except InferenceError as e:
-            context.abort(e.code, e.message)
-        self._call(
-            context, self.router.register_model, request.worker_id, request.worker_address,
-            request.model_name, request.model_version, request.platform, inputs, outputs,
+    def RegisterModel(self, request, timeout):
+        if not request.model_name:
+            raise invalid_argument("model_name is required")
+        if not request.worker_id:
+            raise invalid_argument("worker_id is required")
+        inputs = _specs(request.inputs, "input")
+        outputs = _specs(request.outputs, "output")
+        d = self.router.register_model(
+            request.worker_id, request.worker_address, request.model_name,
+            request.model_version, request.platform, inputs, outputs,
         )
-        return _m.RegisterModelResponse(success=True, message="registered")
+        return d.addCallback(lambda _: _m.RegisterModelResponse(success=True, message="registered"))
 
-    def UnregisterModel(self, request, context):
-        removed = self._call(
-            context, self.router.unregister_model,
-            request.worker_id, request.model_name, request.model_version,
-        )
-        if not removed:
-            context.abort(
+    def UnregisterModel(self, request, timeout):
+        if not self.router.unregister_model(request.worker_id, request.model_name, request.model_version):
+            raise InferenceError(
                 grpc.StatusCode.NOT_FOUND,
                 "worker %r does not serve %s:%s"
                 % (request.worker_id, request.model_name, request.model_version or "-"),
             )
         return _m.UnregisterModelResponse(success=True, message="unregistered")
 
-    def Heartbeat(self, request, context):
-        healthy = self._call(context, self.router.heartbeat, request.worker_id, list(request.model_names))
+    def Heartbeat(self, request, timeout):
+        healthy = self.router.heartbeat(request.worker_id, list(request.model_names))
         return _m.HeartbeatResponse(healthy=healthy)
-
-
-def management_handler(servicer):
-    return rpc.generic_handler(protos.MANAGEMENT_SERVICE, servicer)

@@ -1,12 +1,19 @@
 """``twistd anyserve``: command-line options and the service they build.
 
 This is the one place that imports the global reactor; everything below it
-takes the reactor as a parameter.
+takes the reactor as a parameter.  Under a plain ``twistd -n anyserve`` no
+reactor is installed yet when ``makeService`` runs, so it installs Twisted's
+asyncio reactor, on which the default front serves gRPC; ``--reactor=asyncio``
+gives it the same.  Any other ``--reactor`` gets the thread front.
 """
+import sys
+
+from twisted.logger import Logger
 from twisted.python import usage
 
-from anyserve_tw.wire import defaults, framing
-from anyserve_tw.ingress.grpcserver import DEFAULT_MAX_CONCURRENT_RPCS, DEFAULT_THREADS
+from anyserve_tw.ingress.interfaces import FRONTS
+from anyserve_tw.wire import defaults
+from anyserve_tw.ingress.threadfront import DEFAULT_MAX_CONCURRENT_RPCS, DEFAULT_THREADS
 
 
 class Options(usage.Options):
@@ -30,6 +37,8 @@ class Options(usage.Options):
         ["max-concurrent-rpcs", None, DEFAULT_MAX_CONCURRENT_RPCS, "RPCs in flight before RESOURCE_EXHAUSTED.", int],
         ["request-timeout", None, 600.0, "Longest wait for a worker when the client sets no deadline.", float],
         ["socket-dir", None, None, "Directory for supervised workers' sockets (default: a new temp dir)."],
+        ["front", None, "aio", "How gRPC is served: aio (grpc.aio on the reactor's asyncio loop, one thread) "
+         "or threads (a grpcio thread pool bridged into the reactor; always so under a non-asyncio --reactor)."],
     ]
 
     def __init__(self):
@@ -47,15 +56,51 @@ class Options(usage.Options):
         for name in ("heartbeat-timeout", "grace", "request-timeout"):
             if self[name] <= 0:
                 raise usage.UsageError("--%s must be positive" % name)
+        if self["front"] not in FRONTS:
+            raise usage.UsageError("--front must be one of: %s" % ", ".join(FRONTS))
+
+
+log = Logger()
+
+
+def install_reactor():
+    """The global reactor: asyncio's, installed here on a new loop unless a
+    reactor was installed already (``twistd --reactor=...``, or trial)."""
+    if "twisted.internet.reactor" not in sys.modules:
+        import asyncio
+
+        from twisted.internet import asyncioreactor
+
+        loop = asyncio.new_event_loop()
+        asyncio.set_event_loop(loop)
+        asyncioreactor.install(loop)
+    from twisted.internet import reactor
+
+    return reactor
+
+
+def choose_front(reactor, asked):
+    """(front, asyncio loop or None): aio needs the reactor to run on asyncio."""
+    from twisted.internet.asyncioreactor import AsyncioSelectorReactor
+
+    if isinstance(reactor, AsyncioSelectorReactor):
+        import asyncio
+
+        return asked, asyncio.get_event_loop() if asked == "aio" else None
+    if asked == "aio":
+        log.info("{reactor} is not the asyncio reactor: serving gRPC from threads (--front threads)",
+                 reactor=type(reactor).__name__)
+    return "threads", None
 
 
 def makeService(options):
-    from twisted.internet import reactor
+    reactor = install_reactor()
 
     from anyserve_tw.allocator import keep_freed_memory
     from anyserve_tw.ingress.service import make_ingress_service
 
     keep_freed_memory()
+    front, loop = choose_front(reactor, options["front"])
 
     return make_ingress_service(
         reactor,
@@ -73,4 +118,6 @@ def makeService(options):
         max_concurrent_rpcs=options["max-concurrent-rpcs"],
         request_timeout=options["request-timeout"],
         socket_dir=options["socket-dir"],
+        front=front,
+        loop=loop,
     )

@@ -1,10 +1,11 @@
 """Tests for anyserve_tw.ingress.management: malformed registrations are refused with
-INVALID_ARGUMENT in the gRPC thread, before anything reaches the router."""
+INVALID_ARGUMENT before anything reaches the router."""
 import grpc
 from twisted.trial.unittest import SynchronousTestCase
 
 from anyserve_tw.wire import protos
-from anyserve_tw.ingress.management import ManagementServicer
+from anyserve_tw.ingress.management import ManagementAPI
+from anyserve_tw.wire.errors import InferenceError
 
 _m = protos.management
 
@@ -20,18 +21,18 @@ class AbortingContext:
         raise Aborted(code, message)
 
 
-class UnusedBridge:
-    def call_for_rpc(self, *args):
-        raise AssertionError("a malformed registration reached the router")
+class UnusedRouter:
+    def __getattr__(self, name):
+        raise AssertionError("a malformed registration reached the router (%s)" % name)
 
 
 class RegisterModelValidationTests(SynchronousTestCase):
     def status(self, **fields):
         request = _m.RegisterModelRequest(**fields)
-        servicer = ManagementServicer(UnusedBridge(), router=None)
-        with self.assertRaises(Aborted) as caught:
-            servicer.RegisterModel(request, AbortingContext())
-        return caught.exception.args
+        api = ManagementAPI(UnusedRouter())
+        with self.assertRaises(InferenceError) as caught:
+            api.RegisterModel(request, 10.0)
+        return caught.exception.code, caught.exception.message
 
     def test_malformed_registrations(self):
         good = dict(model_name="add", worker_id="w1", worker_address="unix:///tmp/w.sock")

@@ -19,6 +19,25 @@ def channel_options(max_message_size):
     ]
 
 
+#: Beyond this many seconds a remaining time means "no deadline": grpcio
+#: reports a client without one as ~9.2e18 seconds away.
+_NO_DEADLINE = 1e9
+
+
+def time_left(context, default):
+    """Seconds the RPC behind ``context`` may still take, or ``default`` when
+    the client set no deadline."""
+    remaining = context.time_remaining()
+    if remaining is None or remaining > _NO_DEADLINE:
+        return default
+    return remaining
+
+
+def method_names(service_name):
+    """The RPC names of ``service_name``, in the order the proto declares them."""
+    return [method.name for method in protos.service_descriptor(service_name).methods]
+
+
 def _methods(service_name):
     service = protos.service_descriptor(service_name)
     for method in service.methods:

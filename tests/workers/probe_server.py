@@ -6,7 +6,10 @@
 - ``slow``: sleeps ``seconds`` (FP64 [1]) then returns it;
 - ``fail``: raises ValueError("boom: <input>");
 - ``big``: returns ``n`` (INT64 [1]) zero bytes as UINT8;
-- ``relay``: calls ``add`` through the ingress at ``url`` with tritonclient.
+- ``relay``: calls ``add`` through the ingress at ``url`` with tritonclient;
+- ``nap``: waits ``seconds`` (FP64 [1]) on the worker's loop, holding no
+  thread, and counts the waits that were cancelled; ``cancelled`` returns
+  that count.
 """
 import os
 import threading
@@ -23,6 +26,7 @@ class CountingApp(AnyServe):
     def __init__(self):
         super().__init__()
         self.reached = 0
+        self.cancelled = 0
         self._lock = threading.Lock()
 
     def route(self, payload):
@@ -104,6 +108,26 @@ def inline_add(request):
 @app.model("async_add", inputs=[("a", "INT32", [-1]), ("b", "INT32", [-1])])
 async def async_add(request):
     return {"sum": request["a"] + request["b"]}
+
+
+@app.model("nap", inputs=[("seconds", "FP64", [1])], outputs=[("seconds", "FP64", [1])])
+async def nap(request):
+    from twisted.internet import reactor
+    from twisted.internet.defer import CancelledError
+    from twisted.internet.task import deferLater
+
+    seconds = float(request["seconds"][0])
+    try:
+        await deferLater(reactor, seconds, lambda: None)
+    except CancelledError:
+        app.cancelled += 1
+        raise
+    return np.array([seconds])
+
+
+@app.model("cancelled", outputs=[("count", "INT64", [1])])
+def cancelled(request):
+    return np.array([app.cancelled], dtype=np.int64)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,9 @@
-"""A grpcio server as a Twisted service.
+"""The thread front: a grpcio thread-pool server bridged into the reactor.
+
+The design card's shape, kept as ``--front threads`` and used whenever the
+reactor is not asyncio's.  Each RPC holds one of ``threads`` threads while it
+waits for the reactor (:mod:`anyserve_tw.ingress.bridge`), so ``threads``
+bounds the RPCs in flight.
 
 The server is created in ``startService``, never earlier: grpc objects do not
 survive a fork, and twistd may daemonize between ``makeService`` and
@@ -13,9 +18,12 @@ import grpc
 from twisted.application.service import Service
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
+from zope.interface import implementer
 
+from anyserve_tw.ingress.interfaces import IGrpcFront
+from anyserve_tw.wire import defaults, rpc
+from anyserve_tw.wire.errors import InferenceError
 from anyserve_tw.wire.rpc import channel_options
-
 
 #: Threads of the public gRPC server: one per RPC in flight, as grpcio's
 #: synchronous server blocks a thread for each.
@@ -25,7 +33,38 @@ DEFAULT_THREADS = 64
 DEFAULT_MAX_CONCURRENT_RPCS = 1024
 
 
-def build_server(handlers, threads=DEFAULT_THREADS, max_message_size=64 * 1024 * 1024,
+def threaded_servicer(api, bridge):
+    """An object with one ``Method(request, context)`` per RPC of ``api``,
+    run in gRPC threads: each hops to the reactor through ``bridge``, bounded
+    by the RPC's deadline, and aborts the RPC with the failure's status."""
+    servicer = type("ThreadedServicer", (), {})()
+    for name in rpc.method_names(api.service_name):
+        method = getattr(api, name)
+        default = api.default_timeout(name)
+        if name in api.reactor_free:
+            setattr(servicer, name, _in_thread(method, default))
+        else:
+            setattr(servicer, name, _via_reactor(bridge, method, default))
+    return servicer
+
+
+def _in_thread(method, default):
+    def handle(request, context):
+        try:
+            return method(request, rpc.time_left(context, default))
+        except InferenceError as e:
+            context.abort(e.code, e.message)
+    return handle
+
+
+def _via_reactor(bridge, method, default):
+    def handle(request, context):
+        timeout = rpc.time_left(context, default)
+        return bridge.call_for_rpc(context, timeout, method, request, timeout)
+    return handle
+
+
+def build_server(handlers, threads=DEFAULT_THREADS, max_message_size=defaults.MAX_MESSAGE_SIZE,
                  max_concurrent_rpcs=DEFAULT_MAX_CONCURRENT_RPCS, label=""):
     """A grpcio thread-pool server, not yet bound or started: one thread per
     RPC in flight, the message caps both ways, no port sharing."""
@@ -37,13 +76,14 @@ def build_server(handlers, threads=DEFAULT_THREADS, max_message_size=64 * 1024 *
     )
 
 
+@implementer(IGrpcFront)
 class GrpcServerService(Service):
     """Serves ``handlers`` on ``host:port`` from a pool of ``threads`` threads."""
 
     log = Logger()
 
     def __init__(self, reactor, label, host, port, handlers, threads=32,
-                 max_message_size=64 * 1024 * 1024, max_concurrent_rpcs=None, grace=10.0):
+                 max_message_size=defaults.MAX_MESSAGE_SIZE, max_concurrent_rpcs=None, grace=10.0):
         self.reactor = reactor
         self.label = label
         self.host = host
@@ -60,13 +100,16 @@ class GrpcServerService(Service):
         self.server = build_server(self.handlers, self.threads, self.max_message_size,
                                    self.max_concurrent_rpcs, self.label)
         address = "%s:%d" % (self.host, self.port)
-        self.bound_port = self.server.add_insecure_port(address)
+        try:
+            self.bound_port = self.server.add_insecure_port(address)
+        except RuntimeError:
+            self.bound_port = 0
         if not self.bound_port:
             raise RuntimeError("%s: cannot listen on %s" % (self.label, address))
         self.server.start()
         super().startService()
-        self.log.info("{label} gRPC listening on {host}:{port}",
-                      label=self.label, host=self.host, port=self.bound_port)
+        self.log.info("{label} gRPC listening on {host}:{port} (thread front, {threads} threads)",
+                      label=self.label, host=self.host, port=self.bound_port, threads=self.threads)
 
     def stopService(self):
         super().stopService()

@@ -1,0 +1,35 @@
+"""The two ways the ingress serves gRPC, as one interface.
+
+:mod:`anyserve_tw.ingress.aiofront` serves from the reactor's own asyncio loop
+(one thread; the default); :mod:`anyserve_tw.ingress.threadfront` from a
+grpcio thread pool bridged into the reactor (the design card's shape, and the
+only choice under a reactor that is not asyncio's).
+"""
+from zope.interface import Attribute, Interface
+
+#: The fronts, by their ``--front`` name.
+FRONTS = ("aio", "threads")
+
+
+class IGrpcFront(Interface):
+    """A Twisted service serving reactor-side APIs over gRPC on one port.
+
+    An API (:class:`~anyserve_tw.ingress.inference.InferenceAPI`,
+    :class:`~anyserve_tw.ingress.management.ManagementAPI`) has a
+    ``service_name``, ``raw_methods``, ``reactor_free`` methods and
+    ``default_timeout(method)``; each method is called on the reactor thread
+    as ``method(request, timeout)`` and returns a response, a Deferred of one,
+    or raises ``InferenceError``.  The front bounds the call by the RPC's
+    deadline (or the default timeout), cancels it when the client goes away,
+    and turns failures into gRPC statuses.
+    """
+
+    label = Attribute("Name used in log lines (``inference``, ``management``).")
+    bound_port = Attribute("The port listened on once started (None before).")
+
+    def startService():
+        """Bind the port (failing at once if it can't) and start serving."""
+
+    def stopService():
+        """Refuse new RPCs (UNAVAILABLE), let those in flight finish within the
+        grace period; a Deferred that fires when the server has stopped."""

@@ -1,0 +1,96 @@
+"""What each gRPC front guarantees, end to end: deadlines and client cancels
+reach the worker, ``--max-concurrent-rpcs`` answers RESOURCE_EXHAUSTED, and on
+the asyncio front requests waiting on a slow model hold no thread, so
+everything else keeps answering."""
+import time
+
+import grpc
+import numpy as np
+
+from tests.harness import BackgroundInfer, PROBE_SERVER, KSERVE_SERVER, infer_inputs, wait_for
+from tests.test_end_to_end import IngressTestCase, on_the_thread_front, status_of
+
+MODEL_INFER = "/inference.GRPCInferenceService/ModelInfer"
+
+
+def nap_request(seconds):
+    """Serialized ModelInferRequest bytes for the probe's ``nap`` model."""
+    from tritonclient.grpc import service_pb2
+
+    request = service_pb2.ModelInferRequest(model_name="nap")
+    tensor = request.inputs.add(name="seconds", datatype="FP64", shape=[1])
+    request.raw_input_contents.append(np.array([seconds], dtype="<f8").tobytes())
+    del tensor
+    return request.SerializeToString()
+
+
+class FrontTests(IngressTestCase):
+    workers = (KSERVE_SERVER, PROBE_SERVER)
+    args = ("--max-concurrent-rpcs", "300")
+    ready = ("add", "nap", "cancelled")
+
+    def cancelled(self):
+        return int(self.client.infer("cancelled", []).as_numpy("count")[0])
+
+    def raw_infer(self, channel):
+        return channel.unary_unary(MODEL_INFER)
+
+    def test_client_cancel_reaches_the_worker(self):
+        before = self.cancelled()
+        with grpc.insecure_channel(self.ingress.address) as channel:
+            future = self.raw_infer(channel).future(nap_request(30.0))
+            time.sleep(0.5)  # on the worker by now
+            self.assertTrue(future.cancel())
+        wait_for(lambda: self.cancelled() == before + 1, timeout=5, what="the worker dropping the request")
+
+    def test_deadline_reaches_the_worker(self):
+        before = self.cancelled()
+        started = time.monotonic()
+        code, _ = status_of(lambda: self.client.infer(
+            "nap", infer_inputs(seconds=np.array([30.0])), client_timeout=0.5))
+        self.assertEqual(code, "StatusCode.DEADLINE_EXCEEDED")
+        self.assertLess(time.monotonic() - started, 2.0)
+        wait_for(lambda: self.cancelled() == before + 1, timeout=5, what="the worker dropping the request")
+
+
+class ConcurrencyLimitTests(IngressTestCase):
+    workers = (PROBE_SERVER,)
+    args = ("--max-concurrent-rpcs", "3")
+    ready = ("nap",)
+
+    def test_past_the_limit_is_resource_exhausted(self):
+        calls = [BackgroundInfer(self.ingress.address, "nap", seconds=np.array([2.0])) for _ in range(3)]
+        time.sleep(0.5)
+        code, _ = status_of(lambda: self.client.infer("nap", infer_inputs(seconds=np.array([0.0]))))
+        self.assertEqual(code, "StatusCode.RESOURCE_EXHAUSTED")
+        for call in calls:
+            self.assertEqual(call.join()[0], "ok")
+        # Below the limit again: served.
+        self.client.infer("nap", infer_inputs(seconds=np.array([0.0])))
+
+
+on_the_thread_front(globals())
+
+
+class NoStarvationTests(IngressTestCase):
+    """Asyncio front only: the thread front holds a thread per RPC in flight,
+    and 200 waiting requests would take all 64 of them."""
+
+    workers = (KSERVE_SERVER, PROBE_SERVER)
+    ready = ("add", "nap")
+
+    def test_slow_model_starves_nothing(self):
+        with grpc.insecure_channel(self.ingress.address) as channel:
+            infer = channel.unary_unary(MODEL_INFER)
+            waiting = [infer.future(nap_request(8.0), timeout=30) for _ in range(200)]
+            time.sleep(1.0)
+            self.assertEqual([f for f in waiting if f.done()], [])  # all 200 still in flight
+            a = np.arange(4, dtype=np.int32)
+            for _ in range(10):
+                started = time.monotonic()
+                self.assertTrue(self.client.is_server_live(client_timeout=2))
+                np.testing.assert_array_equal(self.client.infer("add", infer_inputs(a=a, b=a),
+                                                                client_timeout=2).as_numpy("sum"), 2 * a)
+                self.assertLess(time.monotonic() - started, 0.5)
+            for future in waiting:
+                future.cancel()
