@@ -53,6 +53,21 @@ class FrontTests(IngressTestCase):
         wait_for(lambda: self.cancelled() == before + 1, timeout=5, what="the worker dropping the request")
 
 
+class RequestTimeoutTests(IngressTestCase):
+    workers = (PROBE_SERVER,)
+    args = ("--request-timeout", "1")
+    ready = ("nap", "cancelled")
+
+    def test_no_client_deadline_is_bounded_by_the_request_timeout(self):
+        before = int(self.client.infer("cancelled", []).as_numpy("count")[0])
+        started = time.monotonic()
+        code, _ = status_of(lambda: self.client.infer("nap", infer_inputs(seconds=np.array([30.0]))))
+        self.assertEqual(code, "StatusCode.DEADLINE_EXCEEDED")
+        self.assertLess(time.monotonic() - started, 3.0)  # 1 s, swept once a second
+        wait_for(lambda: int(self.client.infer("cancelled", []).as_numpy("count")[0]) == before + 1,
+                 timeout=5, what="the worker dropping the request")
+
+
 class ConcurrencyLimitTests(IngressTestCase):
     workers = (PROBE_SERVER,)
     args = ("--max-concurrent-rpcs", "3")

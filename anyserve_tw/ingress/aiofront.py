@@ -16,7 +16,8 @@ import asyncio
 
 import grpc
 from twisted.application.service import Service
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, TimeoutError
+from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -26,46 +27,102 @@ from anyserve_tw.wire import defaults, rpc
 from anyserve_tw.wire.errors import InferenceError, as_inference_error
 
 
-async def settle(d, timeout, clock):
+class RequestTimeouts:
+    """Bounds the requests whose client set no deadline, by one sweep every
+    ``interval`` seconds instead of a timer per request.
+
+    A client's own deadline needs nothing here: grpc.aio cancels the RPC's
+    task when it passes, and :func:`settle` turns that into a cancel of the
+    forwarded request.  Requests without one are bounded by the front's
+    default (``--request-timeout``), to within ``interval``.
+    """
+
+    def __init__(self, clock, interval=1.0):
+        self.clock = clock
+        self.interval = interval
+        self._waiting = {}  # asyncio future -> (Deferred, expiry)
+        self._sweeper = None
+
+    def __len__(self):
+        return len(self._waiting)
+
+    def start(self):
+        self._sweeper = LoopingCall(self.sweep)
+        self._sweeper.clock = self.clock
+        self._sweeper.start(self.interval, now=False)
+
+    def stop(self):
+        if self._sweeper is not None and self._sweeper.running:
+            self._sweeper.stop()
+
+    def watch(self, future, d, timeout):
+        self._waiting[future] = (d, self.clock.seconds() + timeout)
+
+    def forget(self, future):
+        self._waiting.pop(future, None)
+
+    def sweep(self):
+        """Fail every watched request past its expiry with DEADLINE_EXCEEDED
+        and cancel it (which tells its worker)."""
+        now = self.clock.seconds()
+        expired = [(f, d) for f, (d, expiry) in self._waiting.items() if expiry <= now]
+        for future, d in expired:
+            del self._waiting[future]
+            if not future.done():
+                future.set_result(Failure(TimeoutError("deadline exceeded")))
+            d.cancel()
+
+
+async def settle(d, timeouts=None, timeout=None):
     """The result of Deferred ``d``; raises :class:`InferenceError` for a
-    failure, DEADLINE_EXCEEDED after ``timeout`` seconds.  Cancelling the
-    awaiting task (the client went away, or its deadline passed) cancels
-    ``d``, which tells the worker to drop the request."""
+    failure.  Cancelling the awaiting task (the client went away, or its
+    deadline passed) cancels ``d``, which tells the worker to drop the
+    request.  With ``timeouts``, ``d`` is also bounded by ``timeout`` seconds
+    (DEADLINE_EXCEEDED)."""
     future = asyncio.get_running_loop().create_future()
 
     def done(result):
         if not future.done():
             future.set_result(result)
 
-    if timeout is not None:
-        d.addTimeout(timeout, clock)
     d.addBoth(done)
+    if timeouts is not None and not future.done():
+        timeouts.watch(future, d, timeout)
     try:
         result = await future  # already done when d had fired: no trip round the loop
     except asyncio.CancelledError:
         d.cancel()
         raise
+    finally:
+        if timeouts is not None:
+            timeouts.forget(future)
     if isinstance(result, Failure):
         raise as_inference_error(result)
     return result
 
 
-def aio_servicer(api, clock):
+def aio_servicer(api, timeouts):
     """An object with one coroutine ``Method(request, context)`` per RPC of
-    ``api``, for a grpc.aio server running on ``clock``'s (the reactor's) loop."""
+    ``api``, for a grpc.aio server on the reactor's loop; requests without a
+    client deadline are bounded through ``timeouts``."""
     servicer = type("AioServicer", (), {})()
     for name in rpc.method_names(api.service_name):
-        setattr(servicer, name, _coroutine(getattr(api, name), api.default_timeout(name), clock))
+        setattr(servicer, name, _coroutine(getattr(api, name), api.default_timeout(name), timeouts))
     return servicer
 
 
-def _coroutine(method, default, clock):
+def _coroutine(method, default, timeouts):
     async def handle(request, context):
-        timeout = rpc.time_left(context, default)
+        remaining = context.time_remaining()
+        client_deadline = remaining is not None and remaining < rpc.NO_DEADLINE
+        timeout = remaining if client_deadline else default
         try:
             result = method(request, timeout)
             if isinstance(result, Deferred):
-                result = await settle(result, timeout, clock)
+                if client_deadline:  # grpc.aio cancels this task when it passes
+                    result = await settle(result)
+                else:
+                    result = await settle(result, timeouts, timeout)
             return result
         except InferenceError as e:
             await context.abort(e.code, e.message)
@@ -79,9 +136,10 @@ class AioGrpcService(Service):
 
     log = Logger()
 
-    def __init__(self, loop, label, host, port, handlers,
+    def __init__(self, loop, label, host, port, handlers, timeouts=None,
                  max_message_size=defaults.MAX_MESSAGE_SIZE, max_concurrent_rpcs=None, grace=10.0):
         self.loop = loop
+        self.timeouts = timeouts
         self.label = label
         self.host = host
         self.port = port
@@ -110,6 +168,8 @@ class AioGrpcService(Service):
             raise RuntimeError("%s: cannot listen on %s" % (self.label, address))
         self.started = Deferred.fromFuture(asyncio.ensure_future(self.server.start(), loop=self.loop))
         self.started.addErrback(lambda f: self.log.failure("{label} gRPC did not start", f, label=self.label))
+        if self.timeouts is not None:
+            self.timeouts.start()
         super().startService()
         self.log.info("{label} gRPC listening on {host}:{port} (asyncio front)",
                       label=self.label, host=self.host, port=self.bound_port)
@@ -119,4 +179,7 @@ class AioGrpcService(Service):
         if self.server is None:
             return None
         self.log.info("{label} gRPC draining (grace {grace}s)", label=self.label, grace=self.grace)
-        return Deferred.fromFuture(asyncio.ensure_future(self.server.stop(self.grace), loop=self.loop))
+        stopped = Deferred.fromFuture(asyncio.ensure_future(self.server.stop(self.grace), loop=self.loop))
+        if self.timeouts is not None:
+            stopped.addBoth(lambda result: self.timeouts.stop() or result)
+        return stopped

@@ -32,11 +32,12 @@ from anyserve_tw.wire import defaults, rpc
 def _front_factory(reactor, front, loop):
     """A function building one front service from (label, host, port, api, ...)."""
     if front == "aio":
-        from anyserve_tw.ingress.aiofront import AioGrpcService, aio_servicer
+        from anyserve_tw.ingress.aiofront import AioGrpcService, RequestTimeouts, aio_servicer
 
         def build(label, host, port, api, threads, **settings):
-            handler = rpc.generic_handler(api.service_name, aio_servicer(api, reactor), api.raw_methods)
-            return AioGrpcService(loop, label, host, port, [handler], **settings)
+            timeouts = RequestTimeouts(reactor)
+            handler = rpc.generic_handler(api.service_name, aio_servicer(api, timeouts), api.raw_methods)
+            return AioGrpcService(loop, label, host, port, [handler], timeouts, **settings)
     elif front == "threads":
         from anyserve_tw.ingress.bridge import ReactorBridge
         from anyserve_tw.ingress.threadfront import GrpcServerService, threaded_servicer

@@ -8,7 +8,7 @@ from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
-from anyserve_tw.ingress.aiofront import aio_servicer, settle
+from anyserve_tw.ingress.aiofront import RequestTimeouts, aio_servicer, settle
 from anyserve_tw.ingress.inference import InferenceAPI
 from anyserve_tw.wire import protos
 from anyserve_tw.wire.errors import InferenceError, not_found
@@ -62,44 +62,65 @@ class LoopTestCase(SynchronousTestCase):
 
 
 class SettleTests(LoopTestCase):
+    def setUp(self):
+        super().setUp()
+        self.timeouts = RequestTimeouts(self.clock, interval=1.0)
+        self.timeouts.start()
+        self.addCleanup(self.timeouts.stop)
+
     def test_fired_deferred(self):
-        task = self.start(settle(succeed(b"answer"), 5, self.clock))
+        task = self.start(settle(succeed(b"answer"), self.timeouts, 5))
         self.assertEqual(self.outcome(task), b"answer")
-        self.assertEqual(self.clock.getDelayedCalls(), [])
+        self.assertEqual(len(self.timeouts), 0)
 
     def test_later_result(self):
         op = Cancellable()
-        task = self.start(settle(op.deferred, 5, self.clock))
+        task = self.start(settle(op.deferred, self.timeouts, 5))
+        self.assertEqual(len(self.timeouts), 1)
         self.assertFalse(task.done())
         op.deferred.callback(b"late")
         self.assertEqual(self.outcome(task), b"late")
         self.assertEqual(op.cancelled, 0)
+        self.assertEqual(len(self.timeouts), 0)
 
     def test_failure_keeps_its_status(self):
-        task = self.start(settle(fail(not_found("nope")), 5, self.clock))
+        task = self.start(settle(fail(not_found("nope")), self.timeouts, 5))
         error = self.outcome(task)
         self.assertIsInstance(error, InferenceError)
         self.assertEqual(error.code, grpc.StatusCode.NOT_FOUND)
 
-    def test_deadline_cancels_and_is_deadline_exceeded(self):
+    def test_timeout_cancels_and_is_deadline_exceeded(self):
+        """The sweep bounds a request to within its interval, with no timer of its own."""
         op = Cancellable()
-        task = self.start(settle(op.deferred, 5, self.clock))
+        task = self.start(settle(op.deferred, self.timeouts, 5))
+        self.assertEqual(len(self.clock.getDelayedCalls()), 1)  # the sweep's, nothing per request
         self.clock.advance(4.9)
         self.spin()
         self.assertFalse(task.done())
-        self.clock.advance(0.2)
+        self.clock.advance(1.0)
         error = self.outcome(task)
         self.assertEqual(op.cancelled, 1)  # the worker is told to drop it
         self.assertEqual(error.code, grpc.StatusCode.DEADLINE_EXCEEDED)
+        self.assertEqual(len(self.timeouts), 0)
+
+    def test_without_timeouts_only_the_rpc_bounds_it(self):
+        op = Cancellable()
+        task = self.start(settle(op.deferred))
+        self.clock.advance(10000)
+        self.spin()
+        self.assertFalse(task.done())
+        task.cancel()  # what grpc.aio does when the client's deadline passes
+        self.spin()
+        self.assertEqual(op.cancelled, 1)
 
     def test_rpc_cancelled_cancels_the_deferred(self):
         op = Cancellable()
-        task = self.start(settle(op.deferred, 5, self.clock))
+        task = self.start(settle(op.deferred, self.timeouts, 5))
         task.cancel()
         self.spin()
         self.assertTrue(task.cancelled())
         self.assertEqual(op.cancelled, 1)
-        self.assertEqual(self.clock.getDelayedCalls(), [])  # the timeout went with it
+        self.assertEqual(len(self.timeouts), 0)  # no longer watched
 
 
 class StubRouter:
@@ -121,12 +142,16 @@ class ServicerTests(LoopTestCase):
     def setUp(self):
         super().setUp()
         self.router = StubRouter()
-        self.servicer = aio_servicer(InferenceAPI(self.router, request_timeout=600.0), self.clock)
+        self.timeouts = RequestTimeouts(self.clock, interval=1.0)
+        self.timeouts.start()
+        self.addCleanup(self.timeouts.stop)
+        self.servicer = aio_servicer(InferenceAPI(self.router, request_timeout=600.0), self.timeouts)
 
     def test_model_infer_forwards_bytes_with_the_deadline(self):
         request = _v2.ModelInferRequest(model_name="add", model_version="2").SerializeToString()
         task = self.start(self.servicer.ModelInfer(request, FakeAioContext(remaining=3.0)))
         self.assertEqual(self.router.forwarded, [("add", "2", request, 3.0)])
+        self.assertEqual(len(self.timeouts), 0)  # grpc.aio enforces a client's own deadline
         self.router.answer.callback(b"response bytes")
         self.assertEqual(self.outcome(task), b"response bytes")
 
@@ -134,7 +159,10 @@ class ServicerTests(LoopTestCase):
         request = _v2.ModelInferRequest(model_name="add").SerializeToString()
         task = self.start(self.servicer.ModelInfer(request, FakeAioContext(remaining=9.2e18)))
         self.assertEqual(self.router.forwarded[0][3], 600.0)
-        self.clock.advance(600.5)
+        self.clock.advance(599.5)
+        self.spin()
+        self.assertFalse(task.done())
+        self.clock.advance(1.0)
         self.assertEqual(self.outcome(task).args[0], grpc.StatusCode.DEADLINE_EXCEEDED)
 
     def test_statuses_abort_the_rpc(self):

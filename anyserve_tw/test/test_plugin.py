@@ -2,6 +2,7 @@
 import os
 import subprocess
 import sys
+from unittest import SkipTest
 
 from twisted.application.service import IServiceMaker
 from twisted.plugin import getPlugins
@@ -107,9 +108,11 @@ class OptionsTests(SynchronousTestCase):
         # The rest of README's option table, as written there.
         self.assertEqual(
             {name: options[name] for name in ("host", "pool-size", "heartbeat-timeout", "grace",
-                                              "threads", "max-concurrent-rpcs", "request-timeout")},
+                                              "threads", "max-concurrent-rpcs", "request-timeout",
+                                              "front", "loop")},
             {"host": "0.0.0.0", "pool-size": 2, "heartbeat-timeout": 6.0, "grace": 10.0,
-             "threads": 64, "max-concurrent-rpcs": 1024, "request-timeout": 600.0})
+             "threads": 64, "max-concurrent-rpcs": 1024, "request-timeout": 600.0,
+             "front": "aio", "loop": "asyncio"})
         self.parse("--worker", "x.py")
         self.assertEqual(self.parse()["worker"], [])
 
@@ -126,6 +129,8 @@ class OptionsTests(SynchronousTestCase):
             ["--max-message-size", "0"],
             ["--grace", "-1"],
             ["--request-timeout", "0"],
+            ["--front", "greenlets"],
+            ["--loop", "trio"],
         ):
             self.assertRaises(usage.UsageError, self.parse, *args)
 
@@ -143,6 +148,10 @@ class ServiceTreeTests(SynchronousTestCase):
     """What makeService builds from the options (nothing is started)."""
 
     def make(self, *args):
+        # trial installs its reactor only when a test needs one; makeService
+        # would otherwise install asyncio's for the rest of this process.
+        from twisted.internet import reactor  # noqa: F401
+
         from anyserve_tw.ingress.tap import Options, makeService
 
         options = Options()
@@ -161,6 +170,38 @@ class ServiceTreeTests(SynchronousTestCase):
                                "--max-message-size", "12345").getServiceNamed("workers")
         self.assertEqual(supervisor.ingress_address, "127.0.0.1:9100")  # reachable, not 0.0.0.0
         self.assertEqual(supervisor.max_message_size, 12345)
+
+    def test_non_asyncio_reactor_gets_the_thread_front(self):
+        """trial's default reactor is not asyncio's: --front aio falls back to threads."""
+        from twisted.internet import reactor
+        from twisted.internet.asyncioreactor import AsyncioSelectorReactor
+
+        from anyserve_tw.ingress.threadfront import GrpcServerService
+
+        if isinstance(reactor, AsyncioSelectorReactor):
+            raise SkipTest("trial runs on the asyncio reactor here")
+        for args in ((), ("--front", "aio"), ("--front", "threads")):
+            top = self.make(*args)
+            self.assertIsInstance(top.getServiceNamed("inference"), GrpcServerService)
+            self.assertIsInstance(top.getServiceNamed("management"), GrpcServerService)
+
+    def test_the_asyncio_reactor_gets_the_aio_front(self):
+        from twisted.internet.asyncioreactor import AsyncioSelectorReactor
+
+        from anyserve_tw.ingress.aiofront import AioGrpcService
+        from anyserve_tw.ingress.service import make_ingress_service
+        from anyserve_tw.ingress.tap import choose_front
+
+        import asyncio
+
+        loop = asyncio.new_event_loop()
+        self.addCleanup(loop.close)
+        reactor = AsyncioSelectorReactor(loop)
+        front, chosen_loop = choose_front(reactor, "aio")
+        self.assertEqual(front, "aio")
+        top = make_ingress_service(reactor, front=front, loop=chosen_loop)
+        self.assertIsInstance(top.getServiceNamed("inference"), AioGrpcService)
+        self.assertEqual(choose_front(reactor, "threads"), ("threads", None))
 
     def test_no_workers_no_supervisor(self):
         self.assertEqual(sorted(s.name for s in self.make()), ["inference", "management", "router"])

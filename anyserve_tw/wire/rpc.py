@@ -21,14 +21,14 @@ def channel_options(max_message_size):
 
 #: Beyond this many seconds a remaining time means "no deadline": grpcio
 #: reports a client without one as ~9.2e18 seconds away.
-_NO_DEADLINE = 1e9
+NO_DEADLINE = 1e9
 
 
 def time_left(context, default):
     """Seconds the RPC behind ``context`` may still take, or ``default`` when
     the client set no deadline."""
     remaining = context.time_remaining()
-    if remaining is None or remaining > _NO_DEADLINE:
+    if remaining is None or remaining > NO_DEADLINE:
         return default
     return remaining
 
