@@ -255,3 +255,34 @@ class SplitAndAppendTests(SynchronousTestCase):
             parsed = message_class.FromString(data)
             self.assertEqual(parsed.model_name, "m")
             self.assertEqual(list(parsed.raw_output_contents), [b"xy", big, b""])
+
+    def test_split_raw_inputs_read_only_over_mutable_buffer(self):
+        """Raw input views stay read-only when the payload is a bytearray."""
+        from anyserve_tw.wire.protowire import split_raw_inputs
+
+        request = ours.ModelInferRequest(model_name="m")
+        request.inputs.add(name="a", datatype="UINT8").shape.append(3)
+        request.raw_input_contents.append(b"\x01\x02\x03")
+        _, raw = split_raw_inputs(bytearray(request.SerializeToString()))
+        self.assertEqual(bytes(raw[0]), b"\x01\x02\x03")
+        self.assertTrue(raw[0].readonly)
+
+    def test_raw_output_parts(self):
+        """The parts join to append_raw_outputs' bytes, hold the output
+        buffers themselves, and size non-byte views by their bytes."""
+        import array
+
+        from anyserve_tw.wire.protowire import append_raw_outputs, raw_output_parts
+
+        head = ours.ModelInferResponse(model_name="m").SerializeToString()
+        big = bytes(range(256)) * 1000
+        ints = memoryview(array.array("i", [1, 2, 3]))
+        parts = raw_output_parts(head, [big, ints, b""])
+        self.assertIs(parts[0], head)
+        self.assertIs(parts[2], big)
+        self.assertIs(parts[4], ints)
+        self.assertEqual(len(parts), 6)  # the empty output is its key alone
+        joined = b"".join(parts)
+        self.assertEqual(joined, append_raw_outputs(head, [big, ints, b""]))
+        parsed = ours.ModelInferResponse.FromString(joined)
+        self.assertEqual(list(parsed.raw_output_contents), [big, ints.tobytes(), b""])

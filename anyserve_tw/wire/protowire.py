@@ -7,9 +7,10 @@ returns the model name, version and request id.  Its cost is a few steps per
 top-level field, whatever the tensor sizes.
 
 The worker uses the same walk to split ``raw_input_contents`` off as
-zero-copy views (:func:`split_raw_inputs`) and to append
-``raw_output_contents`` to a response without copying them through protobuf
-(:func:`append_raw_outputs`).
+zero-copy, read-only views (:func:`split_raw_inputs`), and adds
+``raw_output_contents`` to a response without copying them through protobuf:
+:func:`raw_output_parts` lists the pieces for a scatter-gather send,
+:func:`append_raw_outputs` joins them.
 """
 from anyserve_tw.wire.errors import invalid_argument
 
@@ -96,9 +97,10 @@ def split_raw_inputs(payload):
     """Split request bytes into (everything but the raw inputs, [raw input views]).
 
     The first part is small (names, shapes, parameters) and cheap to parse; the
-    raw inputs stay where they are in ``payload``, as memoryviews.
+    raw inputs stay where they are in ``payload``, as memoryviews, read-only
+    even over a mutable buffer: handlers see them through numpy.
     """
-    view = memoryview(payload)
+    view = memoryview(payload).toreadonly()
     rest = []
     raw = []
     try:
@@ -112,8 +114,15 @@ def split_raw_inputs(payload):
     return b"".join(rest), raw
 
 
-def append_raw_outputs(response_bytes, buffers):
-    """Serialized response bytes with ``raw_output_contents`` entries appended.
+def _nbytes(buffer):
+    return len(buffer) if type(buffer) is bytes else memoryview(buffer).nbytes
+
+
+def raw_output_parts(response_bytes, buffers):
+    """``[response_bytes, key, buffer, key, buffer, ...]``: serialized response
+    bytes followed by one ``raw_output_contents`` entry per buffer, each key
+    being the field's tag and length.  The buffers are not copied; a list of
+    parts is what the frame sender takes.
 
     Protobuf allows a message's fields in any order, so appending field 6 after
     the rest equals setting it, minus two copies of every output tensor.
@@ -121,7 +130,14 @@ def append_raw_outputs(response_bytes, buffers):
     tag = encode_varint(RAW_OUTPUT_CONTENTS << 3 | LENGTH_DELIMITED)
     parts = [response_bytes]
     for buffer in buffers:
-        parts.append(tag)
-        parts.append(encode_varint(len(buffer)))
-        parts.append(buffer)
-    return b"".join(parts)
+        size = _nbytes(buffer)
+        parts.append(tag + encode_varint(size))
+        if size:
+            parts.append(buffer)
+    return parts
+
+
+def append_raw_outputs(response_bytes, buffers):
+    """Serialized response bytes with ``raw_output_contents`` entries appended,
+    as one ``bytes`` (:func:`raw_output_parts` joined)."""
+    return b"".join(raw_output_parts(response_bytes, buffers))
