@@ -22,11 +22,21 @@ message fails one request and not the whole connection.
 
 Twisted's ``Int32StringReceiver`` is not used: it caps frames at 99,999 bytes
 and re-copies its growing buffer, while tensors need megabytes copied once.
+
+Tensors are copied in user space only where the kernel or grpcio need it.  A
+frame goes out with one ``sendmsg()`` of its header and payload parts, joined
+by no one, whenever Twisted holds nothing unsent ahead of it.  A large frame is
+read with ``recv_into()`` straight into a ``bytes`` object of its final size,
+which is what is delivered: grpcio takes nothing but ``bytes``.
 """
+import ctypes
+import errno
+import os
 import socket
 import struct
 from collections import deque
 
+from twisted.internet.abstract import FileDescriptor
 from twisted.internet.protocol import Protocol
 
 from anyserve_tw.wire.defaults import MAX_MESSAGE_SIZE
@@ -41,9 +51,26 @@ CANCEL = 4
 
 KIND_NAMES = {REQUEST: "REQUEST", RESPONSE: "RESPONSE", ERROR: "ERROR", CANCEL: "CANCEL"}
 
-#: Twisted's default read size, and the most one read may ask for.
+#: Twisted's default read size, used between frames.
 READ_SIZE = 64 * 1024
-MAX_READ_SIZE = 4 * 1024 * 1024
+
+#: Frames at least this long are received into one buffer of their final
+#: size; shorter ones are sliced out of the reads they came in.
+LARGE_FRAME = 64 * 1024
+
+#: Twisted's read size while a large frame fills: the rest of the frame is
+#: read in place, so what Twisted reads is the only part copied twice.
+FILL_READ_SIZE = 4 * 1024
+
+#: Most buffers one sendmsg() takes.
+try:
+    IOV_MAX = os.sysconf("SC_IOV_MAX")
+except (AttributeError, ValueError, OSError):
+    IOV_MAX = 1024
+if IOV_MAX <= 1:
+    IOV_MAX = 1024
+
+_NOSIGNAL = getattr(socket, "MSG_NOSIGNAL", 0)
 
 #: Kernel buffer asked for on each ingress-worker connection.  With Linux's
 #: default (~208 KiB) and Twisted's 128 KiB ``SEND_LIMIT``, a 2 MiB request
@@ -62,21 +89,83 @@ def encode_header(kind, request_id, length, aux=0):
     return HEADER.pack(length, kind, 0, 0, request_id, aux)
 
 
+def _byte_view(part):
+    """``part`` as bytes, bytearray or a flat byte memoryview, so that ``len``
+    is its size in bytes and slices cut at byte offsets."""
+    if type(part) is bytes or type(part) is bytearray:
+        return part
+    view = memoryview(part)
+    if view.format != "B" or view.ndim != 1:
+        view = view.cast("B")
+    return view
+
+
+def payload_parts(payload):
+    """The non-empty parts of a payload given as one bytes-like object or a
+    list/tuple of them, each as :func:`_byte_view` makes it."""
+    if isinstance(payload, (list, tuple)):
+        parts = [_byte_view(p) for p in payload]
+        return [p for p in parts if len(p)]
+    part = _byte_view(payload)
+    return [part] if len(part) else []
+
+
+def payload_length(payload):
+    """Bytes a payload (bytes-like or list/tuple of parts) puts on the wire."""
+    return sum(len(p) for p in payload_parts(payload))
+
+
+def _in_place_bytes():
+    """Build ``bytes`` in place, as C extensions do: CPython documents that
+    an object from ``PyBytes_FromStringAndSize(NULL, n)`` may be written
+    through ``PyBytes_AsString()`` until it is shared.  None where the C API
+    is not reachable (not CPython)."""
+    try:
+        api = ctypes.pythonapi
+        new = ctypes.PYFUNCTYPE(ctypes.py_object, ctypes.c_char_p, ctypes.c_ssize_t)(
+            ("PyBytes_FromStringAndSize", api))
+        address = ctypes.PYFUNCTYPE(ctypes.c_void_p, ctypes.py_object)(("PyBytes_AsString", api))
+        view_of = ctypes.PYFUNCTYPE(ctypes.py_object, ctypes.c_void_p, ctypes.c_ssize_t, ctypes.c_int)(
+            ("PyMemoryView_FromMemory", api))
+    except (AttributeError, OSError):
+        return None
+    writable = 0x200  # PyBUF_WRITE
+
+    def new_payload_buffer(size):
+        """A fresh ``bytes`` of ``size`` unset bytes and a writable view of them."""
+        payload = new(None, size)
+        return payload, view_of(address(payload), size, writable)
+
+    return new_payload_buffer
+
+
+#: ``new_payload_buffer(size) -> (payload, writable byte view)``, or None.
+new_payload_buffer = _in_place_bytes()
+
+
 class FrameDecoder:
     """Incremental decoder: feed it bytes, get back complete frames.
 
-    Received chunks are kept as they arrived and each frame's bytes are joined
-    exactly once, so a multi-megabyte payload costs one copy however many reads
-    it arrived in, and a read holding many small frames is sliced, not re-copied.
+    A frame shorter than ``large`` is sliced out of the chunk it arrived in,
+    or joined once from several.  A longer one that is still incomplete gets
+    its payload object at once (``allocate(length)``, by default a ``bytes``
+    built in place); what arrived is copied in and the rest is written into
+    place as it comes, by :meth:`feed`, or by a socket's ``recv_into()`` of
+    :meth:`unfilled` followed by :meth:`filled`.  Payloads are ``bytes``
+    unless ``allocate`` makes something else.
     """
 
-    def __init__(self, max_payload=DEFAULT_MAX_PAYLOAD):
+    def __init__(self, max_payload=DEFAULT_MAX_PAYLOAD, large=LARGE_FRAME, allocate=None):
         self.max_payload = max_payload
+        self.large = large
+        self._allocate = allocate if allocate is not None else new_payload_buffer
         self._chunks = deque()
         self._offset = 0  # bytes of _chunks[0] already consumed
         self._buffered = 0  # bytes held beyond _offset
         self._header = None  # (kind, request_id, aux, length) of the frame in progress
         self._skipping = 0  # bytes of an oversize payload still to throw away
+        self._payload = None  # the large frame's payload object, being filled
+        self._view = None  # writable view of its bytes not yet arrived
 
     def _take(self, n):
         """Remove and return the next ``n`` buffered bytes (n <= buffered)."""
@@ -127,9 +216,52 @@ class FrameDecoder:
         self._buffered -= dropped
         return dropped
 
+    def _start_filling(self, length):
+        """Give the frame in progress its payload object and move what has
+        arrived of it (everything buffered) into place."""
+        payload, view = self._allocate(length)
+        filled = 0
+        while self._chunks:
+            chunk = self._chunks.popleft()
+            if self._offset:
+                chunk = memoryview(chunk)[self._offset:]
+                self._offset = 0
+            view[filled:filled + len(chunk)] = chunk
+            filled += len(chunk)
+        self._buffered = 0
+        self._payload = payload
+        self._view = view[filled:]
+
+    def _finish_filling(self):
+        kind, request_id, aux, _ = self._header
+        payload = self._payload
+        self._header = self._payload = self._view = None
+        return (kind, request_id, aux, payload)
+
+    @property
+    def filling(self):
+        """True while a large frame waits for more bytes in its own buffer."""
+        return self._view is not None
+
+    def unfilled(self):
+        """A writable view of the bytes the filling frame still lacks, in
+        order, for ``recv_into()``; report what was written with :meth:`filled`."""
+        return self._view
+
+    def filled(self, n):
+        """``n`` bytes were written at the start of :meth:`unfilled`; returns
+        the list of frames this completed (the filling one, or none)."""
+        view = self._view
+        if n < len(view):
+            self._view = view[n:]
+            return []
+        return [self._finish_filling()]
+
     @property
     def expecting(self):
         """Bytes still missing from the frame in progress (0 between frames)."""
+        if self._view is not None:
+            return len(self._view)
         if self._header is None:
             return 0
         return self._header[3] - self._buffered
@@ -137,10 +269,24 @@ class FrameDecoder:
     def feed(self, data):
         """Add ``data``; return a list of ``(kind, request_id, aux, payload)``
         frames and ``("oversize", kind, request_id, length)`` notices."""
-        if data:
-            self._chunks.append(data)
-            self._buffered += len(data)
         out = []
+        if data:
+            view = self._view
+            if view is None:
+                self._chunks.append(data)
+                self._buffered += len(data)
+            elif len(data) < len(view):
+                view[:len(data)] = data
+                self._view = view[len(data):]
+                return out
+            else:
+                n = len(view)
+                view[:] = data if n == len(data) else memoryview(data)[:n]
+                out.append(self._finish_filling())
+                if n < len(data):
+                    self._chunks.append(data)
+                    self._offset = n
+                    self._buffered = len(data) - n
         while True:
             if self._skipping:
                 self._skipping -= self._drop(self._skipping)
@@ -159,9 +305,62 @@ class FrameDecoder:
                 self._header = (kind, request_id, aux, length)
             kind, request_id, aux, length = self._header
             if self._buffered < length:
+                if length >= self.large and self._allocate is not None:
+                    self._start_filling(length)
                 return out
             self._header = None
             out.append((kind, request_id, aux, self._take(length) if length else b""))
+
+
+def stream_socket(transport):
+    """The socket under ``transport`` when that is Twisted's own socket
+    transport, whose buffers frames may bypass; None for anything else
+    (TLS, wrappers, tests' fakes)."""
+    if not isinstance(transport, FileDescriptor) or getattr(transport, "TLS", False):
+        return None
+    sock = getattr(transport, "socket", None)
+    if isinstance(sock, socket.socket) and sock.type == socket.SOCK_STREAM:
+        return sock
+    return None
+
+
+def _writes_through(transport):
+    """True when a write now would go straight to the socket: the connection
+    is open and Twisted holds no unsent bytes that must go first."""
+    return (transport.connected and not transport.disconnecting
+            and not transport._writeDisconnected and not getattr(transport, "_aborting", False)
+            and not transport.producerPaused and not getattr(transport, "TLS", False)
+            and not transport._tempDataLen and len(transport.dataBuffer) == transport.offset)
+
+
+def _reads_on(transport):
+    """True while Twisted would still read from the transport's socket."""
+    return (transport.connected and not transport.disconnecting
+            and not getattr(transport, "_aborting", False))
+
+
+def send_parts(sock, pieces):
+    """Give ``pieces`` to the kernel as they are, with as few ``sendmsg()``
+    calls as it takes now; return the list of what it did not take (the
+    first item possibly a view of a piece's tail)."""
+    start = 0
+    while start < len(pieces):
+        batch = pieces[start:start + IOV_MAX]
+        try:
+            sent = sock.sendmsg(batch, (), _NOSIGNAL)
+        except OSError as e:
+            if e.errno not in (errno.EAGAIN, errno.EWOULDBLOCK, errno.ENOBUFS):
+                return pieces[start:]  # Twisted's own write will report the error
+            sent = 0
+        for index, piece in enumerate(batch):
+            if sent < len(piece):
+                rest = pieces[start + index:]
+                if sent:
+                    rest[0] = memoryview(piece)[sent:]
+                return rest
+            sent -= len(piece)
+        start += len(batch)
+    return []
 
 
 def widen_socket_buffers(transport, size):
@@ -195,25 +394,47 @@ class FramedProtocol(Protocol):
 
     def connectionMade(self):
         self._decoder = FrameDecoder(self.max_payload)
+        self._socket = stream_socket(self.transport)
         widen_socket_buffers(self.transport, self.socket_buffer)
 
-    def dataReceived(self, data):
-        for item in self._decoder.feed(data):
+    def _deliver(self, items):
+        for item in items:
             if item[0] == "oversize":
                 self.frameTooLong(*item[1:])
             else:
                 self.frameReceived(*item)
-        # Size the next read to the rest of a large frame in progress: fewer,
-        # larger reads of a tensor (worker CPU on 2 x 1 MiB requests, read
-        # straight off its socket: ~1.94 -> ~1.76 ms over four A/B pairs).
-        self.transport.bufferSize = min(max(self._decoder.expecting, READ_SIZE), MAX_READ_SIZE)
+
+    def dataReceived(self, data):
+        decoder = self._decoder
+        self._deliver(decoder.feed(data))
+        sock = self._socket
+        # The rest of a large frame is read into place now, until the socket
+        # has no more; errors and end of stream are left to Twisted's next read.
+        while decoder.filling and sock is not None and _reads_on(self.transport):
+            try:
+                n = sock.recv_into(decoder.unfilled())
+            except OSError:
+                break
+            if not n:
+                break
+            self._deliver(decoder.filled(n))
+        self.transport.bufferSize = FILL_READ_SIZE if decoder.filling else READ_SIZE
 
     def sendFrame(self, kind, request_id, payload=b"", aux=0):
-        header = encode_header(kind, request_id, len(payload), aux)
-        if payload:
-            self.transport.writeSequence((header, payload))
+        """Send one frame.  ``payload`` is bytes-like or a list/tuple of
+        bytes-like parts, sent in order and never joined when the socket can
+        take them now; only what it leaves is copied, into Twisted's buffer."""
+        parts = payload_parts(payload)
+        header = encode_header(kind, request_id, sum(len(p) for p in parts), aux)
+        transport = self.transport
+        if self._socket is not None and _writes_through(transport):
+            parts.insert(0, header)
+            rest = send_parts(self._socket, parts)
+            if rest:
+                transport.write(b"".join(rest))
         else:
-            self.transport.write(header)
+            # Behind queued bytes (or off a socket) Twisted must keep the order.
+            transport.writeSequence([header] + [p if type(p) is bytes else bytes(p) for p in parts])
 
     def frameReceived(self, kind, request_id, aux, payload):
         raise NotImplementedError
