@@ -41,7 +41,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the checko
 
 # ``--fronts`` names: the ingress's ``--front`` for each; "default" passes none
 # (the ingress's own default, and the only choice before ``--front`` existed).
-FRONT_ARGS = {"aio": ["--front", "aio"], "threads": ["--front", "threads"], "default": []}
+FRONT_ARGS = {"aio": ["--front", "aio"], "threads": ["--front", "threads"],
+              "aio-uvloop": ["--front", "aio", "--loop", "uvloop"], "default": []}
 
 
 # --------------------------------------------------------------------------
