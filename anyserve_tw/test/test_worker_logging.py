@@ -6,7 +6,7 @@ import re
 from twisted.logger import Logger
 from twisted.trial.unittest import SynchronousTestCase
 
-from anyserve_tw.worker.server import log_observer
+from anyserve_tw.worker.main import log_observer
 
 STAMP = re.compile(r"^\d{4}-\d\d-\d\dT")
 

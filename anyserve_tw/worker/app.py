@@ -1,10 +1,8 @@
 """The model author's API: ``app = AnyServe()``, ``@app.model(...)``, ``app.run()``."""
-import grpc
-
-from anyserve_tw.wire.errors import InferenceError, not_found
-from anyserve_tw.wire.protowire import peek_request
 from anyserve_tw.wire.defaults import default_version
+from anyserve_tw.wire.errors import not_found
 from anyserve_tw.worker.model import Model
+from anyserve_tw.worker.parsing import parse_request
 
 
 class AnyServe:
@@ -35,14 +33,16 @@ class AnyServe:
 
         return register
 
-    def route(self, payload):
-        """The Model a request's bytes are for (same default-version rule as the ingress)."""
-        name, version, _ = peek_request(payload)
-        if not version:
-            version = default_version(name, [v for (n, v) in self.models if n == name])
+    def route(self, request):
+        """The Model for a request: its bytes, or the ParsedRequest the worker
+        made of them (same default-version rule as the ingress)."""
+        parsed = parse_request(request)
+        name, version = parsed.name, parsed.version
         model = self.models.get((name, version))
         if model is None:
-            raise not_found(name, version)
+            if version:
+                raise not_found(name, version)
+            model = self.models[name, default_version(name, [v for (n, v) in self.models if n == name])]
         return model
 
     def handle(self, payload, model=None):
@@ -52,28 +52,17 @@ class AnyServe:
         Errors come out as :class:`InferenceError`; a handler's own exception
         becomes INTERNAL carrying its message.
         """
+        parsed = parse_request(payload)
         if model is None:
-            model = self.route(payload)
-        request = model.decode(payload)
-        try:
-            return model.encode(request, model.handler(request))
-        except InferenceError:
-            raise
-        except Exception as e:
-            raise handler_error(model, e) from e
+            model = self.route(parsed)
+        return model.serve(parsed)
 
     def run(self, ingress=None, socket_path=None, worker_id=None, threads=None,
             heartbeat_interval=None):
         """Serve until SIGTERM/SIGINT; options default to ANYSERVE_* env vars."""
-        from anyserve_tw.worker.server import run
+        # Imported here: the process machinery (reactor, grpc) is not part of
+        # the authoring API, and importing a model module must not start it.
+        from anyserve_tw.worker.main import run
 
         run(self, ingress=ingress, socket_path=socket_path, worker_id=worker_id,
             threads=threads, heartbeat_interval=heartbeat_interval)
-
-
-def handler_error(model, exception):
-    """INTERNAL carrying what the handler raised."""
-    return InferenceError(
-        grpc.StatusCode.INTERNAL,
-        "model '%s' failed: %s: %s" % (model.name, type(exception).__name__, exception),
-    )

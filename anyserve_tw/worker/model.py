@@ -8,8 +8,9 @@ import grpc
 import numpy as np
 
 from anyserve_tw.wire import protos, protowire
-from anyserve_tw.worker import tensors
 from anyserve_tw.wire.errors import InferenceError, invalid_argument
+from anyserve_tw.worker import tensors
+from anyserve_tw.worker.parsing import parse_request
 
 _v2 = protos.inference
 
@@ -23,9 +24,12 @@ class TensorSpec(namedtuple("TensorSpec", "name datatype shape")):
         return super().__new__(cls, name, datatype, tuple(int(d) for d in shape))
 
     def accepts_shape(self, shape):
-        return len(shape) == len(self.shape) and all(
-            want < 0 or want == got for want, got in zip(self.shape, shape)
-        )
+        if len(shape) != len(self.shape):
+            return False
+        for want, got in zip(self.shape, shape):
+            if want >= 0 and want != got:
+                return False
+        return True
 
 
 def as_spec(spec):
@@ -43,6 +47,9 @@ def _parameter_value(parameter):
 
 
 def _parameters(mapping):
+    # Most requests carry none; an empty map's items() alone costs ~0.7 us.
+    if not mapping:
+        return {}
     return {key: _parameter_value(value) for key, value in mapping.items()}
 
 
@@ -118,9 +125,9 @@ class Model:
         self._input_specs = {s.name: s for s in self.inputs} if inputs is not None else None
         self._output_specs = {s.name: s for s in self.outputs} if outputs is not None else None
         self.platform = platform
-        if asynchronous is None:
-            asynchronous = inspect.iscoroutinefunction(handler)
-        self.asynchronous = asynchronous
+        #: Runs on the event loop: ``async def``, or declared so.
+        self.asynchronous = (inspect.iscoroutinefunction(handler) if asynchronous is None
+                             else bool(asynchronous))
 
     @property
     def key(self):
@@ -129,12 +136,10 @@ class Model:
     # -- request -------------------------------------------------------------
 
     def decode(self, payload):
-        """Parse and validate request bytes; INVALID_ARGUMENT on any problem."""
-        rest, raw = protowire.split_raw_inputs(payload)
-        try:
-            message = _v2.ModelInferRequest.FromString(rest)
-        except Exception as e:
-            raise invalid_argument("malformed ModelInferRequest: %s" % (e,)) from None
+        """Validate request bytes, or the ParsedRequest routing already made
+        of them, into an InferRequest; INVALID_ARGUMENT on any problem."""
+        parsed = parse_request(payload)
+        message, raw = parsed.message, parsed.raw
         if raw and len(raw) != len(message.inputs):
             raise invalid_argument(
                 "%d raw_input_contents for %d inputs" % (len(raw), len(message.inputs))
@@ -186,6 +191,33 @@ class Model:
             message.model_name, message.model_version, message.id,
             _parameters(message.parameters), inputs, requested,
         )
+
+    # -- handler ---------------------------------------------------------------
+
+    def call(self, request):
+        """The handler's result; what it raises, other than InferenceError,
+        becomes INTERNAL naming this model."""
+        try:
+            return self.handler(request)
+        except InferenceError:
+            raise
+        except Exception as e:
+            raise handler_error(self, e) from e
+
+    def respond(self, request, result):
+        """Response bytes for a result; a result that cannot be encoded is
+        the handler's error, so INTERNAL too."""
+        try:
+            return self.encode(request, result)
+        except InferenceError:
+            raise
+        except Exception as e:
+            raise handler_error(self, e) from e
+
+    def serve(self, payload):
+        """Request bytes (or a ParsedRequest) in, response bytes out."""
+        request = self.decode(payload)
+        return self.respond(request, self.call(request))
 
     # -- response -------------------------------------------------------------
 
@@ -243,3 +275,11 @@ class Model:
             tensor.shape.extend(array.shape)
             buffers.append(tensors.to_buffer(datatype, array))
         return protowire.append_raw_outputs(response.SerializeToString(), buffers)
+
+
+def handler_error(model, exception):
+    """INTERNAL carrying what the handler raised."""
+    return InferenceError(
+        grpc.StatusCode.INTERNAL,
+        "model '%s' failed: %s: %s" % (model.name, type(exception).__name__, exception),
+    )

@@ -1,0 +1,373 @@
+"""Tests for anyserve_tw.worker.execution.Execution, on a fake clock.
+
+The thread pool is a queue the test empties by hand (:class:`QueuedPool`), so
+"queued", "running" and "finished" are steps the test takes.
+"""
+import grpc
+import numpy as np
+from twisted.internet.defer import Deferred
+from twisted.internet.task import Clock
+from twisted.python.failure import Failure
+from twisted.trial.unittest import SynchronousTestCase
+
+from anyserve_tw.wire import framing, protos
+from anyserve_tw.wire.errors import InferenceError
+from anyserve_tw.worker import execution
+from anyserve_tw.worker.app import AnyServe
+from anyserve_tw.worker.execution import Answer, Execution
+
+_v2 = protos.inference
+
+
+class FakeReactor(Clock):
+    """A Clock a pool can report back to, as threads do with callFromThread."""
+
+    def callFromThread(self, f, *args, **kwargs):
+        f(*args, **kwargs)
+
+
+class QueuedPool:
+    """ThreadPool's interface; jobs wait in ``queue`` until :meth:`run`."""
+
+    def __init__(self):
+        self.queue = []
+        self.running = False
+        self.stopped = False
+
+    def start(self):
+        self.running = True
+
+    def stop(self):
+        self.running = False
+        self.stopped = True
+
+    def callInThreadWithCallback(self, on_result, f, *args, **kwargs):
+        self.queue.append((on_result, f, args, kwargs))
+
+    def run(self, count=None):
+        """Run the first ``count`` queued jobs (all by default), in order."""
+        jobs = self.queue[:count] if count is not None else list(self.queue)
+        del self.queue[:len(jobs)]
+        for on_result, f, args, kwargs in jobs:
+            try:
+                result = f(*args, **kwargs)
+            except BaseException:
+                on_result(False, Failure())
+            else:
+                on_result(True, result)
+
+
+def infer_request(model, version="", **arrays):
+    message = _v2.ModelInferRequest(model_name=model, model_version=version, id="r")
+    for name, array in arrays.items():
+        message.inputs.add(name=name, datatype="INT32", shape=list(array.shape))
+        message.raw_input_contents.append(np.asarray(array, dtype="<i4").tobytes())
+    return message.SerializeToString()
+
+
+def outputs_of(answer):
+    kind, payload, code = answer
+    assert (kind, code) == (framing.RESPONSE, 0), answer
+    response = _v2.ModelInferResponse.FromString(bytes(payload))
+    return {o.name: np.frombuffer(raw, "<i4").tolist()
+            for o, raw in zip(response.outputs, response.raw_output_contents)}
+
+
+class ExecutionTestCase(SynchronousTestCase):
+    """An app of test models, an Execution running it, and what ran."""
+
+    def setUp(self):
+        self.reactor = FakeReactor()
+        self.pool = QueuedPool()
+        self.app = AnyServe()
+        self.calls = []  # names of the handlers that ran
+        self.pending = {}  # model name -> Deferred an asynchronous handler returned
+        self.execution = Execution(self.reactor, self.app, self.pool, max_payload=1 << 20)
+        self.execution.start()
+
+        def plain(name, **kw):
+            def handler(request):
+                self.calls.append(name)
+                return {"sum": request["a"] + request["b"]}
+
+            self.app.model(name, **kw)(handler)
+
+        plain("add")
+        plain("pinned", asynchronous=False)
+        plain("mirror", asynchronous=True)  # a plain value, on the loop
+
+        @self.app.model("fail")
+        def fail(request):
+            self.calls.append("fail")
+            raise ZeroDivisionError("division by zero in the handler")
+
+        @self.app.model("reject")
+        def reject(request):
+            self.calls.append("reject")
+            raise InferenceError(grpc.StatusCode.FAILED_PRECONDITION, "not today")
+
+        @self.app.model("later", asynchronous=True)
+        def later(request):
+            self.calls.append("later")
+            d = self.pending["later"] = Deferred(lambda _: self.calls.append("later cancelled"))
+            return d.addCallback(lambda n: {"sum": request["a"] * n})
+
+        @self.app.model("coro")
+        async def coro(request):
+            self.calls.append("coro")
+            d = self.pending["coro"] = Deferred(lambda _: self.calls.append("coro cancelled"))
+            n = await d
+            if n is None:
+                raise ValueError("no n")
+            return {"sum": request["a"] * n}
+
+    def execute(self, model, timeout=None, **arrays):
+        arrays = arrays or {"a": np.array([1, 2]), "b": np.array([10, 20])}
+        return self.execution.execute(infer_request(model, **arrays), timeout)
+
+    def assertAnswer(self, d, code, text=None):
+        kind, payload, status = self.successResultOf(d)
+        self.assertEqual((kind, status), (framing.ERROR, code.value[0]), payload)
+        if text is not None:
+            self.assertIn(text, payload.decode())
+        return payload.decode()
+
+
+class PoolTests(ExecutionTestCase):
+    def test_plain_handler_runs_in_the_pool(self):
+        d = self.execute("add")
+        self.assertNoResult(d)
+        self.assertEqual((len(self.pool.queue), self.calls), (1, []))
+        self.assertEqual(self.execution.pending, 1)
+        self.pool.run()
+        self.assertEqual(outputs_of(self.successResultOf(d)), {"sum": [11, 22]})
+        self.assertEqual(self.execution.pending, 0)
+
+    def test_deadline_fails_the_request_and_the_handler_never_runs(self):
+        d = self.execute("add", timeout=0.5)
+        self.reactor.advance(0.4)
+        self.assertNoResult(d)
+        self.reactor.advance(0.1)
+        self.assertAnswer(d, grpc.StatusCode.DEADLINE_EXCEEDED)
+        self.pool.run()
+        self.assertEqual(self.calls, [])
+        self.assertEqual(self.execution.pending, 0)
+
+    def test_answer_within_the_deadline(self):
+        d = self.execute("add", timeout=0.5)
+        self.pool.run()
+        self.assertEqual(outputs_of(self.successResultOf(d)), {"sum": [11, 22]})
+        self.reactor.advance(1)
+        self.assertEqual(self.reactor.getDelayedCalls(), [])
+
+    def test_cancel_drops_a_queued_request(self):
+        first, second = self.execute("add"), self.execute("add")
+        second.cancel()
+        self.assertAnswer(second, grpc.StatusCode.CANCELLED)
+        self.pool.run()
+        self.assertEqual(self.calls, ["add"])  # only the first ran
+        self.assertEqual(outputs_of(self.successResultOf(first)), {"sum": [11, 22]})
+
+    def test_cancel_while_running_is_answered_once(self):
+        """A handler already running when the cancel comes finishes unheard."""
+        requests = []
+
+        @self.app.model("cancelled_midway")
+        def midway(request):
+            requests[0].cancel()
+            return {"sum": request["a"]}
+
+        requests.append(self.execute("cancelled_midway"))
+        self.pool.run()
+        self.assertAnswer(requests[0], grpc.StatusCode.CANCELLED)
+        self.assertEqual(self.execution.pending, 0)
+
+    def test_handler_exception_is_internal_with_its_message(self):
+        d = self.execute("fail")
+        self.pool.run()
+        message = self.assertAnswer(d, grpc.StatusCode.INTERNAL, "division by zero in the handler")
+        self.assertIn("ZeroDivisionError", message)
+        self.assertIn("'fail'", message)
+
+    def test_inference_error_keeps_its_code(self):
+        d = self.execute("reject")
+        self.pool.run()
+        self.assertEqual(self.assertAnswer(d, grpc.StatusCode.FAILED_PRECONDITION), "not today")
+
+    def test_a_job_failing_outside_the_handler_is_internal(self):
+        d = self.execute("add")
+        [(on_result, _f, _a, _kw)] = self.pool.queue
+        del self.pool.queue[:]
+        on_result(False, Failure(RuntimeError("pool trouble")))
+        self.assertAnswer(d, grpc.StatusCode.INTERNAL, "pool trouble")
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+
+
+class RoutingTests(ExecutionTestCase):
+    def test_unknown_model_is_not_found_without_a_thread(self):
+        d = self.execute("nobody")
+        self.assertAnswer(d, grpc.StatusCode.NOT_FOUND, "'nobody'")
+        self.assertEqual(self.pool.queue, [])
+
+    def test_malformed_bytes_are_invalid(self):
+        self.assertAnswer(self.execution.execute(b"\x0a\x05ab"), grpc.StatusCode.INVALID_ARGUMENT,
+                          "malformed")
+
+    def test_invalid_inputs_are_invalid_before_the_handler(self):
+        self.app.model("typed", inputs=[("a", "INT32", [2])])(lambda r: self.calls.append("typed"))
+        d = self.execute("typed", a=np.array([1, 2, 3]))
+        self.pool.run()
+        self.assertAnswer(d, grpc.StatusCode.INVALID_ARGUMENT, "shape")
+        self.assertEqual(self.calls, [])
+
+    def test_route_gets_the_parsed_request(self):
+        """An app's route() hook (a probe counting requests, say) sees every
+        request, parsed once."""
+        seen = []
+        route = self.app.route
+        self.app.route = lambda parsed: seen.append(parsed.name) or route(parsed)
+        self.execute("nobody")
+        self.execute("mirror")
+        self.assertEqual(seen, ["nobody", "mirror"])
+
+    def test_oversize_response_is_resource_exhausted(self):
+        self.execution.max_payload = 100
+        d = self.execute("mirror", a=np.arange(50), b=np.arange(50))
+        self.assertAnswer(d, grpc.StatusCode.RESOURCE_EXHAUSTED, "exceeds the 100-byte limit")
+
+
+class AsynchronousTests(ExecutionTestCase):
+    def test_plain_value_answers_at_once_on_the_loop(self):
+        d = self.execute("mirror")
+        self.assertEqual(outputs_of(self.successResultOf(d)), {"sum": [11, 22]})
+        self.assertEqual(self.pool.queue, [])
+
+    def test_deferred_handler_answers_when_it_fires(self):
+        d = self.execute("later")
+        self.assertEqual(self.pool.queue, [])
+        self.assertNoResult(d)
+        self.assertEqual(self.execution.pending, 1)
+        self.pending["later"].callback(3)
+        self.assertEqual(outputs_of(self.successResultOf(d)), {"sum": [3, 6]})
+        self.assertEqual(self.execution.pending, 0)
+
+    def test_coroutine_handler_answers(self):
+        d = self.execute("coro")
+        self.assertNoResult(d)
+        self.pending["coro"].callback(2)
+        self.assertEqual(outputs_of(self.successResultOf(d)), {"sum": [2, 4]})
+
+    def test_coroutine_exception_is_internal(self):
+        d = self.execute("coro")
+        self.pending["coro"].callback(None)
+        self.assertAnswer(d, grpc.StatusCode.INTERNAL, "ValueError: no n")
+
+    def test_deferred_failure_keeps_an_inference_error(self):
+        d = self.execute("later")
+        self.pending["later"].errback(InferenceError(grpc.StatusCode.ABORTED, "stop"))
+        self.assertEqual(self.assertAnswer(d, grpc.StatusCode.ABORTED), "stop")
+
+    def test_deferred_failure_is_internal(self):
+        d = self.execute("later")
+        self.pending["later"].errback(KeyError("gone"))
+        self.assertAnswer(d, grpc.StatusCode.INTERNAL, "'later' failed: KeyError")
+
+    def test_deadline_cancels_what_the_handler_awaits(self):
+        d = self.execute("later", timeout=2)
+        self.reactor.advance(2)
+        self.assertAnswer(d, grpc.StatusCode.DEADLINE_EXCEEDED)
+        self.assertEqual(self.calls, ["later", "later cancelled"])
+        self.assertEqual(self.execution.pending, 0)
+
+    def test_cancel_reaches_a_coroutine(self):
+        d = self.execute("coro")
+        d.cancel()
+        self.assertAnswer(d, grpc.StatusCode.CANCELLED)
+        self.assertEqual(self.calls, ["coro", "coro cancelled"])
+
+    def test_synchronous_exception_is_internal(self):
+        @self.app.model("raises_at_once", asynchronous=True)
+        def raises(request):
+            raise TypeError("bad call")
+
+        self.assertAnswer(self.execute("raises_at_once"), grpc.StatusCode.INTERNAL, "bad call")
+
+    def test_unusable_result_is_internal(self):
+        self.app.model("returns_junk", asynchronous=True)(lambda request: object())
+        self.assertAnswer(self.execute("returns_junk"), grpc.StatusCode.INTERNAL, "'returns_junk'")
+
+
+class DrainTests(ExecutionTestCase):
+    def test_idle_drains_at_once(self):
+        self.assertIs(self.successResultOf(self.execution.drain(10)), True)
+
+    def test_drain_waits_for_requests_in_flight(self):
+        in_pool, on_loop = self.execute("add"), self.execute("later")
+        drained = self.execution.drain(10)
+        self.pool.run()
+        self.successResultOf(in_pool)
+        self.reactor.advance(0)
+        self.assertNoResult(drained)
+        self.pending["later"].callback(1)
+        self.successResultOf(on_loop)
+        self.assertNoResult(drained)  # the last answer goes out first
+        self.reactor.advance(0)
+        self.assertIs(self.successResultOf(drained), True)
+
+    def test_drain_waits_for_a_cancelled_handler_still_running(self):
+        """A request answered CANCELLED still holds its thread: drain waits
+        for that, so stopping the pool does not block on it."""
+        d = self.execute("add")
+        d.cancel()
+        self.successResultOf(d)
+        drained = self.execution.drain(10)
+        self.reactor.advance(0)
+        self.assertNoResult(drained)
+        self.pool.run()
+        self.reactor.advance(0)
+        self.assertIs(self.successResultOf(drained), True)
+
+    def test_drain_gives_up_after_grace(self):
+        d = self.execute("add")
+        drained = self.execution.drain(10)
+        self.reactor.advance(9.9)
+        self.assertNoResult(drained)
+        self.reactor.advance(0.1)
+        self.assertIs(self.successResultOf(drained), False)
+        self.pool.run()  # finishing later disturbs nothing
+        self.successResultOf(d)
+        self.reactor.advance(0)
+
+    def test_stop_stops_the_pool_once_drained(self):
+        self.execute("add")
+        stopped = self.execution.stop(5)
+        self.pool.run()
+        self.reactor.advance(0)
+        self.assertIs(self.successResultOf(stopped), True)
+        self.assertTrue(self.pool.stopped)
+
+    def test_stop_leaves_a_stuck_pool_running(self):
+        self.execute("add")
+        stopped = self.execution.stop(5)
+        self.reactor.advance(5)
+        self.assertIs(self.successResultOf(stopped), False)
+        self.assertFalse(self.pool.stopped)
+
+
+class RealPoolTests(SynchronousTestCase):
+    """make_pool's threads are daemons, so a stuck handler cannot hold the
+    process at exit."""
+
+    def test_daemon_threads(self):
+        pool = execution.make_pool(2)
+        self.assertTrue(pool.threadFactory(target=lambda: None).daemon)
+        self.assertEqual(pool.max, 2)
+
+
+class AnswerTests(SynchronousTestCase):
+    def test_answers(self):
+        e = Execution(FakeReactor(), AnyServe(), QueuedPool(), max_payload=4)
+        self.assertEqual(e.answer(b"1234"), Answer(framing.RESPONSE, b"1234", 0))
+        self.assertEqual(e.answer(b"12345").code, grpc.StatusCode.RESOURCE_EXHAUSTED.value[0])
+        failed = e.answer(Failure(InferenceError(grpc.StatusCode.NOT_FOUND, "where")))
+        self.assertEqual(failed, Answer(framing.ERROR, b"where", grpc.StatusCode.NOT_FOUND.value[0]))

@@ -1,0 +1,142 @@
+"""The worker's standing with the ingress, over its management gRPC API.
+
+:class:`Registration` registers every model, heartbeats, and registers again
+whenever the ingress says it does not know this worker (it evicted us, or it
+restarted).  :class:`Withdrawal` unregisters them first thing on shutdown.
+"""
+import grpc
+from twisted.application.service import Service
+from twisted.internet.defer import gatherResults
+from twisted.internet.task import LoopingCall
+from twisted.internet.threads import deferToThreadPool
+from twisted.logger import Logger
+
+from anyserve_tw.wire import protos, rpc
+from anyserve_tw.wire.rpc import channel_options
+
+log = Logger()
+
+
+class Registration(Service):
+    """Keeps this worker's models registered with the ingress.
+
+    Every ``interval`` seconds: register what is not registered yet, else send a
+    heartbeat; an unhealthy answer means the ingress forgot us, so register
+    again.  Failures are logged and retried on the next tick: a worker started
+    before its ingress simply waits for it.
+    """
+
+    def __init__(self, reactor, app, ingress, worker_address, worker_id, interval=2.0,
+                 rpc_timeout=5.0):
+        self.reactor = reactor
+        self.app = app
+        self.ingress = ingress
+        self.worker_address = worker_address
+        self.worker_id = worker_id
+        self.interval = interval
+        self.rpc_timeout = rpc_timeout
+        self.registered = False
+        self.withdrawn = False  # shutting down: keep heartbeating, never register again
+        self._channel = None
+        self._stub = None
+        self._loop = None
+        self._warned = False
+
+    def startService(self):
+        super().startService()
+        self._channel = grpc.insecure_channel(self.ingress, options=channel_options(4 * 1024 * 1024))
+        self._stub = rpc.Stub(self._channel, protos.MANAGEMENT_SERVICE)
+        self._loop = LoopingCall(self._tick)
+        self._loop.clock = self.reactor
+        self._loop.start(self.interval, now=True)
+
+    def _blocking(self, method, request):
+        return deferToThreadPool(
+            self.reactor, self.reactor.getThreadPool(), method, request, timeout=self.rpc_timeout
+        )
+
+    def _tick(self):
+        d = self._heartbeat() if self.registered or self.withdrawn else self._register()
+        return d.addErrback(self._failed)
+
+    def _register(self):
+        m = protos.management
+        requests = [
+            m.RegisterModelRequest(
+                model_name=model.name, model_version=model.version,
+                worker_address=self.worker_address, worker_id=self.worker_id,
+                platform=model.platform,
+                inputs=[m.TensorSpec(**spec._asdict()) for spec in model.inputs or ()],
+                outputs=[m.TensorSpec(**spec._asdict()) for spec in model.outputs or ()],
+            )
+            for model in self.app.models.values()
+        ]
+        d = gatherResults([self._blocking(self._stub.RegisterModel, r) for r in requests],
+                          consumeErrors=True)
+
+        def registered(_):
+            self.registered = True
+            self._warned = False
+            log.info("registered {models} with the ingress at {ingress} as {worker}",
+                     models=", ".join("%s:%s" % k if k[1] else k[0] for k in self.app.models),
+                     ingress=self.ingress, worker=self.worker_id)
+
+        return d.addCallback(registered)
+
+    def _heartbeat(self):
+        request = protos.management.HeartbeatRequest(
+            worker_id=self.worker_id, model_names=sorted({m.name for m in self.app.models.values()})
+        )
+
+        def answered(response):
+            if not response.healthy and not self.withdrawn:
+                log.warn("the ingress does not know worker {worker}: registering again",
+                         worker=self.worker_id)
+                self.registered = False
+                return self._register()
+
+        return self._blocking(self._stub.Heartbeat, request).addCallback(answered)
+
+    def _failed(self, failure):
+        error = failure.value.subFailure.value if hasattr(failure.value, "subFailure") else failure.value
+        if self.registered:
+            log.warn("heartbeat to {ingress} failed: {error}", ingress=self.ingress, error=error)
+        elif not self._warned:
+            self._warned = True
+            log.warn("cannot register with the ingress at {ingress} yet (retrying): {error}",
+                     ingress=self.ingress, error=error)
+
+    def withdraw(self):
+        """Unregister every model so the ingress stops routing here.
+
+        Heartbeats go on while requests in flight drain, so the ingress does
+        not evict this worker (and fail those requests) in the meantime.
+        """
+        self.withdrawn = True
+        m = protos.management
+        d = gatherResults(
+            [self._blocking(self._stub.UnregisterModel,
+                            m.UnregisterModelRequest(model_name=model.name, model_version=model.version,
+                                                     worker_id=self.worker_id))
+             for model in self.app.models.values()] if self.registered else [],
+            consumeErrors=True,
+        )
+        return d.addErrback(lambda f: log.warn("unregistering failed: {error}", error=f.value))
+
+    def stopService(self):
+        """Stop heartbeating and close the channel (after the drain)."""
+        super().stopService()
+        if self._loop is not None and self._loop.running:
+            self._loop.stop()
+        self._channel.close()
+
+
+class Withdrawal(Service):
+    """First step of a worker's shutdown: its models leave the ingress."""
+
+    def __init__(self, registration):
+        self.registration = registration
+
+    def stopService(self):
+        super().stopService()
+        return self.registration.withdraw()
