@@ -1,7 +1,8 @@
 """Tests for anyserve_tw.worker.execution.Execution, on a fake clock.
 
 The thread pool is a queue the test empties by hand (:class:`QueuedPool`), so
-"queued", "running" and "finished" are steps the test takes.
+"queued", "running" and "finished" are steps the test takes; handler run
+times come from a fake timer the handlers advance.
 """
 import grpc
 import numpy as np
@@ -14,7 +15,7 @@ from anyserve_tw.wire import framing, protos
 from anyserve_tw.wire.errors import InferenceError
 from anyserve_tw.worker import execution
 from anyserve_tw.worker.app import AnyServe
-from anyserve_tw.worker.execution import Answer, Execution
+from anyserve_tw.worker.execution import INLINE_BUDGET, INLINE_MAX_BYTES, Answer, Execution
 
 _v2 = protos.inference
 
@@ -57,11 +58,21 @@ class QueuedPool:
                 on_result(True, result)
 
 
-def infer_request(model, version="", **arrays):
+class FakeTimer:
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self):
+        return self.now
+
+
+def infer_request(model, version="", pad=0, **arrays):
     message = _v2.ModelInferRequest(model_name=model, model_version=version, id="r")
     for name, array in arrays.items():
         message.inputs.add(name=name, datatype="INT32", shape=list(array.shape))
         message.raw_input_contents.append(np.asarray(array, dtype="<i4").tobytes())
+    if pad:
+        message.parameters["pad"].string_param = "x" * pad
     return message.SerializeToString()
 
 
@@ -79,15 +90,19 @@ class ExecutionTestCase(SynchronousTestCase):
     def setUp(self):
         self.reactor = FakeReactor()
         self.pool = QueuedPool()
+        self.timer = FakeTimer()
         self.app = AnyServe()
         self.calls = []  # names of the handlers that ran
+        self.cost = {}  # seconds each plain handler takes, by model name
         self.pending = {}  # model name -> Deferred an asynchronous handler returned
-        self.execution = Execution(self.reactor, self.app, self.pool, max_payload=1 << 20)
+        self.execution = Execution(self.reactor, self.app, self.pool, max_payload=1 << 20,
+                                   timer=self.timer)
         self.execution.start()
 
         def plain(name, **kw):
             def handler(request):
                 self.calls.append(name)
+                self.timer.now += self.cost.get(name, 10e-6)
                 return {"sum": request["a"] + request["b"]}
 
             self.app.model(name, **kw)(handler)
@@ -295,6 +310,79 @@ class AsynchronousTests(ExecutionTestCase):
     def test_unusable_result_is_internal(self):
         self.app.model("returns_junk", asynchronous=True)(lambda request: object())
         self.assertAnswer(self.execute("returns_junk"), grpc.StatusCode.INTERNAL, "'returns_junk'")
+
+
+class InlineTests(ExecutionTestCase):
+    """Plain handlers move onto the loop while their run time stays within
+    the inline budget, and back to the pool when they get slow."""
+
+    def warm(self, model="add"):
+        d = self.execute(model)
+        self.pool.run()
+        self.successResultOf(d)
+
+    def test_first_run_is_in_the_pool_then_inline(self):
+        self.warm()
+        self.assertEqual(self.execution.estimates[self.app.models["add", ""]], 10e-6)
+        d = self.execute("add")
+        self.assertEqual(self.pool.queue, [])
+        self.assertEqual(outputs_of(self.successResultOf(d)), {"sum": [11, 22]})
+        self.assertEqual(self.execution.pending, 0)
+
+    def test_slow_handler_stays_in_the_pool(self):
+        self.cost["add"] = 2 * INLINE_BUDGET
+        self.warm()
+        self.assertNoResult(self.execute("add"))
+        self.assertEqual(len(self.pool.queue), 1)
+
+    def test_getting_slow_moves_back_to_the_pool_and_fast_again_inline(self):
+        self.warm()
+        self.cost["add"] = 0.05  # one 50 ms run inline ...
+        self.successResultOf(self.execute("add"))
+        self.cost["add"] = 10e-6
+        d = self.execute("add")  # ... and the next goes to the pool
+        self.assertNoResult(d)
+        self.pool.run()
+        self.successResultOf(d)
+        runs = 0
+        while self.pool.queue or runs == 0:
+            self.pool.run()
+            d = self.execute("add")
+            runs += 1
+            self.assertLess(runs, 30)
+        self.successResultOf(d)
+        self.assertGreater(runs, 1)  # fast runs in the pool brought it back
+
+    def test_inline_errors_are_answered(self):
+        self.warm("fail")
+        self.assertEqual(self.calls, ["fail"])
+        self.assertAnswer(self.execute("fail"), grpc.StatusCode.INTERNAL, "division by zero")
+        self.warm("reject")
+        self.assertAnswer(self.execute("reject"), grpc.StatusCode.FAILED_PRECONDITION, "not today")
+        self.assertEqual(self.pool.queue, [])
+
+    def test_asynchronous_false_always_uses_the_pool(self):
+        self.warm("pinned")
+        self.assertNoResult(self.execute("pinned"))
+        self.assertEqual(len(self.pool.queue), 1)
+        self.assertNotIn(self.app.models["pinned", ""], self.execution.estimates)
+
+    def test_large_requests_use_the_pool_and_teach_nothing(self):
+        self.warm()
+        model = self.app.models["add", ""]
+        before = self.execution.estimates[model]
+        self.cost["add"] = 0.01
+        payload = infer_request("add", pad=INLINE_MAX_BYTES, a=np.array([1]), b=np.array([2]))
+        d = self.execution.execute(payload)
+        self.assertNoResult(d)
+        self.pool.run()
+        self.assertEqual(outputs_of(self.successResultOf(d)), {"sum": [3]})
+        self.assertEqual(self.execution.estimates[model], before)
+
+    def test_disabled_with_no_budget(self):
+        self.execution.inline_budget = 0
+        self.warm()
+        self.assertNoResult(self.execute("add"))
 
 
 class DrainTests(ExecutionTestCase):

@@ -53,3 +53,25 @@ class EncodeTests(SynchronousTestCase):
                          [("sum", "INT32", [5])])
         np.testing.assert_array_equal(
             np.frombuffer(response.raw_output_contents[0], dtype="<i4"), 2 * a)
+
+
+class PlacementTests(SynchronousTestCase):
+    """Where a handler may run follows from how it is declared."""
+
+    def test_declarations(self):
+        def plain(request):
+            return {}
+
+        async def coroutine(request):
+            return {}
+
+        cases = [
+            (plain, None, False, True),  # pool, or inline while fast
+            (plain, False, False, False),  # pool only
+            (plain, True, True, False),  # the loop
+            (coroutine, None, True, False),
+        ]
+        for handler, declared, on_loop, may_run_inline in cases:
+            model = Model(handler, "m", asynchronous=declared)
+            self.assertEqual((model.asynchronous, model.may_run_inline), (on_loop, may_run_inline),
+                             (handler.__name__, declared))

@@ -12,9 +12,14 @@ class AnyServe:
     outputs=[("label", "INT64", [-1])])`` registers a handler.  A handler takes
     an :class:`~anyserve_tw.worker.model.InferRequest` and returns a dict of
     output name -> numpy array or list (or a single array when the model
-    declares exactly one output).  Plain functions run in a thread pool, off the
-    worker's event loop; ``async def`` handlers (and ones marked
-    ``asynchronous=True``, returning a Deferred) run on the loop.
+    declares exactly one output).
+
+    Where a handler runs: ``async def`` handlers, and ones marked
+    ``asynchronous=True`` (returning a Deferred or a plain result), run on the
+    worker's event loop.  Other plain functions run in a thread pool, off the
+    loop, except while their recent run time stays within the worker's inline
+    budget (about 0.2 ms): then they run on the loop and skip the thread hop.
+    ``asynchronous=False`` keeps a handler in the pool always.
     """
 
     def __init__(self):

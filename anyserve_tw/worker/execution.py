@@ -1,11 +1,15 @@
 """How a request runs in the worker, from its bytes to the frame answering it.
 
 Every request takes one path: parse and route on the event loop, then
-decode, call and encode (:meth:`Model.serve`), in one of two places:
+decode, call and encode (:meth:`Model.serve`), in one of three places:
 
 - on the loop, awaiting what the handler returns: ``asynchronous`` handlers;
-- in the thread pool: plain handlers, so a slow model never stalls the loop
-  that answers frames and sends heartbeats.
+- on the loop, inline: plain handlers whose recent run time is within
+  ``inline_budget``.  The hop to a thread and back costs the worker about
+  100 us of CPU per request, several times what a handler like ``add``
+  takes, and queues it behind slow requests holding the pool's threads;
+- in the thread pool: every other plain handler, so a slow model never
+  stalls the loop that answers frames and sends heartbeats.
 
 Cancelling a request (a CANCEL frame, the deadline in its REQUEST frame)
 answers it at once and drops it if no thread has picked it up yet; a handler
@@ -15,6 +19,7 @@ is in flight, threads included, for a bounded time.
 import functools
 import inspect
 import threading
+import time
 from collections import namedtuple
 
 import grpc
@@ -32,6 +37,19 @@ from anyserve_tw.worker.parsing import parse_request
 
 log = Logger()
 
+#: Longest recent run time (seconds) at which a plain handler runs inline.
+#: Heartbeats and other requests wait at most about this long behind it.
+INLINE_BUDGET = 200e-6
+
+#: Larger requests always go to the pool: their run time is not what the
+#: small requests taught the estimate, and tensors this size may be worth a
+#: thread that releases the GIL.
+INLINE_MAX_BYTES = 64 * 1024
+
+#: Weight of the newest run time in a model's moving estimate.
+ESTIMATE_WEIGHT = 0.25
+
+
 class Answer(namedtuple("Answer", "kind payload code")):
     """The frame answering a request: RESPONSE bytes, or ERROR message and status code."""
 
@@ -48,14 +66,21 @@ class Execution:
     """Runs requests for an app's models; see the module docstring.
 
     ``reactor`` needs ``callLater`` and ``callFromThread``; ``pool`` is a
-    ThreadPool (``start``, ``stop``, ``callInThreadWithCallback``).
+    ThreadPool (``start``, ``stop``, ``callInThreadWithCallback``); ``timer``
+    measures handler run times.
     """
 
-    def __init__(self, reactor, app, pool, max_payload=defaults.MAX_MESSAGE_SIZE):
+    def __init__(self, reactor, app, pool, max_payload=defaults.MAX_MESSAGE_SIZE,
+                 inline_budget=INLINE_BUDGET, timer=time.perf_counter):
         self.reactor = reactor
         self.app = app
         self.pool = pool
         self.max_payload = max_payload
+        self.inline_budget = inline_budget
+        self.timer = timer
+        #: Model -> moving estimate of its run time (seconds), from requests
+        #: small enough to run inline.
+        self.estimates = {}
         self._pending = 0  # requests not finished, pool threads included
         self._idle = []  # drain() Deferreds waiting for _pending == 0
 
@@ -100,7 +125,26 @@ class Execution:
             return fail()
         if model.asynchronous:
             return self._on_loop(model, parsed)
-        return self._in_pool(model, parsed)
+        if model.may_run_inline and len(payload) <= INLINE_MAX_BYTES:
+            estimate = self.estimates.get(model)
+            if estimate is not None and estimate <= self.inline_budget:
+                return self._inline(model, parsed)
+            return self._in_pool(model, parsed, timed=True)
+        return self._in_pool(model, parsed, timed=False)
+
+    def _observe(self, model, elapsed):
+        previous = self.estimates.get(model)
+        self.estimates[model] = (
+            elapsed if previous is None else previous + ESTIMATE_WEIGHT * (elapsed - previous))
+
+    def _inline(self, model, parsed):
+        started = self.timer()
+        try:
+            d = succeed(model.serve(parsed))
+        except Exception:
+            d = fail()
+        self._observe(model, self.timer() - started)
+        return d
 
     def _on_loop(self, model, parsed):
         """Call an asynchronous handler; wait for what it returns, if it must."""
@@ -124,19 +168,22 @@ class Execution:
         result.addCallback(lambda value: model.respond(request, value))
         return result.addBoth(self._end)
 
-    def _in_pool(self, model, parsed):
+    def _in_pool(self, model, parsed, timed):
         """Serve in a thread.  Cancelling fires the Deferred at once; the
         thread then skips the handler if it has not started it."""
         cancelled = []
         d = Deferred(lambda _: cancelled.append(True))
+        timer = self.timer
 
         def work():
             if cancelled:
                 return None
+            started = timer()
             try:
-                return model.serve(parsed)
+                outcome = model.serve(parsed)
             except Exception:
-                return Failure()
+                outcome = Failure()
+            return outcome, timer() - started
 
         def done(succeeded, result):
             self._end()
@@ -145,7 +192,9 @@ class Execution:
             elif result is None:
                 return  # never started: d answered when it was cancelled
             else:
-                outcome = result
+                outcome, elapsed = result
+                if timed:
+                    self._observe(model, elapsed)
             if not d.called:
                 (d.errback if isinstance(outcome, Failure) else d.callback)(outcome)
 

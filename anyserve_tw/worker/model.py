@@ -128,6 +128,9 @@ class Model:
         #: Runs on the event loop: ``async def``, or declared so.
         self.asynchronous = (inspect.iscoroutinefunction(handler) if asynchronous is None
                              else bool(asynchronous))
+        #: A plain handler not declared either way: the worker may run it on
+        #: the loop while it stays fast (``asynchronous=False`` forbids that).
+        self.may_run_inline = asynchronous is None and not self.asynchronous
 
     @property
     def key(self):
