@@ -79,6 +79,8 @@ def infer_request(model, version="", pad=0, **arrays):
 def outputs_of(answer):
     kind, payload, code = answer
     assert (kind, code) == (framing.RESPONSE, 0), answer
+    if isinstance(payload, list):
+        payload = b"".join(payload)
     response = _v2.ModelInferResponse.FromString(bytes(payload))
     return {o.name: np.frombuffer(raw, "<i4").tolist()
             for o, raw in zip(response.outputs, response.raw_output_contents)}
@@ -456,6 +458,9 @@ class AnswerTests(SynchronousTestCase):
     def test_answers(self):
         e = Execution(FakeReactor(), AnyServe(), QueuedPool(), max_payload=4)
         self.assertEqual(e.answer(b"1234"), Answer(framing.RESPONSE, b"1234", 0))
+        self.assertEqual(e.answer([b"12", memoryview(b"34")]).kind, framing.RESPONSE)
         self.assertEqual(e.answer(b"12345").code, grpc.StatusCode.RESOURCE_EXHAUSTED.value[0])
+        self.assertEqual(e.answer([b"12", b"", bytearray(b"345")]).code,
+                         grpc.StatusCode.RESOURCE_EXHAUSTED.value[0])
         failed = e.answer(Failure(InferenceError(grpc.StatusCode.NOT_FOUND, "where")))
         self.assertEqual(failed, Answer(framing.ERROR, b"where", grpc.StatusCode.NOT_FOUND.value[0]))

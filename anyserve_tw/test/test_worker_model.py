@@ -55,6 +55,17 @@ class EncodeTests(SynchronousTestCase):
             np.frombuffer(response.raw_output_contents[0], dtype="<i4"), 2 * a)
 
 
+    def test_output_tensors_go_out_uncopied(self):
+        """The response's parts hold the result arrays' own memory; only the
+        frame sender decides whether to copy."""
+        total = np.arange(1000, dtype=np.int32)
+        model = Model(lambda request: {"sum": total}, "add", outputs=[("sum", "INT32", [-1])])
+        parts = model.serve(add_request(total, total))
+        self.assertTrue(any(np.shares_memory(np.frombuffer(p, dtype=np.uint8), total)
+                            for p in parts if not isinstance(p, bytes)))
+        response = _v2.ModelInferResponse.FromString(b"".join(parts))
+        np.testing.assert_array_equal(np.frombuffer(response.raw_output_contents[0], "<i4"), total)
+
 class PlacementTests(SynchronousTestCase):
     """Where a handler may run follows from how it is declared."""
 

@@ -20,6 +20,9 @@ class AnyServe:
     loop, except while their recent run time stays within the worker's inline
     budget (about 0.2 ms): then they run on the loop and skip the thread hop.
     ``asynchronous=False`` keeps a handler in the pool always.
+
+    Output arrays are sent from their own memory, not copied: a handler must
+    not change an array after returning it.
     """
 
     def __init__(self):
@@ -60,7 +63,7 @@ class AnyServe:
         parsed = parse_request(payload)
         if model is None:
             model = self.route(parsed)
-        return model.serve(parsed)
+        return b"".join(model.serve(parsed))
 
     def run(self, ingress=None, socket_path=None, worker_id=None, threads=None,
             heartbeat_interval=None):

@@ -104,12 +104,13 @@ class Execution:
         return d.addBoth(self.answer)
 
     def answer(self, result):
-        """The Answer for response bytes or a Failure."""
+        """The Answer for a response (bytes-like, or a list of parts) or a Failure."""
         if isinstance(result, Failure):
             e = as_inference_error(result)
             return Answer(framing.ERROR, e.message.encode("utf-8"), e.code.value[0])
-        if len(result) > self.max_payload:
-            message = "response of %d bytes exceeds the %d-byte limit" % (len(result), self.max_payload)
+        size = framing.payload_length(result)
+        if size > self.max_payload:
+            message = "response of %d bytes exceeds the %d-byte limit" % (size, self.max_payload)
             return Answer(framing.ERROR, message.encode("utf-8"),
                           grpc.StatusCode.RESOURCE_EXHAUSTED.value[0])
         return Answer(framing.RESPONSE, result, 0)
@@ -117,7 +118,7 @@ class Execution:
     # -- where a request runs ------------------------------------------------
 
     def _run(self, payload):
-        """A Deferred of response bytes."""
+        """A Deferred of the response (parts, as Model.serve gives them)."""
         try:
             parsed = parse_request(payload)
             model = self.app.route(parsed)

@@ -208,17 +208,17 @@ class Model:
             raise handler_error(self, e) from e
 
     def respond(self, request, result):
-        """Response bytes for a result; a result that cannot be encoded is
-        the handler's error, so INTERNAL too."""
+        """The response to a result, as :meth:`encode_parts`; a result that
+        cannot be encoded is the handler's error, so INTERNAL too."""
         try:
-            return self.encode(request, result)
+            return self.encode_parts(request, result)
         except InferenceError:
             raise
         except Exception as e:
             raise handler_error(self, e) from e
 
     def serve(self, payload):
-        """Request bytes (or a ParsedRequest) in, response bytes out."""
+        """Request bytes (or a ParsedRequest) in, response parts out."""
         request = self.decode(payload)
         return self.respond(request, self.call(request))
 
@@ -244,7 +244,12 @@ class Model:
         )
 
     def encode(self, request, result):
-        """Build response bytes from a handler result, honouring requested outputs."""
+        """Response bytes for a handler result, honouring requested outputs."""
+        return b"".join(self.encode_parts(request, result))
+
+    def encode_parts(self, request, result):
+        """The response as a list of bytes-like parts, output tensors not
+        copied: the frame sender writes them as they are."""
         parameters, outputs = self._named_outputs(result)
         specs = self._output_specs or {}
         if request.requested_outputs:
@@ -277,7 +282,7 @@ class Model:
             tensor.datatype = datatype
             tensor.shape.extend(array.shape)
             buffers.append(tensors.to_buffer(datatype, array))
-        return protowire.append_raw_outputs(response.SerializeToString(), buffers)
+        return protowire.raw_output_parts(response.SerializeToString(), buffers)
 
 
 def handler_error(model, exception):
