@@ -391,6 +391,16 @@ def start_anyserve(front, args, logdir):
                   args.ready_timeout)
 
 
+def start_baseline(args, logdir):
+    """The ingress and worker of another checkout (``--baseline``), e.g. the
+    last landed revision, with its own example worker and default front."""
+    port, mgmt = free_port(), free_port()
+    argv = [args.twistd, "-n", "anyserve", "--port", str(port), "--mgmt", str(mgmt),
+            "--worker", os.path.join(args.baseline, "examples", "kserve_server.py")]
+    env = {"PYTHONPATH": os.path.abspath(args.baseline)}
+    return Server("baseline", argv, port, logdir, env, args.ready_timeout)
+
+
 def start_floor(args, logdir):
     """The thread front with ``add`` inline (see bench/floor.py)."""
     port = free_port()
@@ -658,6 +668,7 @@ def ratio_pairs(labels, peer):
     each AnyServe front and the floor over the peer, each front over the floor."""
     fronts = [label for label in labels if label.startswith("anyserve")]
     pairs = [(f, peer) for f in fronts] + [("floor", peer)] + [(f, "floor") for f in fronts]
+    pairs += [(f, "baseline") for f in fronts]
     return [(a, b) for a, b in pairs if a in labels and b in labels]
 
 
@@ -810,6 +821,10 @@ def parse_args(argv=None):
                    help="times every case runs against every server, interleaved")
     p.add_argument("--cases", default="small-1,small-16,large-8",
                    help="comma-separated subset of small-1, small-16, large-8")
+    p.add_argument("--baseline", metavar="CHECKOUT",
+                   help="also run the ingress of another checkout of this project (built: "
+                        "pip install -e, or its anyserve_tw/_generated copied in), e.g. a "
+                        "`git worktree add` of the last landed revision, as server 'baseline'")
     p.add_argument("--fronts", default="aio,threads",
                    help="comma-separated ingress fronts to benchmark, each as its own "
                         "server in the same rounds: aio (anyserve-aio), threads "
@@ -914,6 +929,7 @@ def main(argv=None):
     signal.signal(signal.SIGTERM, on_sigterm)
     logdir = tempfile.mkdtemp(prefix="anyserve-bench-")
     starters = [functools.partial(start_anyserve, front) for front in args.fronts]
+    starters += [start_baseline] if args.baseline else []
     starters += [start_floor] if args.floor else []
     starters += [start_kserve] if args.peer == "kserve" else []
     results, setup_errors, notes = [], [], []
