@@ -840,6 +840,31 @@ class SocketPairTests(TestCase):
         self.assertEqual(len(allocator.payloads), 1)
         self.assertIs(frames[1][3], allocator.payloads[0])
 
+    @inlineCallbacks
+    def test_memory_per_frame(self):
+        """Counted by tracemalloc: sending a large frame, as bytes or parts,
+        allocates nothing of its size; receiving it allocates it once, plus
+        Twisted's first read (the old join needed the reads and the join)."""
+        import tracemalloc
+
+        sender, receiver = self.connect()
+        granted = sender.transport.getHandle().getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF)
+        size = min(1 << 20, granted // 4)
+        payload = self.payload(size)
+        parts = [payload[:1000], memoryview(payload)[1000:]]
+        tracemalloc.start()
+        self.addCleanup(tracemalloc.stop)
+        base = tracemalloc.get_traced_memory()[0]
+        sender.sendFrame(REQUEST, 1, payload)
+        sender.sendFrame(REQUEST, 2, parts)
+        self.assertLess(tracemalloc.get_traced_memory()[1] - base, size // 4)
+        tracemalloc.reset_peak()
+        base = tracemalloc.get_traced_memory()[0]
+        frames = yield receiver.received(2)
+        peak = tracemalloc.get_traced_memory()[1] - base
+        self.assertTrue(frames[0][3] == payload and frames[1][3] == payload)
+        self.assertLess(peak, 2 * size + 2 * READ_SIZE)
+
     def test_stream_socket(self):
         """Only Twisted's own socket transports are bypassed."""
         sender, receiver = self.connect()
