@@ -113,19 +113,22 @@ def aio_servicer(api, timeouts):
 
 def _coroutine(method, default, timeouts):
     async def handle(request, context):
-        remaining = context.time_remaining()
-        client_deadline = remaining is not None and remaining < rpc.NO_DEADLINE
-        timeout = remaining if client_deadline else default
+        timeout = rpc.time_left(context, None)
         try:
-            result = method(request, timeout)
-            if isinstance(result, Deferred):
-                if client_deadline:  # grpc.aio cancels this task when it passes
+            if timeout is not None:
+                result = method(request, timeout)
+                if isinstance(result, Deferred):  # grpc.aio cancels this task at the deadline
                     result = await settle(result)
-                else:
-                    result = await settle(result, timeouts, timeout)
+            else:
+                result = method(request, default)
+                if isinstance(result, Deferred):
+                    result = await settle(result, timeouts, default)
             return result
         except InferenceError as e:
-            await context.abort(e.code, e.message)
+            error = e
+        except Exception:
+            error = as_inference_error(Failure())  # logged; INTERNAL, as on the thread front
+        await context.abort(error.code, error.message)
     return handle
 
 

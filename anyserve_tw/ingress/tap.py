@@ -106,13 +106,13 @@ def install_reactor(loop_kind="asyncio"):
 
 
 def choose_front(reactor, asked):
-    """(front, asyncio loop or None): aio needs the reactor to run on asyncio."""
+    """(front, asyncio loop or None): aio needs the reactor to run on asyncio,
+    and serves on the very loop the reactor runs (Twisted keeps it as
+    ``_asyncioEventloop``; the current loop may be another)."""
     from twisted.internet.asyncioreactor import AsyncioSelectorReactor
 
     if isinstance(reactor, AsyncioSelectorReactor):
-        import asyncio
-
-        return asked, asyncio.get_event_loop() if asked == "aio" else None
+        return asked, reactor._asyncioEventloop if asked == "aio" else None
     if asked == "aio":
         log.info("{reactor} is not the asyncio reactor: serving gRPC from threads (--front threads)",
                  reactor=type(reactor).__name__)

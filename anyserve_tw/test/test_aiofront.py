@@ -132,6 +132,8 @@ class StubRouter:
         self.forwarded.append((name, version, payload, timeout))
         if name == "missing":
             return fail(not_found(name))
+        if name == "broken":
+            raise KeyError("a bug")
         return self.answer
 
     def server_ready(self):
@@ -171,6 +173,14 @@ class ServicerTests(LoopTestCase):
         self.assertEqual(self.outcome(task).args[0], grpc.StatusCode.NOT_FOUND)
         task = self.start(self.servicer.ModelInfer(b"\xff\xff", FakeAioContext()))
         self.assertEqual(self.outcome(task).args[0], grpc.StatusCode.INVALID_ARGUMENT)
+
+    def test_unexpected_errors_are_internal(self):
+        broken = _v2.ModelInferRequest(model_name="broken").SerializeToString()
+        task = self.start(self.servicer.ModelInfer(broken, FakeAioContext()))
+        code, message = self.outcome(task).args
+        self.assertEqual(code, grpc.StatusCode.INTERNAL)
+        self.assertIn("a bug", message)
+        self.assertEqual(len(self.flushLoggedErrors(KeyError)), 1)
 
     def test_registry_rpcs_answer_without_waiting(self):
         task = self.start(self.servicer.ServerReady(_v2.ServerReadyRequest(), FakeAioContext()))

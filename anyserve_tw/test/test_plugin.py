@@ -199,6 +199,7 @@ class ServiceTreeTests(SynchronousTestCase):
         reactor = AsyncioSelectorReactor(loop)
         front, chosen_loop = choose_front(reactor, "aio")
         self.assertEqual(front, "aio")
+        self.assertIs(chosen_loop, loop)  # the reactor's, even when not the current loop
         top = make_ingress_service(reactor, front=front, loop=chosen_loop)
         self.assertIsInstance(top.getServiceNamed("inference"), AioGrpcService)
         self.assertEqual(choose_front(reactor, "threads"), ("threads", None))
