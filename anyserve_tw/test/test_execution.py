@@ -15,7 +15,9 @@ from anyserve_tw.wire import framing, protos
 from anyserve_tw.wire.errors import InferenceError
 from anyserve_tw.worker import execution
 from anyserve_tw.worker.app import AnyServe
-from anyserve_tw.worker.execution import INLINE_BUDGET, INLINE_MAX_BYTES, Answer, Execution
+from anyserve_tw.worker.execution import (
+    INLINE_BUDGET, INLINE_MAX_BYTES, OUTLIER_BUDGETS, Answer, Execution,
+)
 
 _v2 = protos.inference
 
@@ -354,6 +356,23 @@ class InlineTests(ExecutionTestCase):
             self.assertLess(runs, 30)
         self.successResultOf(d)
         self.assertGreater(runs, 1)  # fast runs in the pool brought it back
+
+    def test_one_run_a_few_budgets_over_moves_back_to_the_pool(self):
+        """The average alone would keep it inline; one run past OUTLIER_BUDGETS does not."""
+        self.warm()
+        self.cost["add"] = (OUTLIER_BUDGETS + 0.5) * INLINE_BUDGET
+        self.successResultOf(self.execute("add"))  # inline, and over
+        self.cost["add"] = 10e-6
+        self.assertNoResult(self.execute("add"))
+        self.assertEqual(len(self.pool.queue), 1)
+
+    def test_one_run_just_over_the_budget_stays_inline(self):
+        self.warm()
+        self.cost["add"] = 2 * INLINE_BUDGET
+        self.successResultOf(self.execute("add"))
+        self.cost["add"] = 10e-6
+        self.successResultOf(self.execute("add"))  # the average is still within
+        self.assertEqual(self.pool.queue, [])
 
     def test_inline_errors_are_answered(self):
         self.warm("fail")

@@ -38,8 +38,12 @@ from anyserve_tw.worker.parsing import parse_request
 log = Logger()
 
 #: Longest recent run time (seconds) at which a plain handler runs inline.
-#: Heartbeats and other requests wait at most about this long behind it.
 INLINE_BUDGET = 200e-6
+
+#: One inline run longer than this many budgets sends its model back to the
+#: pool at once, whatever the average says: the loop (heartbeats, CANCELs,
+#: other requests) is held by at most one such run.
+OUTLIER_BUDGETS = 4
 
 #: Larger requests always go to the pool: their run time is not what the
 #: small requests taught the estimate, and tensors this size may be worth a
@@ -135,8 +139,10 @@ class Execution:
 
     def _observe(self, model, elapsed):
         previous = self.estimates.get(model)
-        self.estimates[model] = (
-            elapsed if previous is None else previous + ESTIMATE_WEIGHT * (elapsed - previous))
+        if previous is None or elapsed > OUTLIER_BUDGETS * self.inline_budget:
+            self.estimates[model] = elapsed
+        else:
+            self.estimates[model] = previous + ESTIMATE_WEIGHT * (elapsed - previous)
 
     def _inline(self, model, parsed):
         started = self.timer()
