@@ -30,7 +30,9 @@ class FrontTests(IngressTestCase):
     ready = ("add", "nap", "cancelled")
 
     def cancelled(self):
-        return int(self.client.infer("cancelled", []).as_numpy("count")[0])
+        """(waits the probe saw cancelled, CANCEL frames the ingress sent it)."""
+        result = self.client.infer("cancelled", [])
+        return int(result.as_numpy("count")[0]), int(result.as_numpy("frames")[0])
 
     def raw_infer(self, channel):
         return channel.unary_unary(MODEL_INFER)
@@ -41,7 +43,8 @@ class FrontTests(IngressTestCase):
             future = self.raw_infer(channel).future(nap_request(30.0))
             time.sleep(0.5)  # on the worker by now
             self.assertTrue(future.cancel())
-        wait_for(lambda: self.cancelled() == before + 1, timeout=5, what="the worker dropping the request")
+        wait_for(lambda: self.cancelled() == (before[0] + 1, before[1] + 1), timeout=5,
+                 what="a CANCEL frame and the worker dropping the request")
 
     def test_deadline_reaches_the_worker(self):
         before = self.cancelled()
@@ -50,7 +53,9 @@ class FrontTests(IngressTestCase):
             "nap", infer_inputs(seconds=np.array([30.0])), client_timeout=0.5))
         self.assertEqual(code, "StatusCode.DEADLINE_EXCEEDED")
         self.assertLess(time.monotonic() - started, 2.0)
-        wait_for(lambda: self.cancelled() == before + 1, timeout=5, what="the worker dropping the request")
+        # The probe gives itself 5 s: only the ingress's CANCEL ends it sooner.
+        wait_for(lambda: self.cancelled() == (before[0] + 1, before[1] + 1), timeout=3,
+                 what="a CANCEL frame and the worker dropping the request")
 
 
 class RequestTimeoutTests(IngressTestCase):
@@ -59,13 +64,14 @@ class RequestTimeoutTests(IngressTestCase):
     ready = ("nap", "cancelled")
 
     def test_no_client_deadline_is_bounded_by_the_request_timeout(self):
-        before = int(self.client.infer("cancelled", []).as_numpy("count")[0])
+        frames = lambda: int(self.client.infer("cancelled", []).as_numpy("frames")[0])  # noqa: E731
+        before = frames()
         started = time.monotonic()
         code, _ = status_of(lambda: self.client.infer("nap", infer_inputs(seconds=np.array([30.0]))))
         self.assertEqual(code, "StatusCode.DEADLINE_EXCEEDED")
         self.assertLess(time.monotonic() - started, 3.0)  # 1 s, swept once a second
-        wait_for(lambda: int(self.client.infer("cancelled", []).as_numpy("count")[0]) == before + 1,
-                 timeout=5, what="the worker dropping the request")
+        # The probe gives itself 10 s: the CANCEL frame is the ingress's doing.
+        wait_for(lambda: frames() == before + 1, timeout=3, what="a CANCEL frame")
 
 
 class ConcurrencyLimitTests(IngressTestCase):

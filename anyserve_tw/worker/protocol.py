@@ -75,6 +75,9 @@ class WorkerProtocol(framing.FramedProtocol):
 class ModelServer(Service):
     """Serves an Execution's requests on a Unix socket."""
 
+    #: The protocol each ingress connection gets.
+    protocol = WorkerProtocol
+
     def __init__(self, reactor, execution, socket_path, grace=10.0):
         self.reactor = reactor
         self.execution = execution
@@ -92,7 +95,7 @@ class ModelServer(Service):
             os.unlink(self.socket_path)  # left behind by a killed predecessor
         self.execution.start()
         endpoint = UNIXServerEndpoint(self.reactor, self.socket_path, mode=0o600)
-        factory = Factory.forProtocol(lambda: WorkerProtocol(self.execution, self.connections))
+        factory = Factory.forProtocol(lambda: self.protocol(self.execution, self.connections))
         factory.noisy = False
         #: Fires once listening; fails if the socket can't be bound.
         self.listening = endpoint.listen(factory)

@@ -9,7 +9,10 @@
 - ``relay``: calls ``add`` through the ingress at ``url`` with tritonclient;
 - ``nap``: waits ``seconds`` (FP64 [1]) on the worker's loop, holding no
   thread, and counts the waits that were cancelled; ``cancelled`` returns
-  that count.
+  that count and how many CANCEL frames the ingress sent.
+
+So that only the ingress can end a request early, this worker gives every
+request ten times the time its REQUEST frame allows.
 """
 import os
 import threading
@@ -19,6 +22,8 @@ import numpy as np
 import tritonclient.grpc as tritongrpc  # a worker may be a client of other models too
 
 from anyserve_tw import AnyServe
+from anyserve_tw.wire import framing
+from anyserve_tw.worker.protocol import ModelServer, WorkerProtocol
 
 class CountingApp(AnyServe):
     """Counts every request the worker is asked to route, known model or not."""
@@ -27,6 +32,7 @@ class CountingApp(AnyServe):
         super().__init__()
         self.reached = 0
         self.cancelled = 0
+        self.cancel_frames = 0
         self._lock = threading.Lock()
 
     def route(self, payload):
@@ -36,6 +42,18 @@ class CountingApp(AnyServe):
 
 
 app = CountingApp()
+
+
+class ProbeProtocol(WorkerProtocol):
+    def frameReceived(self, kind, request_id, aux, payload):
+        if kind == framing.CANCEL:
+            app.cancel_frames += 1
+        elif kind == framing.REQUEST:
+            aux = min(aux * 10, 0xFFFFFFFF)
+        super().frameReceived(kind, request_id, aux, payload)
+
+
+ModelServer.protocol = ProbeProtocol
 
 
 @app.model("whoami", outputs=[("pid", "INT64", [1])])
@@ -125,9 +143,10 @@ async def nap(request):
     return np.array([seconds])
 
 
-@app.model("cancelled", outputs=[("count", "INT64", [1])])
+@app.model("cancelled", outputs=[("count", "INT64", [1]), ("frames", "INT64", [1])])
 def cancelled(request):
-    return np.array([app.cancelled], dtype=np.int64)
+    return {"count": np.array([app.cancelled], dtype=np.int64),
+            "frames": np.array([app.cancel_frames], dtype=np.int64)}
 
 
 if __name__ == "__main__":
