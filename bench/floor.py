@@ -16,7 +16,7 @@ import threading
 import grpc
 import numpy as np
 
-from anyserve_tw.wire import defaults, framing, protos
+from anyserve_tw.wire import defaults, protos
 from anyserve_tw.allocator import keep_freed_memory
 from anyserve_tw.ingress.threadfront import build_server
 

@@ -1,7 +1,7 @@
 """The KServe v2 ``inference.GRPCInferenceService``, answered on the reactor.
 
-:class:`InferenceAPI` is what either front (:mod:`anyserve_tw.ingress.fronts`)
-serves: each method takes the request and the time the RPC may still take and
+:class:`InferenceAPI` is what either front
+(:class:`~anyserve_tw.ingress.interfaces.IGrpcFront`) serves: each method takes the request and the time the RPC may still take and
 returns the response, a Deferred of it, or raises :class:`InferenceError`.
 Everything but ModelInfer is answered from the registry.  ModelInfer is
 handled as raw bytes: the ingress reads the model name and version

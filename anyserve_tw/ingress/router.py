@@ -1,7 +1,7 @@
-"""The ingress core: the registry, the worker pools, and heartbeat eviction.
+"""The ingress core: the registry, the links to workers, and heartbeat eviction.
 
-Everything here runs on the reactor thread.  The gRPC servicers call in through
-:class:`anyserve_tw.ingress.bridge.ReactorBridge`; nothing here blocks.
+Everything here runs on the reactor thread, called by the APIs either front
+serves (:mod:`anyserve_tw.ingress.interfaces`); nothing here blocks.
 """
 import grpc
 from twisted.application.service import Service
@@ -9,7 +9,7 @@ from twisted.internet.defer import fail
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
-from anyserve_tw.wire import defaults, framing
+from anyserve_tw.wire import defaults
 from anyserve_tw.wire.errors import InferenceError, unavailable
 from anyserve_tw.ingress.registry import ModelRegistry
 from anyserve_tw.ingress.workerlink import WorkerHandle

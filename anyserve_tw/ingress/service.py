@@ -24,7 +24,6 @@ from anyserve_tw.ingress.interfaces import FRONTS
 from anyserve_tw.ingress.management import ManagementAPI
 from anyserve_tw.ingress.router import Router
 from anyserve_tw.ingress.supervisor import WorkerSupervisor
-from anyserve_tw.ingress.threadfront import DEFAULT_MAX_CONCURRENT_RPCS, DEFAULT_THREADS
 from anyserve_tw.servicetree import SequentialMultiService
 from anyserve_tw.wire import defaults, rpc
 
@@ -55,8 +54,8 @@ def _front_factory(reactor, front, loop):
 def make_ingress_service(reactor, port=8000, host="0.0.0.0", mgmt_port=9000,
                          mgmt_host="127.0.0.1", worker_scripts=(), copies=1, pool_size=2,
                          heartbeat_timeout=6.0, grace=10.0,
-                         max_message_size=defaults.MAX_MESSAGE_SIZE, threads=DEFAULT_THREADS,
-                         max_concurrent_rpcs=DEFAULT_MAX_CONCURRENT_RPCS, request_timeout=600.0,
+                         max_message_size=defaults.MAX_MESSAGE_SIZE, threads=defaults.DEFAULT_FRONT_THREADS,
+                         max_concurrent_rpcs=defaults.DEFAULT_MAX_CONCURRENT_RPCS, request_timeout=600.0,
                          socket_dir=None, front="threads", loop=None):
     build = _front_factory(reactor, front, loop)
     top = SequentialMultiService(stop_order=["inference", "workers", "management", "router"])

@@ -13,7 +13,6 @@ from twisted.python import usage
 
 from anyserve_tw.ingress.interfaces import FRONTS
 from anyserve_tw.wire import defaults
-from anyserve_tw.ingress.threadfront import DEFAULT_MAX_CONCURRENT_RPCS, DEFAULT_THREADS
 
 
 class Options(usage.Options):
@@ -33,8 +32,8 @@ class Options(usage.Options):
         ["heartbeat-timeout", None, 6.0, "Seconds without a heartbeat before a worker is evicted (checked every quarter of it).", float],
         ["grace", None, 10.0, "Seconds in-flight requests get to finish on shutdown.", float],
         ["max-message-size", None, defaults.MAX_MESSAGE_SIZE, "Largest request or response, bytes.", int],
-        ["threads", None, DEFAULT_THREADS, "gRPC server threads (one per RPC in flight).", int],
-        ["max-concurrent-rpcs", None, DEFAULT_MAX_CONCURRENT_RPCS, "RPCs in flight before RESOURCE_EXHAUSTED.", int],
+        ["threads", None, defaults.DEFAULT_FRONT_THREADS, "gRPC server threads (one per RPC in flight).", int],
+        ["max-concurrent-rpcs", None, defaults.DEFAULT_MAX_CONCURRENT_RPCS, "RPCs in flight before RESOURCE_EXHAUSTED.", int],
         ["request-timeout", None, 600.0, "Longest wait for a worker when the client sets no deadline.", float],
         ["socket-dir", None, None, "Directory for supervised workers' sockets (default: a new temp dir)."],
         ["loop", None, "asyncio", "The asyncio event loop the reactor runs on when twistd chose none: "

@@ -25,13 +25,6 @@ from anyserve_tw.wire import defaults, rpc
 from anyserve_tw.wire.errors import InferenceError
 from anyserve_tw.wire.rpc import channel_options
 
-#: Threads of the public gRPC server: one per RPC in flight, as grpcio's
-#: synchronous server blocks a thread for each.
-DEFAULT_THREADS = 64
-
-#: RPCs the public server takes in before answering RESOURCE_EXHAUSTED.
-DEFAULT_MAX_CONCURRENT_RPCS = 1024
-
 
 def threaded_servicer(api, bridge):
     """An object with one ``Method(request, context)`` per RPC of ``api``,
@@ -64,8 +57,8 @@ def _via_reactor(bridge, method, default):
     return handle
 
 
-def build_server(handlers, threads=DEFAULT_THREADS, max_message_size=defaults.MAX_MESSAGE_SIZE,
-                 max_concurrent_rpcs=DEFAULT_MAX_CONCURRENT_RPCS, label=""):
+def build_server(handlers, threads=defaults.DEFAULT_FRONT_THREADS, max_message_size=defaults.MAX_MESSAGE_SIZE,
+                 max_concurrent_rpcs=defaults.DEFAULT_MAX_CONCURRENT_RPCS, label=""):
     """A grpcio thread-pool server, not yet bound or started: one thread per
     RPC in flight, the message caps both ways, no port sharing."""
     return grpc.server(
@@ -82,7 +75,7 @@ class GrpcServerService(Service):
 
     log = Logger()
 
-    def __init__(self, reactor, label, host, port, handlers, threads=32,
+    def __init__(self, reactor, label, host, port, handlers, threads=defaults.DEFAULT_FRONT_THREADS,
                  max_message_size=defaults.MAX_MESSAGE_SIZE, max_concurrent_rpcs=None, grace=10.0):
         self.reactor = reactor
         self.label = label

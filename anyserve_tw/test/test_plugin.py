@@ -9,7 +9,7 @@ from twisted.plugin import getPlugins
 from twisted.python import usage
 from twisted.trial.unittest import SynchronousTestCase
 
-from anyserve_tw.wire import defaults, framing
+from anyserve_tw.wire import defaults
 
 
 def anyserve_maker():

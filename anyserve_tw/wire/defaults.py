@@ -17,6 +17,12 @@ MAX_MESSAGE_SIZE = 64 * 1024 * 1024
 #: Cap on management messages (registrations, heartbeats).
 MAX_MANAGEMENT_MESSAGE_SIZE = 4 * 1024 * 1024
 
+#: Threads of the ingress's thread front: one per RPC in flight.
+DEFAULT_FRONT_THREADS = 64
+
+#: RPCs the ingress takes in before answering RESOURCE_EXHAUSTED.
+DEFAULT_MAX_CONCURRENT_RPCS = 1024
+
 #: Where a worker registers when nothing says otherwise.
 DEFAULT_INGRESS = "127.0.0.1:9000"
 

@@ -1,8 +1,9 @@
 """One error type that carries a gRPC status from wherever it is raised.
 
-Raised by the registry (NOT_FOUND, UNAVAILABLE), the worker pool (UNAVAILABLE
-when a worker dies), the worker SDK (INVALID_ARGUMENT, INTERNAL) and the
-bridge (DEADLINE_EXCEEDED); the gRPC servicers turn it into the RPC's status.
+Raised by the ingress's registry (NOT_FOUND, UNAVAILABLE), its links to
+workers (UNAVAILABLE when a worker dies), the worker SDK (INVALID_ARGUMENT,
+INTERNAL) and the fronts (DEADLINE_EXCEEDED); the fronts turn it into the
+RPC's status.
 """
 import grpc
 from twisted.internet.defer import CancelledError, TimeoutError
