@@ -41,8 +41,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the checko
 
 # ``--fronts`` names: the ingress's ``--front`` for each; "default" passes none
 # (the ingress's own default, and the only choice before ``--front`` existed).
-FRONT_ARGS = {"aio": ["--front", "aio"], "threads": ["--front", "threads"],
-              "aio-uvloop": ["--front", "aio", "--loop", "uvloop"], "default": []}
+FRONT_ARGS = {"aio": ["--front", "aio"], "threads": ["--front", "threads"], "default": []}
 
 
 # --------------------------------------------------------------------------
@@ -956,7 +955,8 @@ def main(argv=None):
     finally:
         for server in servers:
             notes.extend(server.stop())
-        labels = ([anyserve_label(f) for f in args.fronts] + ["floor"] * args.floor
+        labels = ([anyserve_label(f) for f in args.fronts] + ["baseline"] * bool(args.baseline)
+                  + ["floor"] * args.floor
                   + [args.peer] * bool(args.peer))
         case_names = [case.name for case in cases]
         print_table(results)

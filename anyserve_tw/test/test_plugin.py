@@ -109,10 +109,10 @@ class OptionsTests(SynchronousTestCase):
         self.assertEqual(
             {name: options[name] for name in ("host", "pool-size", "heartbeat-timeout", "grace",
                                               "threads", "max-concurrent-rpcs", "request-timeout",
-                                              "front", "loop")},
+                                              "front")},
             {"host": "0.0.0.0", "pool-size": 2, "heartbeat-timeout": 6.0, "grace": 10.0,
              "threads": 64, "max-concurrent-rpcs": 1024, "request-timeout": 600.0,
-             "front": "aio", "loop": "asyncio"})
+             "front": "aio"})
         self.parse("--worker", "x.py")
         self.assertEqual(self.parse()["worker"], [])
 
@@ -130,7 +130,6 @@ class OptionsTests(SynchronousTestCase):
             ["--grace", "-1"],
             ["--request-timeout", "0"],
             ["--front", "greenlets"],
-            ["--loop", "trio"],
         ):
             self.assertRaises(usage.UsageError, self.parse, *args)
 
