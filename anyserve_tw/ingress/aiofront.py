@@ -162,13 +162,7 @@ class AioGrpcService(Service):
             options=rpc.channel_options(self.max_message_size) + [("grpc.so_reuseport", 0)],
             maximum_concurrent_rpcs=self.max_concurrent_rpcs,
         )
-        address = "%s:%d" % (self.host, self.port)
-        try:
-            self.bound_port = self.server.add_insecure_port(address)
-        except RuntimeError:
-            self.bound_port = 0
-        if not self.bound_port:
-            raise RuntimeError("%s: cannot listen on %s" % (self.label, address))
+        self.bound_port = rpc.listen(self.server, self.label, self.host, self.port)
         self.started = Deferred.fromFuture(asyncio.ensure_future(self.server.start(), loop=self.loop))
         self.started.addErrback(lambda f: self.log.failure("{label} gRPC did not start", f, label=self.label))
         if self.timeouts is not None:

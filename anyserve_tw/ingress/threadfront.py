@@ -92,13 +92,7 @@ class GrpcServerService(Service):
     def startService(self):
         self.server = build_server(self.handlers, self.threads, self.max_message_size,
                                    self.max_concurrent_rpcs, self.label)
-        address = "%s:%d" % (self.host, self.port)
-        try:
-            self.bound_port = self.server.add_insecure_port(address)
-        except RuntimeError:
-            self.bound_port = 0
-        if not self.bound_port:
-            raise RuntimeError("%s: cannot listen on %s" % (self.label, address))
+        self.bound_port = rpc.listen(self.server, self.label, self.host, self.port)
         self.server.start()
         super().startService()
         self.log.info("{label} gRPC listening on {host}:{port} (thread front, {threads} threads)",

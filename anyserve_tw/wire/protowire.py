@@ -9,8 +9,7 @@ top-level field, whatever the tensor sizes.
 The worker uses the same walk to split ``raw_input_contents`` off as
 zero-copy, read-only views (:func:`split_raw_inputs`), and adds
 ``raw_output_contents`` to a response without copying them through protobuf:
-:func:`raw_output_parts` lists the pieces for a scatter-gather send,
-:func:`append_raw_outputs` joins them.
+:func:`raw_output_parts` lists the pieces for a scatter-gather send.
 """
 from anyserve_tw.wire.errors import invalid_argument
 
@@ -75,7 +74,7 @@ def iter_fields(data):
         yield field, wire_type, start, value_start, pos
 
 
-def _malformed(error):
+def malformed(error):
     return invalid_argument("malformed ModelInferRequest: %s" % (error,))
 
 
@@ -89,29 +88,76 @@ def peek_request(data):
             if field <= REQUEST_ID and wire_type == LENGTH_DELIMITED:
                 found[field - 1] = bytes(data[start:end]).decode("utf-8")
     except (IndexError, ValueError, UnicodeDecodeError) as e:
-        raise _malformed(e) from None
+        raise malformed(e) from None
     return found[0], found[1], found[2]
 
 
-def split_raw_inputs(payload):
-    """Split request bytes into (everything but the raw inputs, [raw input views]).
+_RAW_INPUT_TAG = RAW_INPUT_CONTENTS << 3 | LENGTH_DELIMITED
 
-    The first part is small (names, shapes, parameters) and cheap to parse; the
-    raw inputs stay where they are in ``payload``, as memoryviews, read-only
-    even over a mutable buffer: handlers see them through numpy.
+
+def split_raw_inputs(payload):
+    """``(rest, raw)`` of any bytes-like request: the bytes of every field
+    but the raw inputs, and a view of each raw input where it lies.
+
+    ``rest`` is small (names, shapes, parameters) and cheap to parse; fields
+    before the first raw input (all of them, as protobuf serializes) come out
+    as one slice, without a copy.  The views are read-only even over a
+    mutable buffer: handlers see them through numpy.  INVALID_ARGUMENT for
+    bytes that are not a well-formed message at the top level.
     """
-    view = memoryview(payload).toreadonly()
+    view = memoryview(payload)
+    if view.format != "B" or view.ndim != 1:
+        view = view.cast("B")
+    view = view.toreadonly()
+    try:
+        return _split(view)
+    except (IndexError, ValueError) as e:
+        raise malformed(e) from None
+
+
+def _split(view):
+    """:func:`split_raw_inputs` on a byte view; the walk of :func:`iter_fields`
+    inlined, with one-byte tags and lengths read without a call."""
+    size = len(view)
+    pos = run = 0  # run: start of the fields kept since the last raw input
     rest = []
     raw = []
-    try:
-        for field, wire_type, field_start, start, end in iter_fields(view):
-            if field == RAW_INPUT_CONTENTS and wire_type == LENGTH_DELIMITED:
-                raw.append(view[start:end])
-            else:
-                rest.append(view[field_start:end])
-    except (IndexError, ValueError) as e:
-        raise _malformed(e) from None
-    return b"".join(rest), raw
+    while pos < size:
+        start = pos
+        tag = view[pos]
+        pos += 1
+        if tag >= 0x80:
+            tag, pos = _varint(view, start)
+        if tag < 8:
+            raise ValueError("field number 0")
+        wire_type = tag & 7
+        if wire_type == LENGTH_DELIMITED:
+            length = view[pos]
+            pos += 1
+            if length >= 0x80:
+                length, pos = _varint(view, pos - 1)
+            end = pos + length
+        elif wire_type == 0:
+            _, end = _varint(view, pos)
+        elif wire_type == 1:
+            end = pos + 8
+        elif wire_type == 5:
+            end = pos + 4
+        else:
+            raise ValueError("unsupported wire type %d" % wire_type)
+        if end > size:
+            raise ValueError("field %d runs past the end" % (tag >> 3))
+        if tag == _RAW_INPUT_TAG:
+            if run < start:
+                rest.append(view[run:start])
+            raw.append(view[pos:end])
+            run = end
+        pos = end
+    if not raw:
+        return view, raw
+    if run < size:
+        rest.append(view[run:size])
+    return (rest[0] if len(rest) == 1 else b"".join(rest)), raw
 
 
 def _nbytes(buffer):
@@ -135,9 +181,3 @@ def raw_output_parts(response_bytes, buffers):
         if size:
             parts.append(buffer)
     return parts
-
-
-def append_raw_outputs(response_bytes, buffers):
-    """Serialized response bytes with ``raw_output_contents`` entries appended,
-    as one ``bytes`` (:func:`raw_output_parts` joined)."""
-    return b"".join(raw_output_parts(response_bytes, buffers))

@@ -33,6 +33,19 @@ def time_left(context, default):
     return remaining
 
 
+def listen(server, label, host, port):
+    """Bind grpc ``server`` (sync or aio) to ``host:port``; the port bound.
+    Raises at once when it can't, so a busy port stops the process."""
+    address = "%s:%d" % (host, port)
+    try:
+        bound = server.add_insecure_port(address)
+    except RuntimeError:
+        bound = 0
+    if not bound:
+        raise RuntimeError("%s: cannot listen on %s" % (label, address))
+    return bound
+
+
 def method_names(service_name):
     """The RPC names of ``service_name``, in the order the proto declares them."""
     return [method.name for method in protos.service_descriptor(service_name).methods]
