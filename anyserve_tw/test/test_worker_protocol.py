@@ -79,6 +79,18 @@ class WorkerProtocolTests(SynchronousTestCase):
         self.assertEqual((kind, request_id, aux), (framing.ERROR, 3, grpc.StatusCode.NOT_FOUND.value[0]))
         self.assertIn(b"'nobody'", payload)
 
+    def test_failing_to_build_an_answer_is_internal(self):
+        """A request is answered even when building its answer raises."""
+        def broken(result):
+            raise RuntimeError("no answer")
+
+        self.patch(self.execution, "answer", broken)
+        self.connection.send(frame(framing.REQUEST, 5, NOW))
+        [(kind, request_id, aux, payload)] = self.connection.sent()
+        self.assertEqual((kind, request_id, aux), (framing.ERROR, 5, grpc.StatusCode.INTERNAL.value[0]))
+        self.assertEqual(self.connection.protocol.inflight, {})
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+
     def test_deadline_from_the_request_frame(self):
         self.connection.send(frame(framing.REQUEST, 5, ADD, aux=1500))
         self.reactor.advance(1.4)

@@ -14,6 +14,7 @@ from twisted.internet.defer import Deferred, gatherResults, maybeDeferred, succe
 from twisted.internet.endpoints import UNIXServerEndpoint
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from anyserve_tw.wire import framing
 
@@ -38,7 +39,7 @@ class WorkerProtocol(framing.FramedProtocol):
         if kind == framing.REQUEST:
             d = self.execution.execute(payload, aux / 1000.0 if aux else None)
             self.inflight[request_id] = d
-            d.addCallback(self._reply, request_id)
+            d.addBoth(self._reply, request_id)
         elif kind == framing.CANCEL:
             d = self.inflight.pop(request_id, None)
             if d is not None:
@@ -51,6 +52,8 @@ class WorkerProtocol(framing.FramedProtocol):
         if self.inflight.pop(request_id, None) is None:
             return
         try:
+            if isinstance(answer, Failure):  # building the answer itself failed
+                answer.raiseException()
             self.sendFrame(answer.kind, request_id, answer.payload, answer.code)
         except Exception:
             log.failure("answering request {id}", id=request_id)
