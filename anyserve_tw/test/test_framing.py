@@ -870,6 +870,10 @@ class SocketPairTests(TestCase):
         sender, receiver = self.connect()
         self.assertIs(framing.stream_socket(sender.transport), sender.transport.getHandle())
         self.assertIsNone(framing.stream_socket(StringTransport()))
+        # A Twisted whose private buffer state looks different gets no bypass.
+        del sender.transport._tempDataLen
+        self.assertIsNone(framing.stream_socket(sender.transport))
+        sender.transport._tempDataLen = 0
 
 
 class SocketBufferTests(TestCase):

@@ -312,11 +312,18 @@ class FrameDecoder:
             out.append((kind, request_id, aux, self._take(length) if length else b""))
 
 
+#: The parts of Twisted's FileDescriptor that say whether it holds unsent
+#: bytes.  They are private: a Twisted without them gets no direct writes.
+_BUFFER_STATE = ("dataBuffer", "offset", "_tempDataLen", "_writeDisconnected",
+                 "producerPaused", "connected", "disconnecting")
+
+
 def stream_socket(transport):
     """The socket under ``transport`` when that is Twisted's own socket
     transport, whose buffers frames may bypass; None for anything else
-    (TLS, wrappers, tests' fakes)."""
-    if not isinstance(transport, FileDescriptor) or getattr(transport, "TLS", False):
+    (TLS, wrappers, tests' fakes, a Twisted whose buffers look different)."""
+    if (not isinstance(transport, FileDescriptor) or getattr(transport, "TLS", False)
+            or not all(hasattr(transport, name) for name in _BUFFER_STATE)):
         return None
     sock = getattr(transport, "socket", None)
     if isinstance(sock, socket.socket) and sock.type == socket.SOCK_STREAM:
