@@ -15,14 +15,12 @@ busy port stops twistd, and starts serving as soon as the loop runs.
 import asyncio
 
 import grpc
-from twisted.application.service import Service
 from twisted.internet.defer import Deferred, TimeoutError
 from twisted.internet.task import LoopingCall
-from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from anyserve_tw.ingress.interfaces import IGrpcFront
+from anyserve_tw.ingress.interfaces import GrpcFrontService, IGrpcFront
 from anyserve_tw.wire import defaults, rpc
 from anyserve_tw.wire.errors import InferenceError, as_inference_error
 
@@ -133,25 +131,15 @@ def _coroutine(method, default, timeouts):
 
 
 @implementer(IGrpcFront)
-class AioGrpcService(Service):
+class AioGrpcService(GrpcFrontService):
     """Serves ``handlers`` on ``host:port`` with grpc.aio on ``loop``, the
     asyncio loop the reactor runs on."""
 
-    log = Logger()
-
     def __init__(self, loop, label, host, port, handlers, timeouts=None,
                  max_message_size=defaults.MAX_MESSAGE_SIZE, max_concurrent_rpcs=None, grace=10.0):
+        super().__init__(label, host, port, handlers, max_message_size, max_concurrent_rpcs, grace)
         self.loop = loop
         self.timeouts = timeouts
-        self.label = label
-        self.host = host
-        self.port = port
-        self.handlers = handlers
-        self.max_message_size = max_message_size
-        self.max_concurrent_rpcs = max_concurrent_rpcs
-        self.grace = grace
-        self.server = None
-        self.bound_port = None
         #: Fires once the server serves; fails if it could not start.
         self.started = None
 
@@ -175,7 +163,7 @@ class AioGrpcService(Service):
         super().stopService()
         if self.server is None:
             return None
-        self.log.info("{label} gRPC draining (grace {grace}s)", label=self.label, grace=self.grace)
+        self.log_draining()
         stopped = Deferred.fromFuture(asyncio.ensure_future(self.server.stop(self.grace), loop=self.loop))
         if self.timeouts is not None:
             stopped.addBoth(lambda result: self.timeouts.stop() or result)

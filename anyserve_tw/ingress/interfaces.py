@@ -5,6 +5,8 @@
 grpcio thread pool bridged into the reactor (the design card's shape, and the
 only choice under a reactor that is not asyncio's).
 """
+from twisted.application.service import Service
+from twisted.logger import Logger
 from zope.interface import Attribute, Interface
 
 #: The fronts, by their ``--front`` name.
@@ -33,3 +35,24 @@ class IGrpcFront(Interface):
     def stopService():
         """Refuse new RPCs (UNAVAILABLE), let those in flight finish within the
         grace period; a Deferred that fires when the server has stopped."""
+
+
+class GrpcFrontService(Service):
+    """What both fronts keep: where they listen, their handlers and limits;
+    subclasses create and stop the server."""
+
+    log = Logger()
+
+    def __init__(self, label, host, port, handlers, max_message_size, max_concurrent_rpcs, grace):
+        self.label = label
+        self.host = host
+        self.port = port
+        self.handlers = handlers
+        self.max_message_size = max_message_size
+        self.max_concurrent_rpcs = max_concurrent_rpcs
+        self.grace = grace
+        self.server = None
+        self.bound_port = None
+
+    def log_draining(self):
+        self.log.info("{label} gRPC draining (grace {grace}s)", label=self.label, grace=self.grace)

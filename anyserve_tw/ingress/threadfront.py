@@ -15,12 +15,10 @@ forwarded requests those RPCs are waiting on.
 from concurrent import futures
 
 import grpc
-from twisted.application.service import Service
 from twisted.internet.threads import deferToThreadPool
-from twisted.logger import Logger
 from zope.interface import implementer
 
-from anyserve_tw.ingress.interfaces import IGrpcFront
+from anyserve_tw.ingress.interfaces import GrpcFrontService, IGrpcFront
 from anyserve_tw.wire import defaults, rpc
 from anyserve_tw.wire.errors import InferenceError
 from anyserve_tw.wire.rpc import channel_options
@@ -70,24 +68,14 @@ def build_server(handlers, threads=defaults.DEFAULT_FRONT_THREADS, max_message_s
 
 
 @implementer(IGrpcFront)
-class GrpcServerService(Service):
+class GrpcServerService(GrpcFrontService):
     """Serves ``handlers`` on ``host:port`` from a pool of ``threads`` threads."""
-
-    log = Logger()
 
     def __init__(self, reactor, label, host, port, handlers, threads=defaults.DEFAULT_FRONT_THREADS,
                  max_message_size=defaults.MAX_MESSAGE_SIZE, max_concurrent_rpcs=None, grace=10.0):
+        super().__init__(label, host, port, handlers, max_message_size, max_concurrent_rpcs, grace)
         self.reactor = reactor
-        self.label = label
-        self.host = host
-        self.port = port
-        self.handlers = handlers
         self.threads = threads
-        self.max_message_size = max_message_size
-        self.max_concurrent_rpcs = max_concurrent_rpcs
-        self.grace = grace
-        self.server = None
-        self.bound_port = None
 
     def startService(self):
         self.server = build_server(self.handlers, self.threads, self.max_message_size,
@@ -103,7 +91,7 @@ class GrpcServerService(Service):
         if self.server is None:
             return None
         stopped = self.server.stop(self.grace)
-        self.log.info("{label} gRPC draining (grace {grace}s)", label=self.label, grace=self.grace)
+        self.log_draining()
         return deferToThreadPool(
             self.reactor, self.reactor.getThreadPool(), stopped.wait, self.grace + 5
         )
