@@ -404,6 +404,17 @@ class FillTests(SynchronousTestCase):
         view[-2:] = b"yz"
         self.assertEqual((payload[:3], payload[-2:]), (b"abc", b"yz"))
 
+    def test_in_place_view_keeps_its_bytes_alive(self):
+        """The writable view holds a reference to its bytes: writing through
+        it can never reach freed memory."""
+        import sys
+
+        payload, view = framing.new_payload_buffer(16)
+        held = sys.getrefcount(payload)
+        del view
+        self.assertEqual(sys.getrefcount(payload), held - 1)
+        self.assertRaises(ValueError, framing.new_payload_buffer, 0)
+
     def test_one_allocation_delivered_as_is(self):
         """A large payload in 64 KiB chunks is allocated once, at its size, and
         that very object is delivered, as bytes."""

@@ -125,16 +125,18 @@ def _in_place_bytes():
         new = ctypes.PYFUNCTYPE(ctypes.py_object, ctypes.c_char_p, ctypes.c_ssize_t)(
             ("PyBytes_FromStringAndSize", api))
         address = ctypes.PYFUNCTYPE(ctypes.c_void_p, ctypes.py_object)(("PyBytes_AsString", api))
-        view_of = ctypes.PYFUNCTYPE(ctypes.py_object, ctypes.c_void_p, ctypes.c_ssize_t, ctypes.c_int)(
-            ("PyMemoryView_FromMemory", api))
     except (AttributeError, OSError):
         return None
-    writable = 0x200  # PyBUF_WRITE
 
     def new_payload_buffer(size):
-        """A fresh ``bytes`` of ``size`` unset bytes and a writable view of them."""
+        """A fresh ``bytes`` of ``size`` (at least 1) unset bytes and a
+        writable view of them, which keeps the ``bytes`` alive."""
+        if size < 1:
+            raise ValueError("in-place bytes need a size of at least 1")
         payload = new(None, size)
-        return payload, view_of(address(payload), size, writable)
+        memory = (ctypes.c_char * size).from_address(address(payload))
+        memory.owner = payload  # the view holds memory, memory holds payload
+        return payload, memoryview(memory).cast("B")
 
     return new_payload_buffer
 
