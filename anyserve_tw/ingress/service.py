@@ -14,9 +14,9 @@ flight (the router still forwards them), then the workers are stopped (they
 unregister through the still-running management server), then the rest.
 
 Both gRPC servers are fronts (:class:`~anyserve_tw.ingress.interfaces.IGrpcFront`):
-``front="aio"`` serves them with grpc.aio on ``loop``, the asyncio loop the
-reactor runs on; ``front="threads"`` from grpcio thread pools bridged into
-the reactor.
+``front="aio"`` serves them with grpc.aio on the asyncio loop the reactor
+runs on (so the reactor must be asyncio's); ``front="threads"`` from grpcio
+thread pools bridged into the reactor.
 """
 from anyserve_tw import __version__
 from anyserve_tw.ingress.inference import InferenceAPI
@@ -28,10 +28,13 @@ from anyserve_tw.servicetree import SequentialMultiService
 from anyserve_tw.wire import defaults, rpc
 
 
-def _front_factory(reactor, front, loop):
+def _front_factory(reactor, front):
     """A function building one front service from (label, host, port, api, ...)."""
     if front == "aio":
         from anyserve_tw.ingress.aiofront import AioGrpcService, RequestTimeouts, aio_servicer
+
+        # The reactor's own loop: the current loop may be another.
+        loop = reactor._asyncioEventloop
 
         def build(label, host, port, api, threads, **settings):
             timeouts = RequestTimeouts(reactor)
@@ -56,8 +59,8 @@ def make_ingress_service(reactor, port=8000, host="0.0.0.0", mgmt_port=9000,
                          heartbeat_timeout=6.0, grace=10.0,
                          max_message_size=defaults.MAX_MESSAGE_SIZE, threads=defaults.DEFAULT_FRONT_THREADS,
                          max_concurrent_rpcs=defaults.DEFAULT_MAX_CONCURRENT_RPCS, request_timeout=600.0,
-                         socket_dir=None, front="threads", loop=None):
-    build = _front_factory(reactor, front, loop)
+                         socket_dir=None, front="aio"):
+    build = _front_factory(reactor, front)
     top = SequentialMultiService(stop_order=["inference", "workers", "management", "router"])
     router = Router(reactor, pool_size=pool_size, heartbeat_timeout=heartbeat_timeout,
                     max_payload=max_message_size)

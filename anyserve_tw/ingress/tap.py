@@ -87,17 +87,14 @@ def install_reactor():
 
 
 def choose_front(reactor, asked):
-    """(front, asyncio loop or None): aio needs the reactor to run on asyncio,
-    and serves on the very loop the reactor runs (Twisted keeps it as
-    ``_asyncioEventloop``; the current loop may be another)."""
+    """The front to serve with: aio needs the reactor to run on asyncio."""
     from twisted.internet.asyncioreactor import AsyncioSelectorReactor
 
-    if isinstance(reactor, AsyncioSelectorReactor):
-        return asked, reactor._asyncioEventloop if asked == "aio" else None
-    if asked == "aio":
+    if asked == "aio" and not isinstance(reactor, AsyncioSelectorReactor):
         log.info("{reactor} is not the asyncio reactor: serving gRPC from threads (--front threads)",
                  reactor=type(reactor).__name__)
-    return "threads", None
+        return "threads"
+    return asked
 
 
 def makeService(options):
@@ -107,7 +104,6 @@ def makeService(options):
     from anyserve_tw.ingress.service import make_ingress_service
 
     keep_freed_memory()
-    front, loop = choose_front(reactor, options["front"])
 
     return make_ingress_service(
         reactor,
@@ -125,6 +121,5 @@ def makeService(options):
         max_concurrent_rpcs=options["max-concurrent-rpcs"],
         request_timeout=options["request-timeout"],
         socket_dir=options["socket-dir"],
-        front=front,
-        loop=loop,
+        front=choose_front(reactor, options["front"]),
     )

@@ -185,23 +185,23 @@ class ServiceTreeTests(SynchronousTestCase):
             self.assertIsInstance(top.getServiceNamed("management"), GrpcServerService)
 
     def test_the_asyncio_reactor_gets_the_aio_front(self):
+        import asyncio
+
         from twisted.internet.asyncioreactor import AsyncioSelectorReactor
 
         from anyserve_tw.ingress.aiofront import AioGrpcService
         from anyserve_tw.ingress.service import make_ingress_service
         from anyserve_tw.ingress.tap import choose_front
 
-        import asyncio
-
         loop = asyncio.new_event_loop()
         self.addCleanup(loop.close)
         reactor = AsyncioSelectorReactor(loop)
-        front, chosen_loop = choose_front(reactor, "aio")
-        self.assertEqual(front, "aio")
-        self.assertIs(chosen_loop, loop)  # the reactor's, even when not the current loop
-        top = make_ingress_service(reactor, front=front, loop=chosen_loop)
-        self.assertIsInstance(top.getServiceNamed("inference"), AioGrpcService)
-        self.assertEqual(choose_front(reactor, "threads"), ("threads", None))
+        self.assertEqual(choose_front(reactor, "aio"), "aio")
+        self.assertEqual(choose_front(reactor, "threads"), "threads")
+        top = make_ingress_service(reactor, front="aio")
+        inference = top.getServiceNamed("inference")
+        self.assertIsInstance(inference, AioGrpcService)
+        self.assertIs(inference.loop, loop)  # the reactor's, even when not the current loop
 
     def test_no_workers_no_supervisor(self):
         self.assertEqual(sorted(s.name for s in self.make()), ["inference", "management", "router"])
