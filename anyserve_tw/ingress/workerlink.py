@@ -24,13 +24,11 @@ from twisted.python.failure import Failure
 from anyserve_tw.wire import defaults, framing
 from anyserve_tw.wire.errors import InferenceError, invalid_argument, status_from_number, unavailable
 
-UNIX_PREFIX = "unix://"
-
-
 def endpoint_for(reactor, address, timeout=5):
     """A client endpoint for a worker address (``unix:///path``)."""
-    if address.startswith(UNIX_PREFIX) and len(address) > len(UNIX_PREFIX):
-        return UNIXClientEndpoint(reactor, address[len(UNIX_PREFIX):], timeout=timeout)
+    prefix = defaults.UNIX_PREFIX
+    if address.startswith(prefix) and len(address) > len(prefix):
+        return UNIXClientEndpoint(reactor, address[len(prefix):], timeout=timeout)
     raise invalid_argument(
         "unsupported worker address %r: expected unix:///path/to/socket" % (address,)
     )

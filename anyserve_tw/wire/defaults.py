@@ -23,6 +23,9 @@ DEFAULT_FRONT_THREADS = 64
 #: RPCs the ingress takes in before answering RESOURCE_EXHAUSTED.
 DEFAULT_MAX_CONCURRENT_RPCS = 1024
 
+#: How a worker's address starts: ``unix:///path/to/its.sock``.
+UNIX_PREFIX = "unix://"
+
 #: Where a worker registers when nothing says otherwise.
 DEFAULT_INGRESS = "127.0.0.1:9000"
 

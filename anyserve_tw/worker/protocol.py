@@ -16,7 +16,7 @@ from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from anyserve_tw.wire import framing
+from anyserve_tw.wire import defaults, framing
 
 log = Logger()
 
@@ -91,7 +91,7 @@ class ModelServer(Service):
 
     @property
     def address(self):
-        return "unix://" + self.socket_path
+        return defaults.UNIX_PREFIX + self.socket_path
 
     def startService(self):
         if os.path.exists(self.socket_path):
