@@ -837,7 +837,7 @@ def parse_args(argv=None):
     p.add_argument("--peer", choices=["kserve"], help="also benchmark this peer")
     p.add_argument("--floor", action="store_true",
                    help="also run the ingress's gRPC front alone with the model inline "
-                        "(bench/floor.py): the most any design behind it can reach")
+                        "(bench/floor.py): the most the thread front can reach")
     p.add_argument("--only-peer", action="store_true",
                    help="skip AnyServe, benchmark the peer alone (implies --peer kserve)")
     p.add_argument("--peer-python", default=sys.executable,

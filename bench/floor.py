@@ -5,7 +5,8 @@ a grpcio thread-pool server made by the ingress's own ``build_server`` with
 the ingress's defaults and malloc settings, but ModelInfer computes ``add``
 right in the gRPC thread: no reactor bridge, no worker, no second process.  Whatever
 design sits behind a thread-pool grpcio front, it cannot beat this, so the
-floor's req/s is the ceiling of the ingress's design on the machine at hand.
+floor's req/s is the ceiling of the thread front (``--front threads``) on the
+machine at hand; the asyncio front is not bound by it.
 
 Usage: python bench/floor.py PORT
 """
