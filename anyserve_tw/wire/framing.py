@@ -4,16 +4,35 @@ Every message is a fixed 20-byte header followed by ``length`` payload bytes::
 
     offset size  field
     0      4     length      payload bytes after the header (u32, big-endian)
-    4      1     type        REQUEST=1 RESPONSE=2 ERROR=3 CANCEL=4
+    4      1     type        one of the kinds below
     5      1     flags       0 (reserved)
     6      2     reserved    0
     8      8     request id  chosen by the ingress, unique per connection (u64)
-    16     4     aux         REQUEST: timeout in ms (0 = none)
-                             ERROR: gRPC status code; otherwise 0
+    16     4     aux         REQUEST, STREAM_REQUEST, HTTP_REQUEST: timeout
+                             in ms (0 = none); ERROR: gRPC status code;
+                             RESPONSE to HTTP_REQUEST: length of its JSON
+                             part; otherwise 0
 
-Payloads: REQUEST carries serialized ``inference.ModelInferRequest`` bytes as
-the client sent them; RESPONSE the serialized ``ModelInferResponse``; ERROR a
-UTF-8 message; CANCEL nothing (the ingress gave up on that request id).
+The kinds and their payloads:
+
+- ``REQUEST`` (ingress -> worker): serialized ``inference.ModelInferRequest``
+  bytes as the client sent them, answered by one RESPONSE or ERROR;
+- ``STREAM_REQUEST``: the same, from a ModelStreamInfer stream: the worker
+  may answer with any number of PARTIAL frames before its RESPONSE or ERROR;
+- ``HTTP_REQUEST``: a REST inference, see :mod:`anyserve_tw.wire.payloads`;
+  the RESPONSE carries the HTTP body (JSON, then any binary outputs);
+- ``RESPONSE`` (worker -> ingress): the serialized ``ModelInferResponse``;
+  it ends the request.  An empty RESPONSE to a STREAM_REQUEST ends it with
+  nothing more to send;
+- ``PARTIAL``: one ``ModelInferResponse`` of several; the request goes on;
+- ``ERROR``: a UTF-8 message; it ends the request;
+- ``TIMING``: the worker's own times for a request, sent just before its
+  final RESPONSE (:class:`anyserve_tw.wire.payloads.Timing`);
+- ``CANCEL`` (ingress -> worker): nothing; the ingress gave up on that id;
+- ``SHM_TABLE`` (ingress -> worker, request id 0): the system shared-memory
+  regions clients registered, replacing the previous table; sent on every
+  connection whenever the table changes and when a connection opens, so
+  it always precedes the requests that name them.
 
 Many requests are in flight on one connection; responses may come back in any
 order.  A frame longer than the receiver's cap is skipped without buffering
@@ -48,8 +67,18 @@ REQUEST = 1
 RESPONSE = 2
 ERROR = 3
 CANCEL = 4
+TIMING = 5
+STREAM_REQUEST = 6
+PARTIAL = 7
+HTTP_REQUEST = 8
+SHM_TABLE = 9
 
-KIND_NAMES = {REQUEST: "REQUEST", RESPONSE: "RESPONSE", ERROR: "ERROR", CANCEL: "CANCEL"}
+KIND_NAMES = {REQUEST: "REQUEST", RESPONSE: "RESPONSE", ERROR: "ERROR", CANCEL: "CANCEL",
+              TIMING: "TIMING", STREAM_REQUEST: "STREAM_REQUEST", PARTIAL: "PARTIAL",
+              HTTP_REQUEST: "HTTP_REQUEST", SHM_TABLE: "SHM_TABLE"}
+
+#: The kinds that start a request on the worker.
+REQUEST_KINDS = (REQUEST, STREAM_REQUEST, HTTP_REQUEST)
 
 #: Twisted's default read size, used between frames.
 READ_SIZE = 64 * 1024
