@@ -104,7 +104,7 @@ def aio_servicer(api, timeouts):
     ``api``, for a grpc.aio server on the reactor's loop; requests without a
     client deadline are bounded through ``timeouts``."""
     servicer = type("AioServicer", (), {})()
-    for name in rpc.method_names(api.service_name):
+    for name in rpc.method_names(api.service_name, api):
         setattr(servicer, name, _coroutine(getattr(api, name), api.default_timeout(name), timeouts))
     return servicer
 

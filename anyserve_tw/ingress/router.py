@@ -54,8 +54,9 @@ class Router(Service):
     # -- management -----------------------------------------------------
 
     def register_model(self, worker_id, address, name, version="", platform="",
-                       inputs=(), outputs=()):
-        """Add (name, version) for a worker, connecting to it first if new.
+                       inputs=(), outputs=(), **config):
+        """Add (name, version) for a worker, connecting to it first if new;
+        ``config`` (decoupled, max_batch_size, ...) goes to the registry.
 
         A Deferred that fires once the worker is reachable and the model routed
         to it; UNAVAILABLE if its socket can't be reached.
@@ -84,7 +85,7 @@ class Router(Service):
             if self.workers.get(worker_id) is not handle:
                 raise unavailable("worker %s went away while registering" % worker_id)
             handle.last_heartbeat = self.reactor.seconds()
-            self.registry.register(handle, name, version, platform, inputs, outputs)
+            self.registry.register(handle, name, version, platform, inputs, outputs, **config)
             self.log.info(
                 "model {name}:{version} served by worker {worker}",
                 name=name, version=version or "-", worker=worker_id,

@@ -29,7 +29,7 @@ def threaded_servicer(api, bridge):
     run in gRPC threads: each hops to the reactor through ``bridge``, bounded
     by the RPC's deadline, and aborts the RPC with the failure's status."""
     servicer = type("ThreadedServicer", (), {})()
-    for name in rpc.method_names(api.service_name):
+    for name in rpc.method_names(api.service_name, api):
         method = getattr(api, name)
         default = api.default_timeout(name)
         if name in api.reactor_free:

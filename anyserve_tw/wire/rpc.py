@@ -46,9 +46,13 @@ def listen(server, label, host, port):
     return bound
 
 
-def method_names(service_name):
-    """The RPC names of ``service_name``, in the order the proto declares them."""
-    return [method.name for method in protos.service_descriptor(service_name).methods]
+def method_names(service_name, api=None):
+    """The RPC names of ``service_name``, in the order the proto declares them;
+    with ``api``, only those it answers (gRPC answers the rest UNIMPLEMENTED)."""
+    names = [method.name for method in protos.service_descriptor(service_name).methods]
+    if api is not None:
+        names = [name for name in names if hasattr(api, name)]
+    return names
 
 
 def _methods(service_name):
@@ -69,6 +73,8 @@ def generic_handler(service_name, servicer, raw_methods=()):
     """
     handlers = {}
     for name, request_class, response_class in _methods(service_name):
+        if not hasattr(servicer, name):
+            continue
         if name in raw_methods:
             handlers[name] = grpc.unary_unary_rpc_method_handler(getattr(servicer, name))
         else:

@@ -131,6 +131,12 @@ class Model:
         #: A plain handler not declared either way: the worker may run it on
         #: the loop while it stays fast (``asynchronous=False`` forbids that).
         self.may_run_inline = asynchronous is None and not self.asynchronous
+        #: Triton's "decoupled" models: a generator (or async generator)
+        #: handler yields any number of responses per request, which only
+        #: ModelStreamInfer can carry.
+        self.decoupled = inspect.isgeneratorfunction(handler) or inspect.isasyncgenfunction(handler)
+        #: Largest batch the handler takes (0: it does not batch, Triton's meaning).
+        self.max_batch_size = 0
 
     @property
     def key(self):

@@ -68,6 +68,8 @@ class Registration(Service):
                 platform=model.platform,
                 inputs=[m.TensorSpec(**spec._asdict()) for spec in model.inputs or ()],
                 outputs=[m.TensorSpec(**spec._asdict()) for spec in model.outputs or ()],
+                decoupled=model.decoupled,
+                max_batch_size=model.max_batch_size,
             )
             for model in self.app.models.values()
         ]
