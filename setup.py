@@ -82,11 +82,13 @@ setup(
         "zope.interface>=6",
         "service-identity>=23.1",
         "numpy>=1.24",
+        "prometheus-client>=0.17",
+        "grpcio-health-checking>=1.60",
     ],
     extras_require={
         # tests/test_install.py builds this project without build isolation
         # (offline), so the build requirements of pyproject.toml come along.
-        "test": ["tritonclient[grpc]>=2.40", "setuptools>=68", "wheel", "grpcio-tools>=1.60"],
+        "test": ["tritonclient[grpc,http]>=2.40", "setuptools>=68", "wheel", "grpcio-tools>=1.60"],
         "bench": ["kserve"],
     },
 )
