@@ -22,6 +22,7 @@ from twisted.internet.protocol import Factory
 from twisted.python.failure import Failure
 
 from anyserve_tw.wire import defaults, framing
+from anyserve_tw.wire.payloads import Timing
 from anyserve_tw.wire.errors import InferenceError, invalid_argument, status_from_number, unavailable
 
 def endpoint_for(reactor, address, timeout=5):
@@ -47,13 +48,22 @@ class WorkerConnection(framing.FramedProtocol):
     def outstanding(self):
         return len(self._pending)
 
-    def forward(self, payload, timeout=None):
-        """Send one ModelInferRequest; a Deferred of the response bytes."""
+    def connectionMade(self):
+        super().connectionMade()
+        if self.handle.shm_table:
+            self.sendFrame(framing.SHM_TABLE, 0, self.handle.shm_table)
+
+    def forward(self, payload, timeout=None, kind=framing.REQUEST, listener=None):
+        """Send one request of ``kind`` (REQUEST, STREAM_REQUEST or
+        HTTP_REQUEST); a Deferred of the response bytes (for HTTP_REQUEST a
+        ``(json_length, body)`` tuple).  ``listener``, if given, hears the
+        worker's ``timing(Timing)`` and a stream's ``partial(bytes)``
+        responses before the Deferred fires."""
         request_id = next(self._ids)
         d = Deferred(lambda _: self._cancel(request_id))
-        self._pending[request_id] = d
+        self._pending[request_id] = (d, listener, kind)
         timeout_ms = 0 if timeout is None else max(1, min(int(timeout * 1000), 0xFFFFFFFF))
-        self.sendFrame(framing.REQUEST, request_id, payload, timeout_ms)
+        self.sendFrame(kind, request_id, payload, timeout_ms)
         return d
 
     def _cancel(self, request_id):
@@ -61,21 +71,41 @@ class WorkerConnection(framing.FramedProtocol):
             self.sendFrame(framing.CANCEL, request_id)
 
     def frameReceived(self, kind, request_id, aux, payload):
-        d = self._pending.pop(request_id, None)
-        if d is None:
-            return  # cancelled while the worker was answering
         if kind == framing.RESPONSE:
-            d.callback(payload)
+            entry = self._pending.pop(request_id, None)
+            if entry is not None:  # else cancelled while the worker answered
+                d, _, sent = entry
+                d.callback((aux, payload) if sent == framing.HTTP_REQUEST else payload)
         elif kind == framing.ERROR:
-            d.errback(InferenceError(status_from_number(aux), payload.decode("utf-8", "replace")))
+            entry = self._pending.pop(request_id, None)
+            if entry is not None:
+                entry[0].errback(InferenceError(status_from_number(aux), payload.decode("utf-8", "replace")))
+        elif kind == framing.TIMING or kind == framing.PARTIAL:
+            entry = self._pending.get(request_id)
+            if entry is None or entry[1] is None:
+                return
+            try:
+                if kind == framing.TIMING:
+                    entry[1].timing(Timing.unpack(payload))
+                elif entry[2] == framing.STREAM_REQUEST:
+                    entry[1].partial(payload)
+            except Exception:
+                self._broken(request_id, "worker sent a malformed %s frame" % framing.KIND_NAMES[kind])
         else:
-            d.errback(unavailable("worker sent an unexpected frame type %d" % kind))
-            self.transport.loseConnection()
+            self._broken(request_id, "worker sent an unexpected frame type %d" % kind)
+
+    def _broken(self, request_id, reason):
+        """The worker broke the protocol: fail that request and drop the
+        connection (and so the worker: see the module docstring)."""
+        entry = self._pending.pop(request_id, None)
+        if entry is not None:
+            entry[0].errback(unavailable(reason))
+        self.transport.loseConnection()
 
     def frameTooLong(self, kind, request_id, length):
-        d = self._pending.pop(request_id, None)
-        if d is not None:
-            d.errback(
+        entry = self._pending.pop(request_id, None)
+        if entry is not None:
+            entry[0].errback(
                 InferenceError(
                     grpc.StatusCode.RESOURCE_EXHAUSTED,
                     "worker response of %d bytes exceeds the %d-byte limit"
@@ -88,7 +118,7 @@ class WorkerConnection(framing.FramedProtocol):
         error = unavailable(
             "worker %s went away mid-request (%s)" % (self.handle.worker_id, self.handle.lost_reason)
         )
-        for d in pending.values():
+        for d, _, _ in pending.values():
             d.errback(error)
         self.handle._connectionLost(self)
 
@@ -111,6 +141,8 @@ class WorkerHandle:
         self._waiters = []
         self._ready = False
         self._closed = False
+        #: The SHM_TABLE payload every connection gets first (b"": none).
+        self.shm_table = b""
 
     def __repr__(self):
         return "<WorkerHandle %s %s>" % (self.worker_id, self.address)
@@ -175,8 +207,9 @@ class WorkerHandle:
             else:
                 d.callback(result)
 
-    def forward(self, payload, timeout=None):
-        """Forward request bytes on the least busy connection."""
+    def forward(self, payload, timeout=None, kind=framing.REQUEST, listener=None):
+        """Forward a request on the least busy connection; see
+        :meth:`WorkerConnection.forward`."""
         connections = self._connections
         if not self._ready or self._closed:
             raise unavailable("worker %s is not connected" % self.worker_id)
@@ -184,7 +217,15 @@ class WorkerHandle:
         for c in connections[1:]:
             if c.outstanding < best.outstanding:
                 best = c
-        return best.forward(payload, timeout)
+        return best.forward(payload, timeout, kind, listener)
+
+    def send_shm_table(self, table):
+        """Send the shared-memory table (SHM_TABLE payload) on every
+        connection, ahead of any request that may name its regions."""
+        self.shm_table = table
+        for c in self._connections:
+            if c.transport.connected:
+                c.sendFrame(framing.SHM_TABLE, 0, table)
 
     def close(self, reason):
         """Drop every connection; requests in flight fail with UNAVAILABLE."""

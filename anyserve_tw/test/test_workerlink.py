@@ -14,6 +14,7 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from anyserve_tw.wire import defaults, framing
 from anyserve_tw.wire.errors import InferenceError
+from anyserve_tw.wire.payloads import Timing
 from anyserve_tw.test.test_framing import frame
 from anyserve_tw.ingress.workerlink import WorkerConnection, WorkerHandle, endpoint_for
 
@@ -100,6 +101,7 @@ class FakeHandle:
 
     worker_id = "w-fake"
     lost_reason = "connection closed"
+    shm_table = b""
 
     def __init__(self):
         self.lost = []
@@ -190,6 +192,61 @@ class WorkerConnectionTests(FailsWithMixin, SynchronousTestCase):
         e = self.assertFailsWith(d3, grpc.StatusCode.UNKNOWN)
         self.assertEqual(e.message, "\ufffd?")
         self.assertFalse(self.transport.disconnecting)
+
+    def test_timing_and_partials_reach_the_listener(self):
+        """TIMING goes to the listener of any request; PARTIAL responses only
+        to a stream's; the request stays open until its RESPONSE."""
+        conn = self.connection()
+        heard = []
+
+        class Listener:
+            def timing(self, timing):
+                heard.append(("timing", timing))
+
+            def partial(self, payload):
+                heard.append(("partial", payload))
+
+        d = conn.forward(b"s", kind=framing.STREAM_REQUEST, listener=Listener())
+        timing = Timing(1, 2, 3, 4, 1)
+        conn.dataReceived(frame(framing.PARTIAL, 1, b"one") + frame(framing.PARTIAL, 1, b"two"))
+        self.assertNoResult(d)
+        conn.dataReceived(frame(framing.TIMING, 1, timing.pack()) + frame(framing.RESPONSE, 1, b""))
+        self.assertEqual(self.successResultOf(d), b"")
+        self.assertEqual(heard, [("partial", b"one"), ("partial", b"two"), ("timing", timing)])
+        self.assertEqual(written_frames(self.transport), [(framing.STREAM_REQUEST, 1, 0, b"s")])
+
+    def test_http_response_carries_its_json_length(self):
+        conn = self.connection()
+        d = conn.forward([b"head", b"body"], kind=framing.HTTP_REQUEST)
+        conn.dataReceived(frame(framing.RESPONSE, 1, b'{"a":1}BIN', 7))
+        self.assertEqual(self.successResultOf(d), (7, b'{"a":1}BIN'))
+        self.assertEqual(written_frames(self.transport), [(framing.HTTP_REQUEST, 1, 0, b"headbody")])
+
+    def test_malformed_timing_fails_the_request_and_closes(self):
+        conn = self.connection()
+
+        class Listener:
+            def timing(self, timing):
+                raise AssertionError("not reached")
+
+        d = conn.forward(b"a", listener=Listener())
+        other = conn.forward(b"b")
+        conn.dataReceived(frame(framing.TIMING, 1, b"short"))
+        self.assertFailsWith(d, grpc.StatusCode.UNAVAILABLE)
+        self.assertTrue(self.transport.disconnecting)
+        self.assertNoResult(other)  # failed when the connection is lost
+
+    def test_shm_table_goes_first_on_a_new_connection(self):
+        self.clock = MemoryReactorClock()
+        handle = FakeHandle()
+        handle.shm_table = b'{"r": ["/k", 0, 8]}'
+        conn = WorkerConnection(handle, defaults.MAX_MESSAGE_SIZE)
+        transport = ClosingTransport(self.clock)
+        transport.protocol = conn
+        conn.makeConnection(transport)
+        conn.forward(b"a")
+        self.assertEqual(written_frames(transport),
+                         [(framing.SHM_TABLE, 0, 0, b'{"r": ["/k", 0, 8]}'), (framing.REQUEST, 1, 0, b"a")])
 
     def test_cancel_sends_cancel_and_ignores_late_response(self):
         conn = self.connection()

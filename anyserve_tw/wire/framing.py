@@ -118,6 +118,11 @@ def encode_header(kind, request_id, length, aux=0):
     return HEADER.pack(length, kind, 0, 0, request_id, aux)
 
 
+def encode_frame(kind, request_id, payload=b"", aux=0):
+    """A whole small frame as bytes, e.g. to go ahead of another in one write."""
+    return HEADER.pack(len(payload), kind, 0, 0, request_id, aux) + payload
+
+
 def _byte_view(part):
     """``part`` as bytes, bytearray or a flat byte memoryview, so that ``len``
     is its size in bytes and slices cut at byte offsets."""
@@ -458,12 +463,16 @@ class FramedProtocol(Protocol):
             self._deliver(decoder.filled(n))
         self.transport.bufferSize = FILL_READ_SIZE if decoder.filling else READ_SIZE
 
-    def sendFrame(self, kind, request_id, payload=b"", aux=0):
+    def sendFrame(self, kind, request_id, payload=b"", aux=0, before=b""):
         """Send one frame.  ``payload`` is bytes-like or a list/tuple of
         bytes-like parts, sent in order and never joined when the socket can
-        take them now; only what it leaves is copied, into Twisted's buffer."""
+        take them now; only what it leaves is copied, into Twisted's buffer.
+        ``before``: whole frames (:func:`encode_frame`) to send first, in the
+        same write."""
         parts = payload_parts(payload)
         header = encode_header(kind, request_id, sum(len(p) for p in parts), aux)
+        if before:
+            header = before + header
         transport = self.transport
         if self._socket is not None and _writes_through(transport):
             parts.insert(0, header)
