@@ -104,9 +104,37 @@ def aio_servicer(api, timeouts):
     ``api``, for a grpc.aio server on the reactor's loop; requests without a
     client deadline are bounded through ``timeouts``."""
     servicer = type("AioServicer", (), {})()
+    streams = getattr(api, "stream_methods", ())
     for name in rpc.method_names(api.service_name, api):
-        setattr(servicer, name, _coroutine(getattr(api, name), api.default_timeout(name), timeouts))
+        make = _stream if name in streams else _coroutine
+        setattr(servicer, name, make(getattr(api, name), api.default_timeout(name), timeouts))
     return servicer
+
+
+def _stream(method, default, timeouts):
+    """A bidirectional stream: ``method(send, timeout)`` opens it on the
+    reactor (which runs this loop); a task feeds it the client's requests
+    while this generator yields what it sends."""
+    async def handle(request_iterator, context):
+        sent = asyncio.Queue()
+        stream = method(sent.put_nowait, rpc.time_left(context, default))
+
+        async def feed():
+            async for request in request_iterator:
+                stream.request(request)
+            stream.half_close()
+
+        feeding = asyncio.ensure_future(feed())
+        try:
+            while True:
+                response = await sent.get()
+                if response is None:
+                    break
+                yield response
+        finally:
+            feeding.cancel()
+            stream.cancel()
+    return handle
 
 
 def _coroutine(method, default, timeouts):

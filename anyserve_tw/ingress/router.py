@@ -5,11 +5,13 @@ serves (:mod:`anyserve_tw.ingress.interfaces`); nothing here blocks.
 """
 import grpc
 from twisted.application.service import Service
-from twisted.internet.defer import fail
+from twisted.internet.defer import CancelledError, TimeoutError, fail
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
-from anyserve_tw.wire import defaults
+from anyserve_tw.wire import defaults, framing
+from anyserve_tw.wire.payloads import encode_shm_table
 from anyserve_tw.wire.errors import InferenceError, unavailable
 from anyserve_tw.ingress.registry import ModelRegistry
 from anyserve_tw.ingress.workerlink import WorkerHandle
@@ -34,6 +36,13 @@ class Router(Service):
         self.heartbeat_timeout = heartbeat_timeout
         self.max_payload = max_payload
         self.connect_timeout = connect_timeout
+        #: :class:`~anyserve_tw.ingress.metrics.Metrics` and
+        #: :class:`~anyserve_tw.ingress.accesslog.AccessLog`, when the
+        #: service tree gives them.
+        self.metrics = None
+        self.access_log = None
+        #: The SHM_TABLE payload every worker gets (b"": no region).
+        self.shm_table = b""
         self._reaper = None
 
     def startService(self):
@@ -78,6 +87,7 @@ class Router(Service):
                 pool_size=self.pool_size, max_payload=self.max_payload,
                 connect_timeout=self.connect_timeout,
             )
+            handle.shm_table = self.shm_table
             self.workers[worker_id] = handle
             self.log.info("worker {worker} at {address}: connecting", worker=worker_id, address=address)
 
@@ -124,6 +134,8 @@ class Router(Service):
             if silent > self.heartbeat_timeout:
                 self.log.warn("worker {worker} missed heartbeats for {silent:.1f}s: evicting",
                               worker=handle.worker_id, silent=silent)
+                if self.metrics is not None:
+                    self.metrics.worker_evicted()
                 self._forget(handle, "no heartbeat for %.1fs" % silent)
 
     def _forget(self, handle, reason):
@@ -141,18 +153,34 @@ class Router(Service):
 
     # -- inference --------------------------------------------------------
 
-    def infer(self, name, version, payload, timeout=None):
-        """Forward request bytes to a worker of (name, version).
+    def infer(self, name, version, payload, timeout=None, kind=framing.REQUEST,
+              on_partial=None, request_id=""):
+        """Forward a request of ``kind`` to a worker of (name, version); a
+        Deferred of the worker's answer (see :meth:`WorkerConnection.forward`).
 
         Fails at once with NOT_FOUND for an unknown model and UNAVAILABLE for a
-        model with no live worker; no worker is touched in either case.
+        model with no live worker; no worker is touched in either case.  A
+        stream's responses before its last go to ``on_partial(bytes)``.  The
+        outcome is counted in the model's statistics and metrics, and logged
+        to the access log if there is one.
         """
         try:
             model = self.registry.resolve(name, version)
             worker = self.registry.pick_worker(model)
-            return worker.forward(payload, timeout)
+            call = _Call(self, model, worker, on_partial, request_id)
+            d = worker.forward(payload, timeout, kind, call)
         except Exception:
             return fail()
+        if self.metrics is not None:
+            self.metrics.request_started(model.name, model.version)
+        return d.addBoth(call.finished)
+
+    def shared_memory_changed(self, table):
+        """Send the shared-memory regions (``{name: Region}``) to every worker,
+        and to each one that connects later."""
+        self.shm_table = encode_shm_table(table) if table else b""
+        for handle in self.workers.values():
+            handle.send_shm_table(self.shm_table)
 
     def model_ready(self, name, version=""):
         return self.registry.is_ready(name, version)
@@ -164,3 +192,59 @@ class Router(Service):
         """(ModelVersion, every version of its name); NOT_FOUND if unknown."""
         model = self.registry.resolve(name, version)
         return model, self.registry.versions(name)
+
+
+class _Call:
+    """One forwarded request, as the router accounts for it: hears the
+    worker's timing (and a stream's partial responses), then records the
+    outcome in the model's statistics, the metrics and the access log."""
+
+    __slots__ = ("router", "model", "worker", "on_partial", "request_id", "started")
+
+    def __init__(self, router, model, worker, on_partial, request_id):
+        self.router = router
+        self.model = model
+        self.worker = worker
+        self.on_partial = on_partial
+        self.request_id = request_id
+        self.started = router.reactor.seconds()
+
+    def timing(self, timing):
+        self.model.stats.timing(timing)
+        metrics = self.router.metrics
+        if metrics is not None:
+            metrics.worker_timing(self.model.name, self.model.version, timing)
+
+    def partial(self, payload):
+        if self.on_partial is not None:
+            self.on_partial(payload)
+
+    def finished(self, result):
+        router = self.router
+        now = router.reactor.seconds()
+        elapsed = now - self.started
+        model = self.model
+        if isinstance(result, Failure):
+            model.stats.failure(int(elapsed * 1e9), int(now * 1e9))
+            code = status_name(result)
+        else:
+            model.stats.success(int(elapsed * 1e9), int(now * 1e9))
+            code = "OK"
+        if router.metrics is not None:
+            router.metrics.request_finished(model.name, model.version, code, elapsed)
+        if router.access_log is not None:
+            router.access_log.record(model.name, model.version, code, elapsed,
+                                     self.worker.worker_id, self.request_id)
+        return result
+
+
+def status_name(failure):
+    """The gRPC status name a failed request ends with, without logging it
+    (the front does that once)."""
+    if failure.check(InferenceError):
+        return failure.value.code.name
+    if failure.check(TimeoutError):
+        return "DEADLINE_EXCEEDED"
+    if failure.check(CancelledError):
+        return "CANCELLED"
+    return "INTERNAL"

@@ -12,6 +12,8 @@ UNAVAILABLE from grpc), lets in-flight ones finish for ``grace`` seconds, and
 waits for that off the reactor thread, so the reactor keeps serving the
 forwarded requests those RPCs are waiting on.
 """
+import queue
+import threading
 from concurrent import futures
 
 import grpc
@@ -29,10 +31,13 @@ def threaded_servicer(api, bridge):
     run in gRPC threads: each hops to the reactor through ``bridge``, bounded
     by the RPC's deadline, and aborts the RPC with the failure's status."""
     servicer = type("ThreadedServicer", (), {})()
+    streams = getattr(api, "stream_methods", ())
     for name in rpc.method_names(api.service_name, api):
         method = getattr(api, name)
         default = api.default_timeout(name)
-        if name in api.reactor_free:
+        if name in streams:
+            setattr(servicer, name, _stream_via_reactor(bridge, method, default))
+        elif name in api.reactor_free:
             setattr(servicer, name, _in_thread(method, default))
         else:
             setattr(servicer, name, _via_reactor(bridge, method, default))
@@ -52,6 +57,39 @@ def _via_reactor(bridge, method, default):
     def handle(request, context):
         timeout = rpc.time_left(context, default)
         return bridge.call_for_rpc(context, timeout, method, request, timeout)
+    return handle
+
+
+def _stream_via_reactor(bridge, method, default):
+    """A bidirectional stream served from gRPC threads: ``method(send,
+    timeout)`` opens it on the reactor; this RPC's thread yields what it
+    sends, and one more thread reads the client's requests into it, since a
+    blocking iterator cannot be read and written from one thread."""
+    def handle(request_iterator, context):
+        reactor = bridge.reactor
+        sent = queue.SimpleQueue()
+        timeout = rpc.time_left(context, default)
+        stream = bridge.call(bridge.grace + 5, method, sent.put, timeout)
+
+        def feed():
+            try:
+                for request in request_iterator:
+                    reactor.callFromThread(stream.request, request)
+            except Exception:
+                return  # the RPC ended: cancel() below or the client's half-close
+            reactor.callFromThread(stream.half_close)
+
+        def ended():
+            reactor.callFromThread(stream.cancel)
+            sent.put(None)
+
+        context.add_callback(ended)
+        threading.Thread(target=feed, name="anyserve-stream-reader", daemon=True).start()
+        while True:
+            response = sent.get()
+            if response is None:
+                return
+            yield response
     return handle
 
 

@@ -11,6 +11,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from anyserve_tw.wire import framing
 from anyserve_tw.wire.errors import InferenceError
+from anyserve_tw.wire.payloads import Region, Timing, decode_shm_table
 from anyserve_tw.ingress.router import Router
 from anyserve_tw.test.test_workerlink import (
     FailsWithMixin, FakeWorkerLink, accept_pending, fail_attempt, frame,
@@ -281,3 +282,75 @@ class RouterTests(FailsWithMixin, SynchronousTestCase):
         # The worker, told by its heartbeat that it is unknown, registers again.
         self.register("w1", "m")
         self.assertTrue(self.router.model_ready("m"))
+
+
+class Recorder:
+    """Metrics and access log in one: records every call the router makes."""
+
+    def __init__(self):
+        self.calls = []
+
+    def __getattr__(self, name):
+        return lambda *args: self.calls.append((name,) + args)
+
+
+class AccountingTests(FailsWithMixin, SynchronousTestCase):
+    """Every forwarded request is counted in the model's statistics, the
+    metrics and the access log; the worker's timing reaches both."""
+
+    def setUp(self):
+        self.reactor = MemoryReactorClock()
+        self.router = Router(self.reactor, pool_size=1)
+        self.router.metrics = Recorder()
+        self.router.access_log = Recorder()
+        d = self.router.register_model("w1", "unix:///tmp/w1.sock", "m", "1")
+        (self.link,) = accept_pending(self.reactor, 0)
+        self.successResultOf(d)
+        self.model = self.router.registry.resolve("m", "1")
+
+    def test_success_with_timing(self):
+        self.reactor.advance(100)
+        d = self.router.infer("m", "1", b"req", request_id="r-1")
+        self.reactor.advance(0.25)
+        (request,) = self.link.frames()
+        self.link.send(frame(framing.TIMING, request[1], Timing(10, 20, 30, 40, 1).pack()))
+        self.link.reply(request[1], b"answer")
+        self.assertEqual(self.successResultOf(d), b"answer")
+        stats = self.model.stats.to_proto("m", "1")
+        self.assertEqual((stats.inference_count, stats.execution_count), (1, 1))
+        self.assertEqual(stats.inference_stats.success.count, 1)
+        self.assertEqual(stats.inference_stats.success.ns, 250000000)
+        self.assertEqual(stats.inference_stats.compute_infer.ns, 30)
+        self.assertEqual(stats.last_inference, 100250)
+        self.assertEqual(self.router.metrics.calls, [
+            ("request_started", "m", "1"),
+            ("worker_timing", "m", "1", Timing(10, 20, 30, 40, 1)),
+            ("request_finished", "m", "1", "OK", 0.25),
+        ])
+        self.assertEqual(self.router.access_log.calls, [("record", "m", "1", "OK", 0.25, "w1", "r-1")])
+
+    def test_failure_is_counted_with_its_status(self):
+        d = self.router.infer("m", "1", b"req")
+        (request,) = self.link.frames()
+        self.link.send(frame(framing.ERROR, request[1], b"bad", grpc.StatusCode.INVALID_ARGUMENT.value[0]))
+        self.assertFailsWith(d, grpc.StatusCode.INVALID_ARGUMENT)
+        stats = self.model.stats.to_proto("m", "1")
+        self.assertEqual((stats.inference_stats.fail.count, stats.inference_stats.success.count), (1, 0))
+        self.assertEqual(self.router.metrics.calls[-1][:4], ("request_finished", "m", "1", "INVALID_ARGUMENT"))
+
+    def test_unknown_model_touches_no_account(self):
+        self.assertFailsWith(self.router.infer("nope", "", b"req"), grpc.StatusCode.NOT_FOUND)
+        self.assertEqual(self.router.metrics.calls, [])
+        self.assertEqual(self.router.access_log.calls, [])
+
+    def test_shared_memory_table_reaches_every_worker_and_newcomers(self):
+        self.router.shared_memory_changed({"r": Region("/k", 0, 64)})
+        (table,) = [f for f in self.link.frames() if f[0] == framing.SHM_TABLE]
+        self.assertEqual(decode_shm_table(table[3]), {"r": Region("/k", 0, 64)})
+        d = self.router.register_model("w2", "unix:///tmp/w2.sock", "m", "1")
+        (newcomer,) = accept_pending(self.reactor, 1)
+        self.successResultOf(d)
+        self.assertEqual(newcomer.frames()[0][0], framing.SHM_TABLE)
+        self.router.shared_memory_changed({})
+        self.assertEqual(newcomer.frames()[-1][:2], (framing.SHM_TABLE, 0))
+        self.assertEqual(decode_shm_table(newcomer.frames()[-1][3]), {})

@@ -80,6 +80,8 @@ def encode_shm_table(regions):
 
 
 def decode_shm_table(payload):
-    """``{name: Region}`` from a SHM_TABLE payload."""
+    """``{name: Region}`` from a SHM_TABLE payload (empty: no region)."""
+    if not len(payload):
+        return {}
     table = json.loads(bytes(payload).decode("utf-8"))
     return {name: Region(str(key), int(offset), int(size)) for name, (key, offset, size) in table.items()}

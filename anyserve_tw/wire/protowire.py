@@ -181,3 +181,21 @@ def raw_output_parts(response_bytes, buffers):
         if size:
             parts.append(buffer)
     return parts
+
+
+#: ``ModelStreamInferResponse`` fields: ``error_message`` and ``infer_response``.
+STREAM_ERROR_MESSAGE = 1
+STREAM_INFER_RESPONSE = 2
+
+
+def stream_response(response_bytes):
+    """A ``ModelStreamInferResponse`` carrying serialized ``ModelInferResponse``
+    bytes, built around them without parsing them."""
+    return (encode_varint(STREAM_INFER_RESPONSE << 3 | LENGTH_DELIMITED)
+            + encode_varint(len(response_bytes)) + response_bytes)
+
+
+def stream_error(message):
+    """A ``ModelStreamInferResponse`` carrying only an error message."""
+    data = message.encode("utf-8")
+    return encode_varint(STREAM_ERROR_MESSAGE << 3 | LENGTH_DELIMITED) + encode_varint(len(data)) + data

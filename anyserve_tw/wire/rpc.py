@@ -65,6 +65,12 @@ def _methods(service_name):
         )
 
 
+def streaming_methods(service_name):
+    """Names of the bidirectional-streaming RPCs of ``service_name``."""
+    return {m.name for m in protos.service_descriptor(service_name).methods
+            if m.client_streaming and m.server_streaming}
+
+
 def generic_handler(service_name, servicer, raw_methods=()):
     """A ``grpc.GenericRpcHandler`` calling ``servicer.<Method>(request, context)``.
 
@@ -72,13 +78,16 @@ def generic_handler(service_name, servicer, raw_methods=()):
     the ingress forwards ModelInfer without ever parsing it.
     """
     handlers = {}
+    streams = streaming_methods(service_name)
     for name, request_class, response_class in _methods(service_name):
         if not hasattr(servicer, name):
             continue
+        make = (grpc.stream_stream_rpc_method_handler if name in streams
+                else grpc.unary_unary_rpc_method_handler)
         if name in raw_methods:
-            handlers[name] = grpc.unary_unary_rpc_method_handler(getattr(servicer, name))
+            handlers[name] = make(getattr(servicer, name))
         else:
-            handlers[name] = grpc.unary_unary_rpc_method_handler(
+            handlers[name] = make(
                 getattr(servicer, name),
                 request_deserializer=request_class.FromString,
                 response_serializer=response_class.SerializeToString,
@@ -90,11 +99,12 @@ class Stub:
     """A client for ``service_name`` on ``channel``: ``stub.Method(request, timeout=...)``."""
 
     def __init__(self, channel, service_name):
+        streams = streaming_methods(service_name)
         for name, request_class, response_class in _methods(service_name):
             setattr(
                 self,
                 name,
-                channel.unary_unary(
+                (channel.stream_stream if name in streams else channel.unary_unary)(
                     "/%s/%s" % (service_name, name),
                     request_serializer=request_class.SerializeToString,
                     response_deserializer=response_class.FromString,
