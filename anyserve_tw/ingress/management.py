@@ -2,7 +2,8 @@
 
 Like :class:`anyserve_tw.ingress.inference.InferenceAPI`, answered on the
 reactor by either front.  Errors are gRPC statuses: INVALID_ARGUMENT for a
-malformed registration (checked before anything reaches the router),
+malformed registration (checked before anything reaches the router: names,
+datatypes, batch sizes),
 UNAVAILABLE when the worker's socket can't be reached.
 """
 import grpc
@@ -27,6 +28,25 @@ def _specs(specs, kind):
     return out
 
 
+def _config(request):
+    """The model-configuration part of a registration, checked as Triton
+    checks a config: no negative batch size, preferred sizes in 1..max."""
+    if request.max_batch_size < 0:
+        raise invalid_argument("max_batch_size must be >= 0, not %d" % request.max_batch_size)
+    for size in request.preferred_batch_sizes:
+        if size < 1 or (request.max_batch_size and size > request.max_batch_size):
+            raise invalid_argument(
+                "preferred batch size %d is not within 1..max_batch_size (%d)"
+                % (size, request.max_batch_size)
+            )
+    return dict(
+        decoupled=request.decoupled,
+        max_batch_size=request.max_batch_size,
+        preferred_batch_sizes=tuple(request.preferred_batch_sizes),
+        max_queue_delay_us=request.max_queue_delay_us,
+    )
+
+
 class ManagementAPI:
     """WorkerManagement over the router; runs on the reactor thread."""
 
@@ -48,9 +68,10 @@ class ManagementAPI:
             raise invalid_argument("worker_id is required")
         inputs = _specs(request.inputs, "input")
         outputs = _specs(request.outputs, "output")
+        config = _config(request)
         d = self.router.register_model(
             request.worker_id, request.worker_address, request.model_name,
-            request.model_version, request.platform, inputs, outputs,
+            request.model_version, request.platform, inputs, outputs, **config,
         )
         return d.addCallback(lambda _: _m.RegisterModelResponse(success=True, message="registered"))
 

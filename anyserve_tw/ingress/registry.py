@@ -9,49 +9,107 @@ again" from "no such model".
 
 Requests naming no version follow :func:`anyserve_tw.wire.defaults.default_version`,
 the rule the workers use too.
+
+Triton's model-repository extension maps onto this registry as follows:
+workers fill it (a model is "loaded" by a worker registering it), and a
+client may *unload* a model by name (RepositoryModelUnload): every version of
+it then stops being routed, its requests get UNAVAILABLE ``model 'x' is
+unloaded`` and ModelReady is false, while requests already forwarded finish
+and registrations keep arriving (their workers are recorded, not routed to,
+so heartbeats stay healthy).  *Loading* it again (RepositoryModelLoad)
+admits it back.  The admitted flag lives on each ModelVersion, so routing
+checks one attribute per request; an unloaded name stays unloaded for
+versions registered later, and does not keep ServerReady false.
 """
+from anyserve_tw.ingress.statistics import InferenceStats
 from anyserve_tw.wire.defaults import default_version, natural_key
 from anyserve_tw.wire.errors import InferenceError, not_found, unavailable
 
+#: RepositoryIndex states (Triton's names).
+READY = "READY"
+UNAVAILABLE = "UNAVAILABLE"
+
 
 class ModelVersion:
-    """One (name, version), its tensor metadata and the workers serving it."""
+    """One (name, version): what its workers declared, the workers serving
+    it, whether it is admitted (not unloaded) and its statistics.
 
-    def __init__(self, name, version):
+    ``decoupled``, ``max_batch_size``, ``preferred_batch_sizes`` and
+    ``max_queue_delay_us`` mean what they do in Triton's model configuration.
+    """
+
+    def __init__(self, name, version, admitted=True):
         self.name = name
         self.version = version
         self.platform = ""
         self.inputs = ()
         self.outputs = ()
+        self.decoupled = False
+        self.max_batch_size = 0
+        self.preferred_batch_sizes = ()
+        self.max_queue_delay_us = 0
         self.workers = []
         self.rotation = 0  # where the next tie-break starts
+        #: False while a client has it unloaded.
+        self.admitted = admitted
+        self.stats = InferenceStats()
 
     @property
     def ready(self):
-        return bool(self.workers)
+        return self.admitted and bool(self.workers)
+
+    @property
+    def state(self):
+        """READY or UNAVAILABLE, as RepositoryIndex reports it."""
+        return READY if self.ready else UNAVAILABLE
+
+    @property
+    def reason(self):
+        """Why it is in its state, naming its workers: ``2 workers: w1, w2``
+        (READY), ``unloaded`` (with the workers still registered, if any) or
+        ``no live worker``."""
+        count = len(self.workers)
+        if not count:
+            return "no live worker" if self.admitted else "unloaded"
+        workers = "%d worker%s%s: %s" % (
+            count, "" if count == 1 else "s", "" if self.admitted else " registered",
+            ", ".join(w.worker_id for w in self.workers),
+        )
+        return workers if self.admitted else "unloaded; " + workers
 
     def __repr__(self):
-        return "<ModelVersion %s:%s workers=%d>" % (self.name, self.version, len(self.workers))
+        return "<ModelVersion %s:%s workers=%d%s>" % (
+            self.name, self.version, len(self.workers), "" if self.admitted else " unloaded")
 
 
 class ModelRegistry:
     """Maps (name, version) to workers; routes by least outstanding requests.
 
     Workers are any objects with a ``worker_id`` and an ``outstanding`` count
-    (requests sent, not yet answered).
+    (requests sent, not yet answered).  See the module docstring for
+    unloading and loading.
     """
 
     def __init__(self):
         self._models = {}  # name -> {version: ModelVersion}
+        self._unloaded = set()  # names a client unloaded
 
-    def register(self, worker, name, version="", platform="", inputs=(), outputs=()):
-        """Add ``worker`` as a server of (name, version); metadata: latest wins."""
+    def register(self, worker, name, version="", platform="", inputs=(), outputs=(),
+                 decoupled=False, max_batch_size=0, preferred_batch_sizes=(), max_queue_delay_us=0):
+        """Add ``worker`` as a server of (name, version); what it declares
+        (platform, tensor specs, the batching and decoupled settings)
+        replaces what earlier registrations declared."""
         model = self._models.setdefault(name, {}).get(version)
         if model is None:
-            model = self._models[name][version] = ModelVersion(name, version)
+            model = self._models[name][version] = ModelVersion(
+                name, version, admitted=name not in self._unloaded)
         model.platform = platform
         model.inputs = tuple(inputs)
         model.outputs = tuple(outputs)
+        model.decoupled = bool(decoupled)
+        model.max_batch_size = max_batch_size
+        model.preferred_batch_sizes = tuple(preferred_batch_sizes)
+        model.max_queue_delay_us = max_queue_delay_us
         if all(w.worker_id != worker.worker_id for w in model.workers):
             model.workers.append(worker)
         return model
@@ -107,8 +165,11 @@ class ModelRegistry:
         """The worker of ``model`` with the fewest outstanding requests.
 
         Ties rotate, so idle workers take turns instead of the first one
-        receiving all light traffic.  UNAVAILABLE when no worker is left.
+        receiving all light traffic.  UNAVAILABLE when no worker is left or
+        the model is unloaded.
         """
+        if not model.admitted:
+            raise unavailable("model '%s' is unloaded" % model.name)
         workers = model.workers
         count = len(workers)
         if count == 0:
@@ -138,5 +199,51 @@ class ModelRegistry:
         return [m for versions in self._models.values() for m in versions.values()]
 
     def all_ready(self):
-        """True when every known model has at least one live worker."""
-        return all(model.ready for model in self.models())
+        """True when every known model not unloaded has a live worker."""
+        return all(model.ready for model in self.models() if model.admitted)
+
+    def select(self, name="", version=""):
+        """The ModelVersions a statistics request names, in name then natural
+        version order: every known one (no name), every version of ``name``
+        (no version), or exactly (name, version); NOT_FOUND if none."""
+        if not name:
+            return [model for n in sorted(self._models) for model in self._sorted(n)]
+        if version:
+            model = self._models.get(name, {}).get(version)
+            if model is None:
+                raise not_found(name, version)
+            return [model]
+        if not self._models.get(name):
+            raise not_found(name)
+        return self._sorted(name)
+
+    def _sorted(self, name):
+        versions = self._models[name]
+        return [versions[v] for v in sorted(versions, key=natural_key)]
+
+    def index(self, ready_only=False):
+        """Every known ModelVersion (only the READY ones with ``ready_only``)
+        in name then natural version order, for RepositoryIndex."""
+        return [model for model in self.select() if model.ready or not ready_only]
+
+    def unload(self, name):
+        """Stop routing every version of ``name`` (now and as registered
+        later); its ModelVersions.  NOT_FOUND if never registered."""
+        return self._admit(name, False)
+
+    def load(self, name):
+        """Route ``name`` again after :meth:`unload` (a no-op if it was
+        not unloaded); its ModelVersions.  NOT_FOUND if never registered."""
+        return self._admit(name, True)
+
+    def _admit(self, name, admitted):
+        if not self._models.get(name):
+            raise not_found(name)
+        if admitted:
+            self._unloaded.discard(name)
+        else:
+            self._unloaded.add(name)
+        models = self._sorted(name)
+        for model in models:
+            model.admitted = admitted
+        return models

@@ -337,3 +337,180 @@ class RoutingTests(SynchronousTestCase):
             picked_two.add(self.registry.pick_worker(two).worker_id)
         self.assertEqual(picked_one, {"a1", "b1"})
         self.assertEqual(picked_two, {"a2", "b2"})
+
+
+class ModelConfigurationTests(SynchronousTestCase):
+    """What a registration declares beyond tensors, and the statistics home."""
+
+    def setUp(self):
+        self.registry = ModelRegistry()
+
+    def test_defaults(self):
+        """A registration without configuration: Triton's defaults, and stats."""
+        model = self.registry.register(FakeWorker("a"), "m")
+        self.assertEqual(
+            (model.decoupled, model.max_batch_size, model.preferred_batch_sizes, model.max_queue_delay_us),
+            (False, 0, (), 0))
+        self.assertEqual(model.stats.success_count, 0)
+
+    def test_configuration_stored_latest_wins(self):
+        """The batching and decoupled settings are stored, and replaced by a
+        later registration; the statistics object survives it."""
+        model = self.registry.register(FakeWorker("a"), "m", decoupled=True, max_batch_size=8,
+                                       preferred_batch_sizes=[2, 4], max_queue_delay_us=100)
+        self.assertEqual(
+            (model.decoupled, model.max_batch_size, model.preferred_batch_sizes, model.max_queue_delay_us),
+            (True, 8, (2, 4), 100))
+        stats = model.stats
+        stats.success(10, 0)
+        again = self.registry.register(FakeWorker("b"), "m", max_batch_size=4)
+        self.assertIs(again, model)
+        self.assertEqual((model.decoupled, model.max_batch_size, model.preferred_batch_sizes), (False, 4, ()))
+        self.assertIs(model.stats, stats)
+        self.assertEqual(model.stats.success_count, 1)
+
+    def test_each_version_has_its_own_stats(self):
+        one = self.registry.register(FakeWorker("a"), "m", "1")
+        two = self.registry.register(FakeWorker("a"), "m", "2")
+        self.assertIsNot(one.stats, two.stats)
+
+    def test_stats_survive_worker_loss(self):
+        """A model's counts stay when its last worker goes and one returns."""
+        model = self.registry.register(FakeWorker("a"), "m")
+        model.stats.success(5, 0)
+        self.registry.remove_worker("a")
+        self.assertIs(self.registry.register(FakeWorker("b"), "m"), model)
+        self.assertEqual(model.stats.success_count, 1)
+
+
+class SelectAndIndexTests(SynchronousTestCase):
+    """select() (ModelStatistics) and index() (RepositoryIndex)."""
+
+    def setUp(self):
+        self.registry = ModelRegistry()
+        a, b = FakeWorker("a"), FakeWorker("b")
+        for version in ("v10", "v2"):
+            self.registry.register(a, "m", version)
+        self.registry.register(b, "m", "v2")
+        self.registry.register(a, "z")
+        self.registry.register(FakeWorker("gone"), "k", "1")
+        self.registry.remove_worker("gone")
+
+    def keys(self, models):
+        return [(m.name, m.version) for m in models]
+
+    def test_select_everything(self):
+        """No name: every known version, in name then natural version order,
+        ready or not."""
+        self.assertEqual(self.keys(self.registry.select()),
+                         [("k", "1"), ("m", "v2"), ("m", "v10"), ("z", "")])
+
+    def test_select_name(self):
+        """A name alone: all its versions (not just the default one)."""
+        self.assertEqual(self.keys(self.registry.select("m")), [("m", "v2"), ("m", "v10")])
+        self.assertEqual(self.keys(self.registry.select("z")), [("z", "")])
+
+    def test_select_version(self):
+        self.assertEqual(self.keys(self.registry.select("m", "v2")), [("m", "v2")])
+
+    def test_select_unknown(self):
+        for args, message in [(("nope",), "Request for unknown model: 'nope' is not found"),
+                              (("m", "v3"), "Request for unknown model: 'm' version 'v3' is not found"),
+                              (("nope", "1"), "Request for unknown model: 'nope' version '1' is not found")]:
+            error = self.assertRaises(InferenceError, self.registry.select, *args)
+            self.assertEqual((error.code, error.message), (grpc.StatusCode.NOT_FOUND, message))
+
+    def test_index_states_and_reasons(self):
+        """READY names its workers; UNAVAILABLE says why."""
+        self.assertEqual(
+            [(m.name, m.version, m.state, m.reason) for m in self.registry.index()],
+            [("k", "1", "UNAVAILABLE", "no live worker"),
+             ("m", "v2", "READY", "2 workers: a, b"),
+             ("m", "v10", "READY", "1 worker: a"),
+             ("z", "", "READY", "1 worker: a")])
+
+    def test_index_ready_only(self):
+        self.assertEqual(self.keys(self.registry.index(ready_only=True)),
+                         [("m", "v2"), ("m", "v10"), ("z", "")])
+
+
+class UnloadTests(SynchronousTestCase):
+    """A client's RepositoryModelUnload / Load of a worker-filled registry."""
+
+    def setUp(self):
+        self.registry = ModelRegistry()
+        self.a = FakeWorker("a")
+        for version in ("1", "2"):
+            self.registry.register(self.a, "m", version)
+        self.registry.register(self.a, "other")
+
+    def assertUnloaded(self, model):
+        self.assertFalse(model.ready)
+        error = self.assertRaises(InferenceError, self.registry.pick_worker, model)
+        self.assertEqual((error.code, error.message), (grpc.StatusCode.UNAVAILABLE, "model 'm' is unloaded"))
+
+    def test_unload_stops_routing_every_version(self):
+        unloaded = self.registry.unload("m")
+        self.assertEqual([(m.name, m.version) for m in unloaded], [("m", "1"), ("m", "2")])
+        for version in ("1", "2", ""):
+            model = self.registry.resolve("m", version)  # still known: metadata and config answer
+            self.assertUnloaded(model)
+            self.assertFalse(self.registry.is_ready("m", version))
+        # Other models are untouched.
+        self.assertIs(self.registry.pick_worker(self.registry.resolve("other")), self.a)
+
+    def test_unloaded_does_not_make_server_unready(self):
+        self.registry.unload("m")
+        self.assertTrue(self.registry.all_ready())
+        self.registry.remove_worker("a")
+        self.assertFalse(self.registry.all_ready())  # 'other' has no worker
+
+    def test_registrations_stay_unrouted(self):
+        """Workers keep registering an unloaded model (heartbeats stay
+        healthy) but get nothing routed, new versions included."""
+        b = FakeWorker("b")
+        self.registry.register(b, "m", "1")
+        self.registry.register(b, "m", "3")
+        self.registry.unload("m")
+        self.registry.register(FakeWorker("c"), "m", "1")
+        self.registry.register(FakeWorker("c"), "m", "4")
+        for version in ("1", "3", "4"):
+            self.assertUnloaded(self.registry.resolve("m", version))
+        self.assertEqual(self.registry.names_served_by("c"), {"m"})
+        self.assertEqual(
+            [(m.version, m.state, m.reason) for m in self.registry.index() if m.name == "m"],
+            [("1", "UNAVAILABLE", "unloaded; 3 workers registered: a, b, c"),
+             ("2", "UNAVAILABLE", "unloaded; 1 worker registered: a"),
+             ("3", "UNAVAILABLE", "unloaded; 1 worker registered: b"),
+             ("4", "UNAVAILABLE", "unloaded; 1 worker registered: c")])
+        self.assertEqual(self.registry.index(ready_only=True), [self.registry.resolve("other")])
+
+    def test_unloaded_without_worker(self):
+        self.registry.unload("m")
+        self.registry.remove_worker("a")
+        self.assertEqual(self.registry.resolve("m", "1").reason, "unloaded")
+
+    def test_load_admits_again(self):
+        self.registry.unload("m")
+        self.registry.register(FakeWorker("b"), "m", "5")
+        loaded = self.registry.load("m")
+        self.assertEqual([m.version for m in loaded], ["1", "2", "5"])
+        for version in ("1", "2", "5"):
+            model = self.registry.resolve("m", version)
+            self.assertTrue(model.ready)
+            self.registry.pick_worker(model)
+        # Versions registered after loading are routed too.
+        self.registry.register(FakeWorker("c"), "m", "6")
+        self.assertTrue(self.registry.is_ready("m", "6"))
+
+    def test_load_of_loaded_is_a_no_op(self):
+        self.registry.load("m")
+        self.assertTrue(self.registry.is_ready("m", "1"))
+
+    def test_unknown_name(self):
+        """Never registered: NOT_FOUND, and nothing is remembered."""
+        for method in (self.registry.unload, self.registry.load):
+            error = self.assertRaises(InferenceError, method, "nope")
+            self.assertEqual(error.code, grpc.StatusCode.NOT_FOUND)
+        self.registry.register(FakeWorker("b"), "nope")
+        self.assertTrue(self.registry.is_ready("nope"))
