@@ -1,18 +1,41 @@
 """What a worker knows of one model: its handler, its tensor specs, and how a
 request's bytes become handler arguments and the handler's result becomes
-response bytes."""
+response bytes.
+
+Two of Triton's extensions live here, as they change what a tensor's bytes
+are: *system shared memory* (a tensor's parameters name a registered region
+the worker reads the input from or writes the output into, see
+:mod:`anyserve_tw.worker.sharedmemory`) and *classification* (a requested
+output's ``classification`` parameter asks for its top-k "value:index[:label]"
+strings instead of its values).
+"""
 import inspect
 from collections import namedtuple
 
 import grpc
 import numpy as np
+from twisted.logger import Logger, LogLevel
 
 from anyserve_tw.wire import protos, protowire
 from anyserve_tw.wire.errors import InferenceError, invalid_argument
 from anyserve_tw.worker import tensors
 from anyserve_tw.worker.parsing import parse_request
+from anyserve_tw.worker.sharedmemory import write_parts
 
 _v2 = protos.inference
+
+log = Logger()
+
+#: The tensor parameters of the shared-memory extension.
+SHM_REGION = "shared_memory_region"
+SHM_OFFSET = "shared_memory_offset"
+SHM_BYTE_SIZE = "shared_memory_byte_size"
+#: The requested-output parameter of the classification extension.
+CLASSIFICATION = "classification"
+
+#: Largest output (per batch entry) classified, as Triton caps it: sorting
+#: it is the worker's CPU, whatever the client asks.
+MAX_CLASSIFIED = 1000000
 
 
 class TensorSpec(namedtuple("TensorSpec", "name datatype shape")):
@@ -53,6 +76,57 @@ def _parameters(mapping):
     return {key: _parameter_value(value) for key, value in mapping.items()}
 
 
+class SharedMemoryWindow(namedtuple("SharedMemoryWindow", "region offset byte_size view")):
+    """Where a requested output goes: the region, offset and byte size the
+    client named, and the writable view of them resolved when the request
+    was decoded (so a region unregistered meanwhile stays mapped)."""
+
+
+def _shm_parameters(tensor, what):
+    """(region, offset, byte_size) of a tensor's shared-memory parameters,
+    or None; INVALID_ARGUMENT for Triton's malformed combinations."""
+    parameters = tensor.parameters
+    if not parameters or (SHM_REGION not in parameters and SHM_OFFSET not in parameters
+                          and SHM_BYTE_SIZE not in parameters):
+        return None
+    name = tensor.name
+    if SHM_REGION not in parameters:
+        raise invalid_argument("'%s' and '%s' can not be given without '%s' for %s '%s'"
+                               % (SHM_OFFSET, SHM_BYTE_SIZE, SHM_REGION, what, name))
+    values = {}
+    for key, choice in ((SHM_REGION, "string_param"), (SHM_OFFSET, "int64_param"),
+                        (SHM_BYTE_SIZE, "int64_param")):
+        if key in parameters:
+            parameter = parameters[key]
+            if parameter.WhichOneof("parameter_choice") != choice:
+                raise invalid_argument("invalid value type for '%s' parameter for %s '%s', expected %s"
+                                       % (key, what, name, choice))
+            values[key] = getattr(parameter, choice)
+    if SHM_BYTE_SIZE not in values:
+        raise invalid_argument("'%s' must be given along with '%s' for %s '%s'"
+                               % (SHM_BYTE_SIZE, SHM_REGION, what, name))
+    return values[SHM_REGION], values.get(SHM_OFFSET, 0), values[SHM_BYTE_SIZE]
+
+
+def _class_count(output):
+    """The ``classification`` count a requested output asks for, or 0."""
+    parameter = output.parameters.get(CLASSIFICATION) if output.parameters else None
+    if parameter is None:
+        return 0
+    if parameter.WhichOneof("parameter_choice") != "int64_param":
+        raise invalid_argument("invalid value type for 'classification' parameter of output '%s', "
+                               "expected int64_param" % output.name)
+    if parameter.int64_param <= 0:
+        raise invalid_argument("invalid value %d for 'classification' parameter of output '%s', "
+                               "expected > 0" % (parameter.int64_param, output.name))
+    return parameter.int64_param
+
+
+def _no_table(name, what):
+    return invalid_argument("%s '%s' names a shared memory region, but this worker has no "
+                            "shared-memory table" % (what, name))
+
+
 def _set_parameter(target, value):
     if isinstance(value, bool):
         target.bool_param = value
@@ -87,13 +161,18 @@ class InferInput:
 class InferRequest:
     """What a handler receives: id, parameters, inputs by name."""
 
-    def __init__(self, model_name, model_version, id, parameters, inputs, requested_outputs):
+    def __init__(self, model_name, model_version, id, parameters, inputs, requested_outputs,
+                 shared_memory_outputs=None, class_counts=None):
         self.model_name = model_name
         self.model_version = model_version
         self.id = id
         self.parameters = parameters
         self.inputs = inputs
         self.requested_outputs = requested_outputs
+        #: Output name -> SharedMemoryWindow it is written into.
+        self.shared_memory_outputs = shared_memory_outputs or {}
+        #: Output name -> how many classes the client asked for instead of it.
+        self.class_counts = class_counts or {}
 
     def __getitem__(self, name):
         """``request["a"]`` is ``request.inputs["a"].as_numpy()``."""
@@ -115,7 +194,7 @@ class Model:
     """A registered handler and its specs; turns request bytes into response bytes."""
 
     def __init__(self, handler, name, version="", inputs=None, outputs=None,
-                 platform="python", asynchronous=None):
+                 platform="python", asynchronous=None, labels=None):
         self.handler = handler
         self.name = name
         self.version = version or ""
@@ -137,6 +216,8 @@ class Model:
         self.decoupled = inspect.isgeneratorfunction(handler) or inspect.isasyncgenfunction(handler)
         #: Largest batch the handler takes (0: it does not batch, Triton's meaning).
         self.max_batch_size = 0
+        #: Output name -> class labels by index, for classification results.
+        self.labels = _labels(labels, self._output_specs)
 
     @property
     def key(self):
@@ -144,17 +225,32 @@ class Model:
 
     # -- request -------------------------------------------------------------
 
-    def decode(self, payload):
+    def decode(self, payload, shared_memory=None):
         """Validate request bytes, or the ParsedRequest routing already made
-        of them, into an InferRequest; INVALID_ARGUMENT on any problem."""
+        of them, into an InferRequest; INVALID_ARGUMENT on any problem.
+
+        ``shared_memory`` (a :class:`~anyserve_tw.worker.sharedmemory.SharedMemoryTable`
+        or a view of one) resolves the regions inputs and outputs name.
+        """
         parsed = parse_request(payload)
         message, raw = parsed.message, parsed.raw
-        if raw and len(raw) != len(message.inputs):
+        in_shm = [_shm_parameters(t, "input") for t in message.inputs]
+        shm_count = len(in_shm) - in_shm.count(None)
+        # tritonclient (and Triton) send raw contents only for the inputs not
+        # in shared memory; one entry per input (empty ones for those in
+        # shared memory) is taken as well.
+        aligned = len(raw) == len(message.inputs)
+        if raw and not aligned and len(raw) != len(message.inputs) - shm_count:
+            if shm_count:
+                raise invalid_argument(
+                    "%d raw_input_contents for %d inputs, %d of them in shared memory"
+                    % (len(raw), len(message.inputs), shm_count))
             raise invalid_argument(
                 "%d raw_input_contents for %d inputs" % (len(raw), len(message.inputs))
             )
         specs = self._input_specs
         inputs = {}
+        raw_index = 0
         for index, tensor in enumerate(message.inputs):
             name, datatype, shape = tensor.name, tensor.datatype, tuple(tensor.shape)
             if name in inputs:
@@ -178,8 +274,19 @@ class Model:
                         "input '%s': shape %s, model '%s' expects %s"
                         % (name, list(shape), self.name, list(spec.shape))
                     )
-            if raw:
-                array = tensors.from_raw(datatype, shape, raw[index])
+            shm = in_shm[index]
+            if shm is not None:
+                if aligned and raw and len(raw[index]):
+                    raise invalid_argument(
+                        "input '%s' is in shared memory and has raw_input_contents too" % name)
+                if tensor.HasField("contents"):
+                    raise invalid_argument(
+                        "unexpected 'contents' given for input '%s' of model '%s', which is "
+                        "in shared memory" % (name, self.name))
+                array = self._from_shared_memory(shared_memory, tensor, shape, shm)
+            elif raw:
+                array = tensors.from_raw(datatype, shape, raw[index if aligned else raw_index])
+                raw_index += 1
             else:
                 array = tensors.from_contents(datatype, shape, tensor.contents)
             inputs[name] = InferInput(name, datatype, shape, _parameters(tensor.parameters), array)
@@ -196,21 +303,59 @@ class Model:
                 raise invalid_argument(
                     "model '%s' has no output(s): %s" % (self.name, ", ".join(unknown))
                 )
+        windows = {}
+        class_counts = {}
+        for output in message.outputs:
+            if not output.parameters:
+                continue
+            shm = _shm_parameters(output, "output")
+            count = _class_count(output)
+            if shm is not None and count:
+                raise invalid_argument(
+                    "output '%s' can't set both 'shared_memory_region' and 'classification'"
+                    % output.name)
+            if shm is not None:
+                if shared_memory is None:
+                    raise _no_table(output.name, "output")
+                region, offset, byte_size = shm
+                windows[output.name] = SharedMemoryWindow(
+                    region, offset, byte_size, shared_memory.window(region, offset, byte_size))
+            elif count:
+                spec = (self._output_specs or {}).get(output.name)
+                if spec is not None:
+                    _check_classifiable(output.name, spec.datatype)
+                class_counts[output.name] = count
         return InferRequest(
             message.model_name, message.model_version, message.id,
-            _parameters(message.parameters), inputs, requested,
+            _parameters(message.parameters), inputs, requested, windows, class_counts,
         )
+
+    def _from_shared_memory(self, shared_memory, tensor, shape, shm):
+        """An input's array, viewing the region it is in (BYTES: decoded)."""
+        name, datatype = tensor.name, tensor.datatype
+        if shared_memory is None:
+            raise _no_table(name, "input")
+        region, offset, byte_size = shm
+        view = shared_memory.read(region, offset, byte_size)
+        if datatype != "BYTES":
+            expected = tensors.element_count(shape) * tensors.DATATYPES[datatype].itemsize
+            if byte_size != expected:
+                raise invalid_argument(
+                    "input byte size mismatch for input '%s' for model '%s'. Expected %d, got %d"
+                    % (name, self.name, expected, byte_size))
+        return tensors.from_raw(datatype, shape, view)
 
     # -- handler ---------------------------------------------------------------
 
     def call(self, request):
         """The handler's result; what it raises, other than InferenceError,
-        becomes INTERNAL naming this model."""
+        becomes INTERNAL naming this model, its traceback logged."""
         try:
             return self.handler(request)
         except InferenceError:
             raise
         except Exception as e:
+            log.failure("model {model} failed", model=self.name, level=LogLevel.error)
             raise handler_error(self, e) from e
 
     def respond(self, request, result):
@@ -221,11 +366,13 @@ class Model:
         except InferenceError:
             raise
         except Exception as e:
+            log.failure("model {model} returned a result that can't be sent", model=self.name,
+                        level=LogLevel.error)
             raise handler_error(self, e) from e
 
-    def serve(self, payload):
+    def serve(self, payload, shared_memory=None):
         """Request bytes (or a ParsedRequest) in, response parts out."""
-        request = self.decode(payload)
+        request = self.decode(payload, shared_memory)
         return self.respond(request, self.call(request))
 
     # -- response -------------------------------------------------------------
@@ -275,6 +422,8 @@ class Model:
         for key, value in parameters.items():
             _set_parameter(response.parameters[key], value)
         buffers = []
+        windows = request.shared_memory_outputs
+        class_counts = request.class_counts
         for name, value in outputs:
             spec = specs.get(name)
             if spec is not None:
@@ -283,12 +432,85 @@ class Model:
             else:
                 array = np.asarray(value)
                 datatype = tensors.datatype_of(array)
+            if class_counts and name in class_counts:
+                array = self.classify(name, datatype, array, class_counts[name])
+                datatype = "BYTES"
             tensor = response.outputs.add()
             tensor.name = name
             tensor.datatype = datatype
             tensor.shape.extend(array.shape)
-            buffers.append(tensors.to_buffer(datatype, array))
+            buffer = tensors.to_buffer(datatype, array)
+            if windows and name in windows:
+                _write_output(name, windows[name], buffer, tensor)
+                buffer = b""  # an empty entry keeps the others' positions
+            buffers.append(buffer)
         return protowire.raw_output_parts(response.SerializeToString(), buffers)
+
+    def classify(self, name, datatype, array, count):
+        """Triton's classification of output ``name``: the ``count`` largest
+        values as "value:index[:label]" strings, per batch entry when the
+        model batches (shape [batch, k]), else over the whole tensor ([k]).
+        Equal values come lowest index first."""
+        _check_classifiable(name, datatype)
+        batched = self.max_batch_size > 0 and array.ndim > 0
+        rows = array.reshape(array.shape[0] if batched else 1, -1)
+        size = rows.shape[1]
+        if size > MAX_CLASSIFIED:
+            raise invalid_argument("output '%s' has %d elements to classify, more than %d"
+                                   % (name, size, MAX_CLASSIFIED))
+        k = min(count, size)
+        labels = self.labels.get(name, ())
+        number = "%f" if rows.dtype.kind == "f" else "%d"
+        result = np.empty((rows.shape[0], k), dtype=object)
+        for r, row in enumerate(rows):
+            # Descending, equal values by ascending index: a stable sort of
+            # the reversed row, read backwards.
+            order = size - 1 - np.argsort(row[::-1], kind="stable")[::-1][:k]
+            for c, index in enumerate(order.tolist()):
+                text = (number % row[index]) + ":%d" % index
+                if index < len(labels):
+                    text += ":" + labels[index]
+                result[r, c] = text.encode("utf-8")
+        return result if batched else result.reshape(k)
+
+
+def _check_classifiable(name, datatype):
+    if datatype in ("BYTES", "BOOL"):
+        raise invalid_argument(
+            "class result not available for output '%s' due to unsupported type '%s'"
+            % (name, datatype))
+
+
+def _labels(labels, output_specs):
+    """``labels`` checked: output name -> tuple of label strings."""
+    if not labels:
+        return {}
+    if not isinstance(labels, dict):
+        raise TypeError("labels must be a dict of output name -> list of labels")
+    checked = {}
+    for name, values in labels.items():
+        if output_specs is not None and name not in output_specs:
+            raise ValueError("labels given for '%s', which is not a declared output" % name)
+        if isinstance(values, str) or not all(isinstance(v, str) for v in values):
+            raise TypeError("labels of output '%s' must be a list of strings" % name)
+        checked[name] = tuple(values)
+    return checked
+
+
+def _write_output(name, window, buffer, tensor):
+    """Copy an output into its shared-memory window and say so in the
+    response, as Triton does: same parameters, no bytes of its own."""
+    size = memoryview(buffer).nbytes
+    if size > window.byte_size:
+        raise InferenceError(
+            grpc.StatusCode.INTERNAL,
+            "shared memory size specified with the request for output '%s' (%d bytes) should be "
+            "at least %d bytes to hold the results" % (name, window.byte_size, size))
+    write_parts(window.view, [buffer])
+    tensor.parameters[SHM_REGION].string_param = window.region
+    tensor.parameters[SHM_BYTE_SIZE].int64_param = window.byte_size
+    if window.offset:
+        tensor.parameters[SHM_OFFSET].int64_param = window.offset
 
 
 def handler_error(model, exception):
