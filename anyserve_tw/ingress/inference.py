@@ -21,6 +21,7 @@ from twisted.logger import Logger
 from anyserve_tw.wire import protos
 from anyserve_tw.wire.errors import InferenceError
 from anyserve_tw.wire.protowire import peek_request
+from anyserve_tw.ingress.streaming import InferStream
 
 _v2 = protos.inference
 
@@ -34,6 +35,9 @@ _v2 = protos.inference
 #: there is nothing for it to do).
 EXTENSIONS = ("classification", "model_repository", "model_configuration", "statistics",
               "binary_tensor_data", "parameters")
+
+#: The version ModelStatistics reports for a model registered without one.
+UNVERSIONED_STATISTICS = "1"
 
 _UNLOAD_PARAMETERS = frozenset(["unload_dependents"])
 
@@ -106,7 +110,10 @@ class InferenceAPI:
 
     service_name = protos.INFERENCE_SERVICE
     #: Methods that take and return serialized bytes, never parsed here.
-    raw_methods = ("ModelInfer",)
+    raw_methods = ("ModelInfer", "ModelStreamInfer")
+    #: Bidirectional streams: ``Method(send, timeout)`` opens one
+    #: (:class:`~anyserve_tw.ingress.streaming.InferStream`).
+    stream_methods = ("ModelStreamInfer",)
     #: Methods that read no reactor-owned state: the thread front answers them
     #: in its own thread, without a hop to the reactor.
     reactor_free = ("ServerLive", "ServerMetadata", "CudaSharedMemoryStatus", "CudaSharedMemoryRegister",
@@ -123,7 +130,7 @@ class InferenceAPI:
 
     def default_timeout(self, method):
         """How long ``method`` may take when the client sets no deadline."""
-        return self.request_timeout if method == "ModelInfer" else self.quick_timeout
+        return self.request_timeout if method in ("ModelInfer", "ModelStreamInfer") else self.quick_timeout
 
     def ServerLive(self, request, timeout):
         return _v2.ServerLiveResponse(live=True)
@@ -150,8 +157,12 @@ class InferenceAPI:
         )
 
     def ModelInfer(self, request_bytes, timeout):
-        name, version, _ = peek_request(request_bytes)
-        return self.router.infer(name, version, request_bytes, timeout)
+        name, version, request_id = peek_request(request_bytes)
+        return self.router.infer(name, version, request_bytes, timeout, request_id=request_id)
+
+    def ModelStreamInfer(self, send, timeout):
+        """Open a stream; each request on it is bounded by ``timeout``."""
+        return InferStream(self.router, self.router.reactor, send, timeout)
 
     # -- Triton's extensions -----------------------------------------------
 
@@ -165,10 +176,15 @@ class InferenceAPI:
         """Every known model and version (no name), every version of a
         model (no version), or one; NOT_FOUND for an unknown one.  Unlike
         Triton, versions without a live worker or unloaded are reported too:
-        their counts stay meaningful."""
+        their counts stay meaningful.
+
+        A model registered without a version is reported as version
+        :data:`UNVERSIONED_STATISTICS`: Triton's versions are numbers, and
+        perf_analyzer reads each version here as one (it aborts on ``""``,
+        and on names like ``v1``, which no answer can fix)."""
         models = self.router.registry.select(request.name, request.version if request.name else "")
-        return _v2.ModelStatisticsResponse(
-            model_stats=[model.stats.to_proto(model.name, model.version) for model in models])
+        return _v2.ModelStatisticsResponse(model_stats=[
+            model.stats.to_proto(model.name, model.version or UNVERSIONED_STATISTICS) for model in models])
 
     def RepositoryIndex(self, request, timeout):
         """Every known (name, version), READY or UNAVAILABLE; the reason

@@ -79,7 +79,7 @@ def infer_request(model, version="", pad=0, **arrays):
 
 
 def outputs_of(answer):
-    kind, payload, code = answer
+    kind, payload, code = answer[:3]
     assert (kind, code) == (framing.RESPONSE, 0), answer
     if isinstance(payload, list):
         payload = b"".join(payload)
@@ -145,7 +145,7 @@ class ExecutionTestCase(SynchronousTestCase):
         return self.execution.execute(infer_request(model, **arrays), timeout)
 
     def assertAnswer(self, d, code, text=None):
-        kind, payload, status = self.successResultOf(d)
+        kind, payload, status = self.successResultOf(d)[:3]
         self.assertEqual((kind, status), (framing.ERROR, code.value[0]), payload)
         if text is not None:
             self.assertIn(text, payload.decode())
@@ -207,6 +207,7 @@ class PoolTests(ExecutionTestCase):
         message = self.assertAnswer(d, grpc.StatusCode.INTERNAL, "division by zero in the handler")
         self.assertIn("ZeroDivisionError", message)
         self.assertIn("'fail'", message)
+        self.assertEqual(len(self.flushLoggedErrors(ZeroDivisionError)), 1)
 
     def test_inference_error_keeps_its_code(self):
         d = self.execute("reject")
@@ -280,6 +281,7 @@ class AsynchronousTests(ExecutionTestCase):
         d = self.execute("coro")
         self.pending["coro"].callback(None)
         self.assertAnswer(d, grpc.StatusCode.INTERNAL, "ValueError: no n")
+        self.assertEqual(len(self.flushLoggedErrors(ValueError)), 1)  # its traceback is logged
 
     def test_deferred_failure_keeps_an_inference_error(self):
         d = self.execute("later")
@@ -290,6 +292,7 @@ class AsynchronousTests(ExecutionTestCase):
         d = self.execute("later")
         self.pending["later"].errback(KeyError("gone"))
         self.assertAnswer(d, grpc.StatusCode.INTERNAL, "'later' failed: KeyError")
+        self.assertEqual(len(self.flushLoggedErrors(KeyError)), 1)
 
     def test_deadline_cancels_what_the_handler_awaits(self):
         d = self.execute("later", timeout=2)
@@ -310,10 +313,12 @@ class AsynchronousTests(ExecutionTestCase):
             raise TypeError("bad call")
 
         self.assertAnswer(self.execute("raises_at_once"), grpc.StatusCode.INTERNAL, "bad call")
+        self.assertEqual(len(self.flushLoggedErrors(TypeError)), 1)  # its traceback is logged
 
     def test_unusable_result_is_internal(self):
         self.app.model("returns_junk", asynchronous=True)(lambda request: object())
         self.assertAnswer(self.execute("returns_junk"), grpc.StatusCode.INTERNAL, "'returns_junk'")
+        self.assertEqual(len(self.flushLoggedErrors(TypeError)), 1)
 
 
 class InlineTests(ExecutionTestCase):
@@ -378,6 +383,7 @@ class InlineTests(ExecutionTestCase):
         self.warm("fail")
         self.assertEqual(self.calls, ["fail"])
         self.assertAnswer(self.execute("fail"), grpc.StatusCode.INTERNAL, "division by zero")
+        self.assertEqual(len(self.flushLoggedErrors(ZeroDivisionError)), 2)  # pool run, then inline
         self.warm("reject")
         self.assertAnswer(self.execute("reject"), grpc.StatusCode.FAILED_PRECONDITION, "not today")
         self.assertEqual(self.pool.queue, [])
@@ -483,3 +489,114 @@ class AnswerTests(SynchronousTestCase):
                          grpc.StatusCode.RESOURCE_EXHAUSTED.value[0])
         failed = e.answer(Failure(InferenceError(grpc.StatusCode.NOT_FOUND, "where")))
         self.assertEqual(failed, Answer(framing.ERROR, b"where", grpc.StatusCode.NOT_FOUND.value[0]))
+
+
+class TimingTests(ExecutionTestCase):
+    """Each answer carries the worker's own times (Triton's statistics)."""
+
+    def test_pool_answer_times_queue_and_compute(self):
+        self.cost["add"] = 0.003
+        d = self.execute("add")
+        self.timer.now += 0.002  # waits for a thread
+        self.pool.run()
+        timing = self.successResultOf(d).timing
+        self.assertEqual(timing.queue_ns, 2000000)
+        self.assertEqual(timing.infer_ns, 3000000)
+        self.assertEqual(timing.batch_size, 1)
+
+    def test_errors_carry_no_timing(self):
+        d = self.execute("fail")
+        self.pool.run()
+        self.assertIsNone(self.successResultOf(d).timing)
+        self.flushLoggedErrors(ZeroDivisionError)
+
+    def test_worker_id_rides_in_the_response_parameters(self):
+        execution = Execution(self.reactor, self.app, self.pool, timer=self.timer, worker_id="w-7")
+        d = execution.execute(infer_request("mirror", a=np.array([1]), b=np.array([2])))
+        kind, payload, _, _ = self.successResultOf(d)
+        response = _v2.ModelInferResponse.FromString(b"".join(bytes(p) for p in payload))
+        self.assertEqual(response.parameters["anyserve_worker"].string_param, "w-7")
+        self.assertEqual(np.frombuffer(response.raw_output_contents[0], "<i4").tolist(), [3])
+
+
+class DecoupledTests(ExecutionTestCase):
+    """Generator handlers stream their responses (Triton's decoupled models)."""
+
+    def setUp(self):
+        super().setUp()
+        self.emitted = []
+
+        @self.app.model("count")
+        def count(request):
+            for i in range(int(request["a"][0])):
+                self.calls.append("yield %d" % i)
+                yield {"sum": np.array([i], dtype=np.int32)}
+
+        @self.app.model("acount")
+        async def acount(request):
+            for i in range(int(request["a"][0])):
+                yield {"sum": np.array([i])}
+
+        @self.app.model("breaks")
+        def breaks(request):
+            yield {"sum": np.array([1])}
+            raise RuntimeError("broke mid-stream")
+
+    def stream(self, model, n, flagged=False, timeout=None):
+        message = _v2.ModelInferRequest.FromString(infer_request(model, a=np.array([n]), b=np.array([0])))
+        if flagged:
+            message.parameters["triton_enable_empty_final_response"].bool_param = True
+        return self.execution.execute(message.SerializeToString(), timeout, framing.STREAM_REQUEST,
+                                      self.emitted.append)
+
+    def responses(self):
+        return [_v2.ModelInferResponse.FromString(b"".join(bytes(p) for p in parts)) for parts in self.emitted]
+
+    def test_each_yield_is_sent_then_an_empty_end(self):
+        d = self.stream("count", 3)
+        self.pool.run()
+        answer = self.successResultOf(d)
+        self.assertEqual((answer.kind, answer.payload), (framing.RESPONSE, b""))
+        self.assertEqual([np.frombuffer(r.raw_output_contents[0], "<i4").tolist() for r in self.responses()],
+                         [[0], [1], [2]])
+
+    def test_empty_final_response_when_asked(self):
+        d = self.stream("count", 2, flagged=True)
+        self.pool.run()
+        final = _v2.ModelInferResponse.FromString(self.successResultOf(d).payload)
+        self.assertTrue(final.parameters["triton_final_response"].bool_param)
+        self.assertEqual(len(final.outputs), 0)
+        self.assertEqual([r.parameters["triton_final_response"].bool_param for r in self.responses()],
+                         [False, False])
+
+    def test_async_generator(self):
+        d = self.stream("acount", 2)
+        self.assertEqual(self.successResultOf(d).payload, b"")
+        self.assertEqual(len(self.emitted), 2)
+
+    def test_unary_call_of_a_decoupled_model_is_refused(self):
+        self.assertAnswer(self.execute("count", a=np.array([2]), b=np.array([0])),
+                          grpc.StatusCode.UNIMPLEMENTED, "ModelStreamInfer")
+        self.assertEqual(self.pool.queue, [])
+
+    def test_failure_mid_stream_ends_it_with_the_error(self):
+        d = self.stream("breaks", 0)
+        self.pool.run()
+        self.assertAnswer(d, grpc.StatusCode.INTERNAL, "broke mid-stream")
+        self.assertEqual(len(self.emitted), 1)
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+
+    def test_cancel_stops_the_generator_and_sends_nothing_more(self):
+        d = self.stream("count", 5)
+        d.cancel()
+        self.pool.run()
+        self.assertAnswer(d, grpc.StatusCode.CANCELLED)
+        self.assertEqual(self.emitted, [])
+        self.assertLessEqual(len(self.calls), 1)
+        self.assertEqual(self.execution.pending, 0)
+
+    def test_non_decoupled_model_on_a_stream_answers_once(self):
+        d = self.execution.execute(infer_request("mirror", a=np.array([1, 2]), b=np.array([10, 20])),
+                                   None, framing.STREAM_REQUEST, self.emitted.append)
+        self.assertEqual(outputs_of(self.successResultOf(d)), {"sum": [11, 22]})
+        self.assertEqual(self.emitted, [])

@@ -48,11 +48,13 @@ class Connection:
     def send(self, *frames):
         self.protocol.dataReceived(b"".join(frames))
 
-    def sent(self):
+    def sent(self, timings=False):
+        """The frames written since last asked; TIMING frames only if asked."""
         data = self.transport.value()
         self.transport.clear()
         return [(kind, request_id, aux, bytes(payload))
-                for kind, request_id, aux, payload in self._decoder.feed(data)]
+                for kind, request_id, aux, payload in self._decoder.feed(data)
+                if timings or kind != framing.TIMING]
 
 
 class WorkerProtocolTests(SynchronousTestCase):
@@ -81,7 +83,7 @@ class WorkerProtocolTests(SynchronousTestCase):
 
     def test_failing_to_build_an_answer_is_internal(self):
         """A request is answered even when building its answer raises."""
-        def broken(result):
+        def broken(result, job=None):
             raise RuntimeError("no answer")
 
         self.patch(self.execution, "answer", broken)
@@ -167,8 +169,9 @@ class ModelServerTests(SynchronousTestCase):
         self.reactor.advance(0)
         self.assertTrue(self.pool.stopped)
         self.assertTrue(transport.disconnecting)
-        kind, request_id, _, _ = framing.FrameDecoder().feed(transport.value())[0]
-        self.assertEqual((kind, request_id), (framing.RESPONSE, 1))
+        frames = framing.FrameDecoder().feed(transport.value())
+        self.assertEqual([(kind, request_id) for kind, request_id, _, _ in frames],
+                         [(framing.TIMING, 1), (framing.RESPONSE, 1)])
         self.assertNoResult(stopped)
         protocol.connectionLost(Failure(ConnectionDone()))
         self.successResultOf(stopped)

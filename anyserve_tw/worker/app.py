@@ -29,11 +29,18 @@ class AnyServe:
         self.models = {}
 
     def model(self, name, version=None, inputs=None, outputs=None, platform="python",
-              asynchronous=None):
-        """Decorator registering a handler for (name, version)."""
+              asynchronous=None, labels=None):
+        """Decorator registering a handler for (name, version).
+
+        A generator (or async generator) handler is *decoupled*: it yields
+        any number of responses per request, streamed through
+        ModelStreamInfer.  ``labels`` (output name -> class labels by index)
+        feed Triton's classification extension (``class_count``).
+        """
 
         def register(handler):
-            model = Model(handler, name, version or "", inputs, outputs, platform, asynchronous)
+            model = Model(handler, name, version or "", inputs, outputs, platform, asynchronous,
+                          labels=labels)
             if model.key in self.models:
                 raise ValueError("model %s version %r registered twice" % (name, model.version))
             self.models[model.key] = model

@@ -30,10 +30,14 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 
-from anyserve_tw.wire import defaults, framing
+from anyserve_tw.wire import defaults, framing, protos
 from anyserve_tw.wire.errors import InferenceError, as_inference_error
-from anyserve_tw.worker.model import handler_error
+from anyserve_tw.wire.payloads import Timing
+from anyserve_tw.worker.model import InferResponse, handler_error
 from anyserve_tw.worker.parsing import parse_request
+from anyserve_tw.worker.sharedmemory import SharedMemoryTable
+
+_v2 = protos.inference
 
 log = Logger()
 
@@ -50,12 +54,64 @@ OUTLIER_BUDGETS = 4
 #: thread that releases the GIL.
 INLINE_MAX_BYTES = 64 * 1024
 
+#: The response parameter naming the worker that answered.
+SERVED_BY = "anyserve_worker"
+
 #: Weight of the newest run time in a model's moving estimate.
 ESTIMATE_WEIGHT = 0.25
 
 
-class Answer(namedtuple("Answer", "kind payload code")):
-    """The frame answering a request: RESPONSE bytes, or ERROR message and status code."""
+class Answer(namedtuple("Answer", "kind payload code timing")):
+    """The frame answering a request: RESPONSE bytes (``code``: the JSON
+    length of a REST answer, else 0) with the worker's :class:`Timing`, or
+    an ERROR message and status code."""
+
+    def __new__(cls, kind, payload, code, timing=None):
+        return super().__new__(cls, kind, payload, code, timing)
+
+
+class Job:
+    """One request's passage through the worker: what kind it came as, where
+    its stream's responses go, and the times Triton's statistics want."""
+
+    __slots__ = ("kind", "emit", "received", "times", "rest")
+
+    def __init__(self, kind, emit, received):
+        self.kind = kind
+        #: ``emit(parts)`` sends one of a stream's responses (not the last).
+        self.emit = emit
+        self.received = received
+        #: (queue, input, infer, output) seconds, once served.
+        self.times = None
+        #: What the REST codec needs to answer an HTTP_REQUEST.
+        self.rest = None
+
+    def timing(self):
+        if self.times is None:
+            return None
+        queue, decode, infer, encode = self.times
+        return Timing(max(0, int(queue * 1e9)), int(decode * 1e9), int(infer * 1e9), int(encode * 1e9), 1)
+
+
+def error_answer(error):
+    """The ERROR Answer for an InferenceError."""
+    return Answer(framing.ERROR, error.message.encode("utf-8"), error.code.value[0])
+
+
+def served_by(worker_id):
+    """Serialized ``ModelInferResponse`` bytes holding only the parameter
+    ``anyserve_worker``: appended to a response, they add it."""
+    response = _v2.ModelInferResponse()
+    response.parameters[SERVED_BY].string_param = worker_id
+    return response.SerializeToString()
+
+
+def final_response(request):
+    """Triton's empty final response of a stream, flagged as the last."""
+    response = _v2.ModelInferResponse(model_name=request.model_name,
+                                      model_version=request.model_version, id=request.id)
+    response.parameters["triton_final_response"].bool_param = True
+    return response.SerializeToString()
 
 
 def make_pool(threads):
@@ -75,8 +131,15 @@ class Execution:
     """
 
     def __init__(self, reactor, app, pool, max_payload=defaults.MAX_MESSAGE_SIZE,
-                 inline_budget=INLINE_BUDGET, timer=time.perf_counter):
+                 inline_budget=INLINE_BUDGET, timer=time.perf_counter, worker_id=""):
         self.reactor = reactor
+        #: Appended to every response: serialized protobuf concatenates, so
+        #: these bytes add the ``anyserve_worker`` parameter (which worker
+        #: answered) without re-encoding anything.
+        self.signature = served_by(worker_id) if worker_id else b""
+        #: The system shared-memory regions clients registered with the
+        #: ingress (its SHM_TABLE frames keep it current).
+        self.shared_memory = SharedMemoryTable()
         self.app = app
         self.pool = pool
         self.max_payload = max_payload
@@ -95,47 +158,90 @@ class Execution:
     def start(self):
         self.pool.start()
 
-    def execute(self, payload, timeout=None):
-        """A Deferred firing with the :class:`Answer` to request bytes.
+    def execute(self, payload, timeout=None, kind=framing.REQUEST, emit=None):
+        """A Deferred firing with the :class:`Answer` to a request of ``kind``
+        (REQUEST, STREAM_REQUEST or HTTP_REQUEST, see
+        :mod:`anyserve_tw.wire.framing`).  A decoupled model's responses but
+        the last go to ``emit(parts)`` as they are produced.
 
         ``timeout`` (seconds) fails the request with DEADLINE_EXCEEDED;
         cancelling the Deferred answers CANCELLED.  Either way a handler no
         thread has started never runs.
         """
-        d = self._run(payload)
+        job = Job(kind, emit, self.timer())
+        d = self._run(payload, job)
         if timeout is not None and not d.called:
             d.addTimeout(timeout, self.reactor)
-        return d.addBoth(self.answer)
+        return d.addBoth(self.answer, job)
 
-    def answer(self, result):
+    def answer(self, result, job=None):
         """The Answer for a response (bytes-like, or a list of parts) or a Failure."""
         if isinstance(result, Failure):
-            e = as_inference_error(result)
-            return Answer(framing.ERROR, e.message.encode("utf-8"), e.code.value[0])
+            return error_answer(as_inference_error(result))
+        code = 0
+        result = self.signed(result)
+        if job is not None and job.rest is not None:
+            try:
+                from anyserve_tw.worker import restcodec
+                result, code = restcodec.http_response_from_infer(result, job.rest)
+            except Exception:
+                return error_answer(as_inference_error(Failure()))
         size = framing.payload_length(result)
         if size > self.max_payload:
             message = "response of %d bytes exceeds the %d-byte limit" % (size, self.max_payload)
-            return Answer(framing.ERROR, message.encode("utf-8"),
-                          grpc.StatusCode.RESOURCE_EXHAUSTED.value[0])
-        return Answer(framing.RESPONSE, result, 0)
+            return error_answer(InferenceError(grpc.StatusCode.RESOURCE_EXHAUSTED, message))
+        return Answer(framing.RESPONSE, result, code, job.timing() if job is not None else None)
+
+    def signed(self, parts):
+        """Response parts with the ``anyserve_worker`` parameter added (not
+        to an empty one: a stream's end, which the ingress sends nowhere)."""
+        if self.signature:
+            if isinstance(parts, list):
+                parts.append(self.signature)
+            elif len(parts):
+                parts = [parts, self.signature]
+        return parts
 
     # -- where a request runs ------------------------------------------------
 
-    def _run(self, payload):
+    def _run(self, payload, job):
         """A Deferred of the response (parts, as Model.serve gives them)."""
         try:
+            if job.kind == framing.HTTP_REQUEST:
+                from anyserve_tw.worker import restcodec
+                payload, job.rest = restcodec.infer_request_from_http(payload)
             parsed = parse_request(payload)
             model = self.app.route(parsed)
+            if model.decoupled:
+                if job.kind != framing.STREAM_REQUEST:
+                    raise InferenceError(
+                        grpc.StatusCode.UNIMPLEMENTED,
+                        "model '%s' is decoupled (it streams its responses): "
+                        "call it with ModelStreamInfer" % model.name,
+                    )
+                return self._stream(model, parsed, job)
         except Exception:
             return fail()
         if model.asynchronous:
-            return self._on_loop(model, parsed)
+            return self._on_loop(model, parsed, job)
         if model.may_run_inline and len(payload) <= INLINE_MAX_BYTES:
             estimate = self.estimates.get(model)
             if estimate is not None and estimate <= self.inline_budget:
-                return self._inline(model, parsed)
-            return self._in_pool(model, parsed, timed=True)
-        return self._in_pool(model, parsed, timed=False)
+                return self._inline(model, parsed, job)
+            return self._in_pool(model, parsed, job, timed=True)
+        return self._in_pool(model, parsed, job, timed=False)
+
+    def _serve(self, model, parsed, job):
+        """Decode, call, encode, timing each step for the statistics."""
+        timer = self.timer
+        started = timer()
+        request = model.decode(parsed, shared_memory=self.shared_memory)
+        decoded = timer()
+        result = model.call(request)
+        called = timer()
+        parts = model.respond(request, result)
+        job.times = (started - job.received, decoded - started, called - decoded, timer() - called)
+        return parts
 
     def _observe(self, model, elapsed):
         previous = self.estimates.get(model)
@@ -144,23 +250,29 @@ class Execution:
         else:
             self.estimates[model] = previous + ESTIMATE_WEIGHT * (elapsed - previous)
 
-    def _inline(self, model, parsed):
+    def _inline(self, model, parsed, job):
         started = self.timer()
         try:
-            d = succeed(model.serve(parsed))
+            d = succeed(self._serve(model, parsed, job))
         except Exception:
             d = fail()
         self._observe(model, self.timer() - started)
         return d
 
-    def _on_loop(self, model, parsed):
+    def _on_loop(self, model, parsed, job):
         """Call an asynchronous handler; wait for what it returns, if it must."""
+        timer = self.timer
         try:
-            request = model.decode(parsed)
+            started = timer()
+            request = model.decode(parsed, shared_memory=self.shared_memory)
+            decoded = timer()
             result = model.call(request)
             if not isinstance(result, Deferred):
                 if not inspect.isawaitable(result):
-                    return succeed(model.respond(request, result))
+                    called = timer()
+                    parts = model.respond(request, result)
+                    job.times = (started - job.received, decoded - started, called - decoded, timer() - called)
+                    return succeed(parts)
                 result = ensureDeferred(result)
         except Exception:
             return fail()
@@ -168,14 +280,117 @@ class Execution:
         def failed(failure):
             if failure.check(InferenceError, CancelledError, TimeoutError):
                 return failure
+            log.failure("model {model} failed", failure, model=model.name)
             raise handler_error(model, failure.value)
+
+        def respond(value):
+            called = timer()
+            parts = model.respond(request, value)
+            job.times = (started - job.received, decoded - started, called - decoded, timer() - called)
+            return parts
 
         self._begin()
         result.addErrback(failed)
-        result.addCallback(lambda value: model.respond(request, value))
+        result.addCallback(respond)
         return result.addBoth(self._end)
 
-    def _in_pool(self, model, parsed, timed):
+    # -- decoupled models: several responses per request -----------------------
+
+    def _stream(self, model, parsed, job):
+        """Run a generator handler, sending each response it yields as it
+        comes (Triton's decoupled models); the Deferred fires with the last
+        frame's payload: empty, or Triton's empty final response when the
+        client asked for it (``triton_enable_empty_final_response``)."""
+        request = model.decode(parsed, shared_memory=self.shared_memory)
+        flagged = bool(request.parameters.get("triton_enable_empty_final_response"))
+        emit = job.emit
+        timer = self.timer
+        spent = [0.0, 0.0]  # in the handler, encoding
+
+        def encode(result):
+            if flagged:
+                if not isinstance(result, InferResponse):
+                    result = InferResponse(result)
+                result.parameters = dict(result.parameters, triton_final_response=False)
+            started = timer()
+            parts = model.respond(request, result)
+            spent[1] += timer() - started
+            if framing.payload_length(parts) > self.max_payload:
+                raise InferenceError(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                     "a response of model '%s' exceeds the %d-byte limit"
+                                     % (model.name, self.max_payload))
+            return parts
+
+        def last(_):
+            job.times = (0.0, 0.0, spent[0], spent[1])
+            return final_response(request) if flagged else b""
+
+        if inspect.isasyncgenfunction(model.handler):
+            async def run():
+                generator = model.handler(request)
+                try:
+                    while True:
+                        started = timer()
+                        try:
+                            result = await generator.__anext__()
+                        except StopAsyncIteration:
+                            break
+                        except (InferenceError, CancelledError):
+                            raise
+                        except Exception as e:
+                            log.failure("model {model} failed", model=model.name)
+                            raise handler_error(model, e) from e
+                        finally:
+                            spent[0] += timer() - started
+                        emit(self.signed(encode(result)))
+                finally:
+                    await generator.aclose()
+
+            self._begin()
+            return ensureDeferred(run()).addBoth(self._end).addCallback(last)
+
+        cancelled = []
+        d = Deferred(lambda _: cancelled.append(True))
+        reactor = self.reactor
+
+        def work():
+            generator = model.handler(request)
+            try:
+                while not cancelled:
+                    started = timer()
+                    try:
+                        result = next(generator)
+                    except StopIteration:
+                        return None
+                    except InferenceError:
+                        raise
+                    except Exception as e:
+                        log.failure("model {model} failed", model=model.name)
+                        raise handler_error(model, e) from e
+                    finally:
+                        spent[0] += timer() - started
+                    reactor.callFromThread(emit_unless_done, self.signed(encode(result)))
+            finally:
+                generator.close()
+
+        def emit_unless_done(parts):
+            if not d.called:
+                emit(parts)
+
+        def done(succeeded, result):
+            self._end()
+            if not d.called:
+                if succeeded:
+                    d.callback(None)
+                else:
+                    d.errback(result)
+
+        self._begin()
+        self.pool.callInThreadWithCallback(
+            lambda succeeded, result: reactor.callFromThread(done, succeeded, result), work)
+        return d.addCallback(last)
+
+    def _in_pool(self, model, parsed, job, timed):
         """Serve in a thread.  Cancelling fires the Deferred at once; the
         thread then skips the handler if it has not started it."""
         cancelled = []
@@ -187,7 +402,7 @@ class Execution:
                 return None
             started = timer()
             try:
-                outcome = model.serve(parsed)
+                outcome = self._serve(model, parsed, job)
             except Exception:
                 outcome = Failure()
             return outcome, timer() - started

@@ -22,7 +22,7 @@ def make_worker_service(reactor, app, ingress, socket_path, worker_id, threads=4
     """The worker's service tree: serve, then register.  Shutdown withdraws the
     models, drains the requests in flight (heartbeats going on), then stops."""
     top = SequentialMultiService(stop_order=["withdrawal", "models", "registration"])
-    execution = Execution(reactor, app, make_pool(threads), max_payload=max_payload)
+    execution = Execution(reactor, app, make_pool(threads), max_payload=max_payload, worker_id=worker_id)
     server = ModelServer(reactor, execution, socket_path)
     server.setName("models")
     server.setServiceParent(top)

@@ -40,12 +40,27 @@ class WorkerProtocol(framing.FramedProtocol):
             d = self.execution.execute(payload, aux / 1000.0 if aux else None)
             self.inflight[request_id] = d
             d.addBoth(self._reply, request_id)
+        elif kind == framing.STREAM_REQUEST or kind == framing.HTTP_REQUEST:
+            d = self.execution.execute(payload, aux / 1000.0 if aux else None, kind,
+                                       lambda parts: self._partial(request_id, parts))
+            self.inflight[request_id] = d
+            d.addBoth(self._reply, request_id)
         elif kind == framing.CANCEL:
             d = self.inflight.pop(request_id, None)
             if d is not None:
                 d.cancel()
+        elif kind == framing.SHM_TABLE:
+            try:
+                self.execution.shared_memory.update(payload)
+            except Exception:
+                log.failure("malformed shared-memory table from the ingress")
         else:
             log.warn("unexpected frame type {kind} from the ingress", kind=kind)
+
+    def _partial(self, request_id, parts):
+        """One of a stream's responses, unless the ingress gave up on it."""
+        if request_id in self.inflight:
+            self.sendFrame(framing.PARTIAL, request_id, parts)
 
     def _reply(self, answer, request_id):
         # Not in flight any more: the ingress cancelled it and wants no answer.
@@ -54,7 +69,9 @@ class WorkerProtocol(framing.FramedProtocol):
         try:
             if isinstance(answer, Failure):  # building the answer itself failed
                 answer.raiseException()
-            self.sendFrame(answer.kind, request_id, answer.payload, answer.code)
+            timing = answer.timing
+            before = framing.encode_frame(framing.TIMING, request_id, timing.pack()) if timing else b""
+            self.sendFrame(answer.kind, request_id, answer.payload, answer.code, before)
         except Exception:
             log.failure("answering request {id}", id=request_id)
             self.sendFrame(framing.ERROR, request_id, b"worker failed to answer",
