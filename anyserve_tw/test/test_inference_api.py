@@ -195,11 +195,19 @@ class ModelStatisticsTests(APITestCase):
     def test_selection(self):
         """No name: everything; a name: all its versions; both: one."""
         keys = lambda stats: [(s.name, s.version) for s in stats]
-        self.assertEqual(keys(self.stats()), [("add", ""), ("cls", "v1"), ("cls", "v2")])
+        self.assertEqual(keys(self.stats()), [("add", "1"), ("cls", "v1"), ("cls", "v2")])
         self.assertEqual(keys(self.stats("cls")), [("cls", "v1"), ("cls", "v2")])
         self.assertEqual(keys(self.stats("cls", "v2")), [("cls", "v2")])
-        self.assertEqual(keys(self.stats("add")), [("add", "")])
+        self.assertEqual(keys(self.stats("add")), [("add", "1")])
         self.assertEqual(keys(self.stats("", "v2")), keys(self.stats()))  # a version alone: ignored
+
+    def test_unversioned_reads_as_a_number(self):
+        """perf_analyzer parses every version of a model's statistics as an
+        integer (and aborts on ""): an unversioned model reports "1"."""
+        self.add.stats.success(7, 0)
+        [stats] = self.stats("add")
+        self.assertEqual((stats.version, stats.inference_stats.success.ns), ("1", 7))
+        self.assertEqual(int(stats.version), 1)
 
     def test_unready_models_reported(self):
         self.registry.remove_worker("w")
