@@ -297,18 +297,22 @@ def _reply_failure(request, failure):
 class _Node(Resource):
     """A path: its own methods (``{b"GET": handler(request)}``, each returning
     ``(status, body)``, ``(status, body, content_type, headers)`` or a
-    Deferred of one), fixed children, and ``child(segment, request)`` for
-    the ones named by the URL (a model, a version, a region)."""
+    Deferred of one), named children (nodes, or functions building one when
+    a URL reaches it: a model's endpoints are built per request, and only the
+    one asked for), and ``child(segment, request)`` for the segments the URL
+    chooses (a model, a version, a region)."""
 
     def __init__(self, service, methods=None, child=None, **children):
         super().__init__()
         self.service = service
         self.methods = methods or {}
         self.child = child
-        for name, node in children.items():
-            self.putChild(name.encode("ascii"), node)
+        self.branches = {name.encode("ascii"): node for name, node in children.items()}
 
     def getChild(self, path, request):
+        branch = self.branches.get(path)
+        if branch is not None:
+            return branch if isinstance(branch, Resource) else branch()
         if self.child is not None and path:
             try:
                 name = path.decode("utf-8")
@@ -564,24 +568,28 @@ class HttpService(Service):
         if name == "stats" and not request.postpath:
             return _Node(self, methods={b"GET": lambda r: self.call(
                 "ModelStatistics", _v2.ModelStatisticsRequest(), lambda m: _as_json(m, True))})
-        return self._model_node(name, "", versions=_Node(
+        return self._model_node(name, "", versions=lambda: _Node(
             self, child=lambda version, _r: self._model_node(name, version)))
 
     def _model_node(self, name, version, **children):
         call = self.call
+
+        def endpoint(method, handler):
+            return lambda: _Node(self, methods={method: handler})
+
         return _Node(
             self,
             methods={b"GET": lambda r: call("ModelMetadata", _v2.ModelMetadataRequest(name=name, version=version),
                                             _as_json)},
-            ready=_Node(self, methods={b"GET": lambda r: call(
-                "ModelReady", _v2.ModelReadyRequest(name=name, version=version), _ready)}),
-            config=_Node(self, methods={b"GET": lambda r: call(
+            infer=endpoint(b"POST", lambda r: self.infer(r, name, version)),
+            ready=endpoint(b"GET", lambda r: call(
+                "ModelReady", _v2.ModelReadyRequest(name=name, version=version), _ready)),
+            config=endpoint(b"GET", lambda r: call(
                 "ModelConfig", _v2.ModelConfigRequest(name=name, version=version),
-                lambda m: (200, _dumps(message_json(m.config))))}),
-            stats=_Node(self, methods={b"GET": lambda r: call(
+                lambda m: (200, _dumps(message_json(m.config))))),
+            stats=endpoint(b"GET", lambda r: call(
                 "ModelStatistics", _v2.ModelStatisticsRequest(name=name, version=version),
-                lambda m: _as_json(m, True))}),
-            infer=_Node(self, methods={b"POST": lambda r: self.infer(r, name, version)}),
+                lambda m: _as_json(m, True))),
             **children,
         )
 

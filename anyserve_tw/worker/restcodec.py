@@ -44,6 +44,9 @@ _v2 = protos.inference
 _RAW_INPUT_TAG = protowire.encode_varint(protowire.RAW_INPUT_CONTENTS << 3 | protowire.LENGTH_DELIMITED)
 
 _INT64 = (-(1 << 63), (1 << 63) - 1)
+
+#: Compact, as Triton writes it.
+_JSON = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)
 _UINT64_MAX = (1 << 64) - 1
 
 
@@ -342,7 +345,7 @@ def http_response_from_infer(response_parts, options):
     if parameters:
         document["parameters"] = parameters
     document["outputs"] = outputs
-    head = json.dumps(document, separators=(",", ":")).encode("utf-8")
+    head = _JSON.encode(document).encode("utf-8")
     return [head] + binary_parts, len(head)
 
 
@@ -447,12 +450,37 @@ def _bytes_view(part):
     return view if view.format == "B" and view.ndim == 1 else view.cast("B")
 
 
+#: Parts shorter than this are joined before the walk (cheaper than walking
+#: across them); longer ones are walked where they lie.
+_SMALL_PART = 64 * 1024
+
+
+def _segments(parts):
+    """``parts`` with each run of small ones joined."""
+    segments = []
+    small = []
+    for part in parts:
+        size = len(part) if type(part) is bytes else memoryview(part).nbytes
+        if size >= _SMALL_PART:
+            if small:
+                segments.append(b"".join(small))
+                small = []
+            segments.append(part)
+        elif size:
+            small.append(part)
+    if small:
+        segments.append(small[0] if len(small) == 1 else b"".join(small))
+    return segments
+
+
 def _split_response(parts):
     """``(rest, raw)``: the response's bytes but its raw outputs, and a view
-    of each raw output (a copy only where one straddles two parts)."""
-    if not isinstance(parts, (list, tuple)):
-        parts = [parts]
-    reader = _Parts(parts)
+    of each raw output (a copy only of small ones, or where one straddles
+    two large parts)."""
+    segments = _segments(parts if isinstance(parts, (list, tuple)) else [parts])
+    if len(segments) == 1:
+        return _split_one(_bytes_view(segments[0]))
+    reader = _Parts(segments)
     rest = []
     raw = []
     encode = protowire.encode_varint
@@ -474,4 +502,24 @@ def _split_response(parts):
                 raise ValueError("unsupported wire type %d" % wire_type)
     except ValueError as e:
         raise InferenceError(grpc.StatusCode.INTERNAL, "malformed ModelInferResponse: %s" % e) from None
+    return b"".join(rest), raw
+
+
+
+def _split_one(view):
+    """:func:`_split_response` of a response in one piece."""
+    rest = []
+    raw = []
+    run = 0  # start of the fields kept since the last raw output
+    try:
+        for field, wire_type, start, value_start, end in protowire.iter_fields(view):
+            if field == protowire.RAW_OUTPUT_CONTENTS and wire_type == protowire.LENGTH_DELIMITED:
+                if run < start:
+                    rest.append(view[run:start])
+                raw.append(view[value_start:end])
+                run = end
+    except (IndexError, ValueError) as e:
+        raise InferenceError(grpc.StatusCode.INTERNAL, "malformed ModelInferResponse: %s" % e) from None
+    if run < len(view):
+        rest.append(view[run:])
     return b"".join(rest), raw
