@@ -4,7 +4,8 @@ Twisted's ProcessMonitor does the supervising (restart on exit, doubling
 back-off for processes that die at once); this adds what the ingress needs on
 top: a private socket directory, each worker told the management address by
 environment variables, and a ``stopService`` that waits until every child has
-really exited (ProcessMonitor's own does not) and then removes the sockets.
+really exited (ProcessMonitor's own does not) and then removes the sockets,
+and a count of restarts for the metrics.
 """
 import os
 import shutil
@@ -24,7 +25,7 @@ class WorkerSupervisor(ProcessMonitor):
     killTime = 10
 
     def __init__(self, reactor, scripts, copies, ingress_address, heartbeat_interval,
-                 socket_dir=None, max_message_size=None, python=sys.executable):
+                 socket_dir=None, max_message_size=None, python=sys.executable, metrics=None):
         super().__init__(reactor)
         self.reactor = reactor
         self.scripts = list(scripts)
@@ -35,6 +36,9 @@ class WorkerSupervisor(ProcessMonitor):
         self.python = python
         self._socket_dir = socket_dir
         self.socket_dir = None
+        #: :class:`~anyserve_tw.ingress.metrics.Metrics` told of each restart.
+        self.metrics = metrics
+        self._started = set()  # process names started since the service started
 
     def startService(self):
         self._add_processes()
@@ -68,6 +72,15 @@ class WorkerSupervisor(ProcessMonitor):
             env.pop(defaults.ENV_WORKER_ID, None)
             self.addProcess(name, [self.python, os.path.abspath(script)], env=env)
 
+    def startProcess(self, name):
+        """Start process ``name``; a second start (ProcessMonitor restarting
+        it after it exited) counts as a restart."""
+        if name not in self.protocols and name in self._processes:
+            if name in self._started and self.metrics is not None:
+                self.metrics.worker_restarted(name)
+            self._started.add(name)
+        super().startProcess(name)
+
     def stopService(self):
         """SIGTERM every worker (SIGKILL after ``killTime``); fire when all have exited."""
         super().stopService()
@@ -90,3 +103,4 @@ class WorkerSupervisor(ProcessMonitor):
                     os.unlink(path)
         for name in list(self._processes):  # all exited: a later start adds them anew
             self.removeProcess(name)
+        self._started.clear()
