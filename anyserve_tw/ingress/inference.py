@@ -27,8 +27,8 @@ _v2 = protos.inference
 
 #: Triton's extension names this server answers for, whatever the front
 #: (``binary_tensor_data`` is the HTTP front's; ``classification`` and
-#: ``parameters`` are the workers': ``class_count`` on an output, request and
-#: response parameters handed through).  ``system_shared_memory`` is added
+#: ``parameters`` are the workers': a requested output's ``classification``
+#: parameter, request and response parameters handed to and from handlers).  ``system_shared_memory`` is added
 #: when the ingress has a shared-memory registry.  Not served: ``sequence``,
 #: ``schedule_policy``, ``cuda_shared_memory``, ``trace``, ``logging`` and
 #: ``model_repository(unload_dependents)`` (no model depends on another, so
