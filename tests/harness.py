@@ -75,11 +75,14 @@ def cmdline(pid):
 class Ingress:
     """``twistd -n anyserve`` with its supervised workers, on free ports."""
 
-    def __init__(self, workers=(), copies=1, args=(), python=None, env=None):
+    def __init__(self, workers=(), copies=1, args=(), python=None, env=None, http=False):
         """``python``: run twistd with this interpreter instead of ours;
-        ``env``: its environment instead of ours."""
+        ``env``: its environment instead of ours; ``http``: serve REST and
+        ``/metrics`` on a free port (``http_port``), else no HTTP server
+        (``--http-port 0``, so no test binds the default 8080)."""
         self.port = free_port()
         self.mgmt = free_port()
+        self.http_port = free_port() if http else None
         self.tmp = tempfile.mkdtemp(prefix="as-e2e-", dir="/tmp")
         self.socket_dir = os.path.join(self.tmp, "s")
         os.mkdir(self.socket_dir)
@@ -89,6 +92,7 @@ class Ingress:
             "-n", "--pidfile=", "--logfile=" + self.log_path, "anyserve",
             "--port", str(self.port), "--mgmt", str(self.mgmt), "--host", "127.0.0.1",
             "--socket-dir", self.socket_dir, "--workers", str(copies),
+            "--http-port", str(self.http_port or 0),
         ]
         for script in workers:
             command += ["--worker", script]
@@ -103,6 +107,23 @@ class Ingress:
     @property
     def mgmt_address(self):
         return "127.0.0.1:%d" % self.mgmt
+
+    @property
+    def http_address(self):
+        """``127.0.0.1:PORT`` of the HTTP server (None without ``http=True``)."""
+        return None if self.http_port is None else "127.0.0.1:%d" % self.http_port
+
+    def http_get(self, path, timeout=10.0):
+        """GET ``path`` from the HTTP server: (status, headers, body bytes)."""
+        import http.client
+
+        connection = http.client.HTTPConnection("127.0.0.1", self.http_port, timeout=timeout)
+        try:
+            connection.request("GET", path)
+            response = connection.getresponse()
+            return response.status, dict(response.getheaders()), response.read()
+        finally:
+            connection.close()
 
     def client(self):
         import tritonclient.grpc as grpcclient

@@ -2,56 +2,98 @@
 
 Started in this order:
 
-1. ``router``: registry, worker connections, heartbeat eviction;
-2. ``management``: the WorkerManagement gRPC server (loopback by default);
-3. ``inference``: the KServe v2 gRPC server;
-4. ``workers``: the supervised worker scripts, if any, last, so that a port
+1. ``access-log``, if asked for (opens its file);
+2. ``router``: registry, worker connections, heartbeat eviction;
+3. ``management``: the WorkerManagement gRPC server (loopback by default);
+4. ``inference``: the KServe v2 gRPC server, with gRPC's health service;
+5. ``health``: keeps the health statuses in step with the router;
+6. ``http``: the KServe v2 REST server and ``/metrics``, unless
+   ``http_port`` is 0;
+7. ``workers``: the supervised worker scripts, if any, last, so that a port
    that can't be bound stops twistd before any worker process exists.
 
-Stopped one after another as inference, workers, management, router: on
-SIGTERM the inference server first stops taking RPCs and drains the ones in
-flight (the router still forwards them), then the workers are stopped (they
-unregister through the still-running management server), then the rest.
+Stopped one after another as health, inference, http, workers, management,
+router, access-log: on SIGTERM every health status goes NOT_SERVING, the
+inference server stops taking RPCs and drains the ones in flight (the router
+still forwards them), the HTTP server does the same, then the workers are
+stopped (they unregister through the still-running management server), then
+the rest; the access log is closed last, after the last request it records.
 
 Both gRPC servers are fronts (:class:`~anyserve_tw.ingress.interfaces.IGrpcFront`):
 ``front="aio"`` serves them with grpc.aio on the asyncio loop the reactor
 runs on (so the reactor must be asyncio's); ``front="threads"`` from grpcio
 thread pools bridged into the reactor.
 """
+import importlib.util
+
+from twisted.logger import Logger
+
 from anyserve_tw import __version__
+from anyserve_tw.ingress.accesslog import AccessLog
+from anyserve_tw.ingress.health import HealthReporter
 from anyserve_tw.ingress.inference import InferenceAPI
 from anyserve_tw.ingress.interfaces import FRONTS
 from anyserve_tw.ingress.management import ManagementAPI
+from anyserve_tw.ingress.metrics import Metrics
 from anyserve_tw.ingress.router import Router
 from anyserve_tw.ingress.supervisor import WorkerSupervisor
 from anyserve_tw.servicetree import SequentialMultiService
 from anyserve_tw.wire import defaults, rpc
 
+log = Logger()
+
 
 def _front_factory(reactor, front):
-    """A function building one front service from (label, host, port, api, ...)."""
+    """A function building one front service from (label, host, port, api,
+    threads, handlers=(more generic handlers), ...), and the health servicer
+    (:mod:`anyserve_tw.ingress.health`) that front serves."""
     if front == "aio":
         from anyserve_tw.ingress.aiofront import AioGrpcService, RequestTimeouts, aio_servicer
+        from anyserve_tw.ingress.health import AioHealth
 
         # The reactor's own loop: the current loop may be another.
         loop = reactor._asyncioEventloop
 
-        def build(label, host, port, api, threads, **settings):
+        def build(label, host, port, api, threads, handlers=(), **settings):
             timeouts = RequestTimeouts(reactor)
             handler = rpc.generic_handler(api.service_name, aio_servicer(api, timeouts), api.raw_methods)
-            return AioGrpcService(loop, label, host, port, [handler], timeouts, **settings)
+            return AioGrpcService(loop, label, host, port, [handler, *handlers], timeouts, **settings)
+        health = AioHealth(loop, reactor)
     elif front == "threads":
         from anyserve_tw.ingress.bridge import ReactorBridge
+        from anyserve_tw.ingress.health import ThreadHealth
         from anyserve_tw.ingress.threadfront import GrpcServerService, threaded_servicer
 
         bridge = ReactorBridge(reactor)
 
-        def build(label, host, port, api, threads, **settings):
+        def build(label, host, port, api, threads, handlers=(), **settings):
             handler = rpc.generic_handler(api.service_name, threaded_servicer(api, bridge), api.raw_methods)
-            return GrpcServerService(reactor, label, host, port, [handler], threads=threads, **settings)
+            return GrpcServerService(reactor, label, host, port, [handler, *handlers], threads=threads,
+                                     **settings)
+        health = ThreadHealth(reactor)
     else:
         raise ValueError("unknown front %r (expected one of %s)" % (front, ", ".join(FRONTS)))
-    return build
+    return build, health
+
+
+def _http_service_class():
+    """``anyserve_tw.ingress.http.HttpService``, or None while that module
+    does not exist (an error inside it is raised, not hidden)."""
+    if importlib.util.find_spec("anyserve_tw.ingress.http") is None:
+        return None
+    from anyserve_tw.ingress.http import HttpService
+
+    return HttpService
+
+
+def _shared_memory(router):
+    """The system shared-memory registry InferenceAPI serves, telling the
+    router of each change; None while that module does not exist."""
+    if importlib.util.find_spec("anyserve_tw.ingress.sharedmemory") is None:
+        return None
+    from anyserve_tw.ingress.sharedmemory import SharedMemoryRegistry
+
+    return SharedMemoryRegistry(on_change=router.shared_memory_changed)
 
 
 def make_ingress_service(reactor, port=8000, host="0.0.0.0", mgmt_port=9000,
@@ -59,11 +101,22 @@ def make_ingress_service(reactor, port=8000, host="0.0.0.0", mgmt_port=9000,
                          heartbeat_timeout=6.0, grace=10.0,
                          max_message_size=defaults.MAX_MESSAGE_SIZE, threads=defaults.DEFAULT_FRONT_THREADS,
                          max_concurrent_rpcs=defaults.DEFAULT_MAX_CONCURRENT_RPCS, request_timeout=600.0,
-                         socket_dir=None, front="aio"):
-    build = _front_factory(reactor, front)
-    top = SequentialMultiService(stop_order=["inference", "workers", "management", "router"])
+                         socket_dir=None, front="aio", http_port=8080, http_host=None, access_log=None):
+    """The ingress (see the module's docstring).  ``http_port``: the REST and
+    ``/metrics`` port, 0 for none (and then no metrics are kept, since
+    nothing could read them); ``http_host``: its address, ``host`` if None;
+    ``access_log``: a path, ``"-"`` for the twistd log, or None for none."""
+    build, health = _front_factory(reactor, front)
+    top = SequentialMultiService(stop_order=["health", "inference", "http", "workers", "management",
+                                             "router", "access-log"])
     router = Router(reactor, pool_size=pool_size, heartbeat_timeout=heartbeat_timeout,
                     max_payload=max_message_size)
+    metrics = Metrics(router) if http_port else None
+    router.metrics = metrics
+    if access_log is not None:
+        router.access_log = AccessLog(access_log, reactor)
+        router.access_log.setName("access-log")
+        router.access_log.setServiceParent(top)
     router.setName("router")
     router.setServiceParent(top)
 
@@ -72,18 +125,35 @@ def make_ingress_service(reactor, port=8000, host="0.0.0.0", mgmt_port=9000,
     management.setName("management")
     management.setServiceParent(top)
 
-    inference = build("inference", host, port, InferenceAPI(router, request_timeout, __version__),
-                      threads=threads, max_message_size=max_message_size,
-                      max_concurrent_rpcs=max_concurrent_rpcs, grace=grace)
+    shared_memory = _shared_memory(router)
+    api = InferenceAPI(router, request_timeout, __version__,
+                       **({} if shared_memory is None else {"shared_memory": shared_memory}))
+    inference = build("inference", host, port, api, threads=threads, handlers=[health.handler],
+                      max_message_size=max_message_size, max_concurrent_rpcs=max_concurrent_rpcs, grace=grace)
     inference.setName("inference")
     inference.setServiceParent(top)
+
+    reporter = HealthReporter(reactor, router, health)
+    reporter.setName("health")
+    reporter.setServiceParent(top)
+
+    if http_port:
+        HttpService = _http_service_class()
+        if HttpService is None:
+            log.warn("no HTTP front in this build: --http-port {port} is not served", port=http_port)
+        else:
+            http = HttpService(reactor, host if http_host is None else http_host, http_port, router, api,
+                               metrics_resource=metrics.resource(), max_message_size=max_message_size,
+                               grace=grace)
+            http.setName("http")
+            http.setServiceParent(top)
 
     if worker_scripts:
         client_host = "127.0.0.1" if mgmt_host in ("0.0.0.0", "::", "[::]") else mgmt_host
         supervisor = WorkerSupervisor(
             reactor, worker_scripts, copies, "%s:%d" % (client_host, mgmt_port),
             heartbeat_interval=min(2.0, heartbeat_timeout / 4.0), socket_dir=socket_dir,
-            max_message_size=max_message_size,
+            max_message_size=max_message_size, metrics=metrics,
         )
         supervisor.setName("workers")
         supervisor.setServiceParent(top)

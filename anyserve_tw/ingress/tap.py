@@ -36,6 +36,9 @@ class Options(usage.Options):
         ["max-concurrent-rpcs", None, defaults.DEFAULT_MAX_CONCURRENT_RPCS, "RPCs in flight before RESOURCE_EXHAUSTED.", int],
         ["request-timeout", None, 600.0, "Longest wait for a worker when the client sets no deadline.", float],
         ["socket-dir", None, None, "Directory for supervised workers' sockets (default: a new temp dir)."],
+        ["http-port", None, 8080, "KServe v2 REST and Prometheus /metrics port (0: no HTTP server, no metrics).", int],
+        ["http-host", None, None, "Address the HTTP server binds (default: --host)."],
+        ["access-log", None, None, "Write one line per inference request to this file ('-': the twistd log)."],
         ["front", None, "aio", "How gRPC is served: aio (grpc.aio on the reactor's asyncio loop, one thread) "
          "or threads (a grpcio thread pool bridged into the reactor; always so under a non-asyncio --reactor)."],
     ]
@@ -55,6 +58,8 @@ class Options(usage.Options):
         for name in ("heartbeat-timeout", "grace", "request-timeout"):
             if self[name] <= 0:
                 raise usage.UsageError("--%s must be positive" % name)
+        if not 0 <= self["http-port"] <= 65535:
+            raise usage.UsageError("--http-port must be a port number, or 0 for none")
         if self["front"] not in FRONTS:
             raise usage.UsageError("--front must be one of: %s" % ", ".join(FRONTS))
 
@@ -122,4 +127,7 @@ def makeService(options):
         request_timeout=options["request-timeout"],
         socket_dir=options["socket-dir"],
         front=choose_front(reactor, options["front"]),
+        http_port=options["http-port"],
+        http_host=options["http-host"],
+        access_log=options["access-log"],
     )

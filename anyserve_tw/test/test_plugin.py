@@ -109,10 +109,10 @@ class OptionsTests(SynchronousTestCase):
         self.assertEqual(
             {name: options[name] for name in ("host", "pool-size", "heartbeat-timeout", "grace",
                                               "threads", "max-concurrent-rpcs", "request-timeout",
-                                              "front")},
+                                              "front", "http-port", "http-host", "access-log")},
             {"host": "0.0.0.0", "pool-size": 2, "heartbeat-timeout": 6.0, "grace": 10.0,
              "threads": 64, "max-concurrent-rpcs": 1024, "request-timeout": 600.0,
-             "front": "aio"})
+             "front": "aio", "http-port": 8080, "http-host": None, "access-log": None})
         self.parse("--worker", "x.py")
         self.assertEqual(self.parse()["worker"], [])
 
@@ -130,8 +130,16 @@ class OptionsTests(SynchronousTestCase):
             ["--grace", "-1"],
             ["--request-timeout", "0"],
             ["--front", "greenlets"],
+            ["--http-port", "-1"],
+            ["--http-port", "65536"],
         ):
             self.assertRaises(usage.UsageError, self.parse, *args)
+
+    def test_http_and_access_log(self):
+        options = self.parse("--http-port", "0", "--http-host", "127.0.0.2", "--access-log", "/var/log/a.log")
+        self.assertEqual((options["http-port"], options["http-host"], options["access-log"]),
+                         (0, "127.0.0.2", "/var/log/a.log"))
+        self.assertEqual(self.parse("--access-log", "-")["access-log"], "-")
 
     def test_not_a_number(self):
         """A non-numeric value for a numeric option is a usage error."""
@@ -204,4 +212,57 @@ class ServiceTreeTests(SynchronousTestCase):
         self.assertIs(inference.loop, loop)  # the reactor's, even when not the current loop
 
     def test_no_workers_no_supervisor(self):
-        self.assertEqual(sorted(s.name for s in self.make()), ["inference", "management", "router"])
+        self.assertEqual(sorted(s.name for s in self.make("--http-port", "0")),
+                         ["health", "inference", "management", "router"])
+
+    def test_stop_order(self):
+        """Health goes NOT_SERVING first, then the fronts drain, then workers
+        stop; the access log closes after the last request it records."""
+        top = self.make("--worker", "w.py", "--access-log", "-", "--http-port", "0")
+        self.assertEqual([s.name for s in top.stopping_order()],
+                         ["health", "inference", "workers", "management", "router", "access-log"])
+
+    def test_http_port_zero_keeps_no_metrics(self):
+        top = self.make("--http-port", "0")
+        self.assertIsNone(top.getServiceNamed("router").metrics)
+        self.assertIsNone(top.getServiceNamed("router").access_log)
+
+    def test_metrics_shared_by_router_and_supervisor(self):
+        from anyserve_tw.ingress.metrics import Metrics
+
+        top = self.make("--worker", "w.py", "--http-port", "8123")
+        metrics = top.getServiceNamed("router").metrics
+        self.assertIsInstance(metrics, Metrics)
+        self.assertIs(top.getServiceNamed("workers").metrics, metrics)
+
+    def test_http_service(self):
+        from anyserve_tw.ingress.service import _http_service_class
+
+        if _http_service_class() is None:
+            raise SkipTest("no anyserve_tw.ingress.http in this checkout yet")
+        top = self.make("--http-port", "8123", "--host", "127.0.0.3")
+        http = top.getServiceNamed("http")
+        self.assertEqual((http.host, http.port), ("127.0.0.3", 8123))
+        self.assertIs(http.router, top.getServiceNamed("router"))
+        self.assertEqual(self.make("--http-port", "8123", "--http-host", "::1").getServiceNamed("http").host,
+                         "::1")
+        self.assertEqual([s.name for s in top.stopping_order()][:3], ["health", "inference", "http"])
+
+    def test_access_log(self):
+        from anyserve_tw.ingress.accesslog import AccessLog
+
+        top = self.make("--access-log", "relative.log", "--http-port", "0")
+        log = top.getServiceNamed("access-log")
+        self.assertIsInstance(log, AccessLog)
+        self.assertIs(top.getServiceNamed("router").access_log, log)
+        self.assertEqual(log.path, os.path.abspath("relative.log"))
+        self.assertFalse(log.running)  # opened when started, not before
+
+    def test_health_served_on_the_inference_port(self):
+        """The inference front's handlers include grpc.health.v1.Health."""
+        top = self.make("--http-port", "0")
+        inference = top.getServiceNamed("inference")
+        health = top.getServiceNamed("health").health
+        self.assertEqual(len(inference.handlers), 2)
+        self.assertIs(inference.handlers[1], health.handler)
+        self.assertEqual(health.handler.service_name(), "grpc.health.v1.Health")
