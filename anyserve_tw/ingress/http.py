@@ -440,8 +440,9 @@ class HttpService(Service):
     # -- service ----------------------------------------------------------------
 
     def startService(self):
-        endpoint_class = TCP6ServerEndpoint if ":" in self.host else TCP4ServerEndpoint
-        endpoint = endpoint_class(self.reactor, self.port, interface=self.host)
+        host = self.host.strip("[]")  # "[::]", as gRPC writes it, is "::"
+        endpoint_class = TCP6ServerEndpoint if ":" in host else TCP4ServerEndpoint
+        endpoint = endpoint_class(self.reactor, self.port, interface=host)
         outcome = []
         endpoint.listen(self.site).addBoth(outcome.append)
         if not outcome:
@@ -516,7 +517,8 @@ class HttpService(Service):
         timeout = self.api.default_timeout(method)
         result = call(message, timeout)
         if isinstance(result, Deferred):
-            result.addTimeout(timeout, self.reactor)
+            if not result.called:
+                result.addTimeout(timeout, self.reactor)
             return result.addCallback(render)
         return render(result)
 
@@ -539,7 +541,8 @@ class HttpService(Service):
         timeout = self.api.default_timeout("ModelInfer")
         d = self.router.infer(name, version, http_request_parts(name, version, body, json_length),
                               timeout, kind=framing.HTTP_REQUEST)
-        d.addTimeout(timeout, self.reactor)
+        if not d.called:  # an unknown model fails at once: no timer for it
+            d.addTimeout(timeout, self.reactor)
         return d.addCallback(_infer_answer)
 
     # -- the tree -------------------------------------------------------------------

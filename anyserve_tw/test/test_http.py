@@ -581,6 +581,16 @@ class LifecycleTests(HttpTestCase):
         self.assertEqual(self.service.site.channels, set())
         yield self.assertFailure(self.fetch("GET", "/v2/health/live"), ConnectionRefusedError)
 
+    @inlineCallbacks
+    def test_ipv6_hosts_as_grpc_writes_them(self):
+        self.api.answers["ServerLive"] = _v2.ServerLiveResponse(live=True)
+        service = HttpService(reactor, "[::1]", 0, self.router, self.api)
+        service.startService()
+        self.addCleanup(service.stopService)
+        response = yield self.agent.request(b"GET", b"http://[::1]:%d/v2/health/live" % service.bound_port)
+        yield readBody(response)
+        self.assertEqual(response.code, 200)
+
     def test_a_busy_port_fails_at_start(self):
         service = HttpService(reactor, "127.0.0.1", self.service.bound_port, self.router, self.api)
         self.assertRaises(Exception, service.startService)
