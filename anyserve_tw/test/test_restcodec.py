@@ -216,6 +216,26 @@ class RequestTests(SynchronousTestCase):
         self.assertInvalid(b'{"inputs": [], "outputs": [{"name": "o", "parameters": '
                            b'{"shared_memory_region": "r", "binary_data": true}}]}', "'binary_data'")
 
+    def test_parsed_request_serves_as_the_bytes_do_without_copying_binary_inputs(self):
+        a, b = np.arange(5000, dtype=np.int32), np.arange(3, dtype=np.float32)
+        body, json_length = generate([tensor("a", a, True), tensor("b", b, False)])
+        frame = payload(body, json_length, "add", "7")
+        request_bytes, options = restcodec.infer_request_from_http(frame)
+        parsed, parsed_options = restcodec.parsed_request_from_http(frame)
+        self.assertEqual(parsed_options, options)
+        self.assertEqual(len(parsed), len(frame))
+        self.assertIs(parse_request(parsed), parsed)
+        self.assertEqual(parsed.message, parse_request(request_bytes).message)
+        self.assertEqual((parsed.name, parsed.version), ("add", "7"))
+        inputs = echo_model().decode(parsed).inputs
+        np.testing.assert_array_equal(inputs["a"].as_numpy(), a)
+        np.testing.assert_array_equal(inputs["b"].as_numpy(), b)
+        self.assertTrue(np.shares_memory(inputs["a"].as_numpy(), np.frombuffer(frame, dtype=np.uint8)))
+        self.assertFalse(inputs["a"].as_numpy().flags.writeable)
+        mutable = bytearray(frame)  # read-only views even of a writable frame
+        parsed, _ = restcodec.parsed_request_from_http(mutable)
+        self.assertTrue(all(view.readonly for view in parsed.raw))
+
     def test_a_truncated_frame(self):
         with self.assertRaises(InferenceError) as caught:
             restcodec.infer_request_from_http(b"\x00\x05")

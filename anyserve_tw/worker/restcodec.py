@@ -38,6 +38,7 @@ from anyserve_tw.wire import protos, protowire
 from anyserve_tw.wire.errors import InferenceError, invalid_argument
 from anyserve_tw.wire.payloads import read_http_request
 from anyserve_tw.worker import tensors
+from anyserve_tw.worker.parsing import ParsedRequest
 
 _v2 = protos.inference
 
@@ -67,6 +68,46 @@ def infer_request_from_http(payload):
     serialized ModelInferRequest for the model the URL names, and the
     :class:`ResponseOptions` :func:`http_response_from_infer` needs.
     INVALID_ARGUMENT for anything malformed."""
+    request, raw, options = _convert(payload)
+    parts = [request.SerializeToString()]
+    for buffer in raw:
+        parts.append(_RAW_INPUT_TAG + protowire.encode_varint(len(buffer)))
+        parts.append(buffer)
+    return b"".join(parts), options
+
+
+class HttpParsedRequest(ParsedRequest):
+    """A REST request as :func:`~anyserve_tw.worker.parsing.parse_request`
+    makes one of bytes, whose ``len`` is the HTTP body's (what a request's
+    size means to the worker's inline rule)."""
+
+    __slots__ = ("size",)
+
+    def __init__(self, message, raw, size):
+        super().__init__(message, raw)
+        self.size = size
+
+    def __len__(self):
+        return self.size
+
+
+def parsed_request_from_http(payload):
+    """``(request, options)`` as :func:`infer_request_from_http`, but the
+    request as a :class:`HttpParsedRequest` (which ``parse_request``, the
+    models and ``len`` take as they take request bytes): the binary inputs
+    stay views of the frame, not copied into new bytes, and nothing is
+    serialized to be parsed again."""
+    request, raw, options = _convert(payload)
+    return HttpParsedRequest(request, [_readonly(b) for b in raw], len(payload)), options
+
+
+def _readonly(buffer):
+    view = memoryview(buffer)
+    return view if view.readonly else view.toreadonly()
+
+
+def _convert(payload):
+    """(ModelInferRequest without raw inputs, the raw inputs, options)."""
     try:
         http = read_http_request(payload)
     except ValueError as e:
@@ -119,11 +160,7 @@ def infer_request_from_http(payload):
         for index, item in enumerate(outputs):
             _add_output(request, index, item, binary_outputs, shared_memory)
 
-    parts = [request.SerializeToString()]
-    for buffer in raw:
-        parts.append(_RAW_INPUT_TAG + protowire.encode_varint(len(buffer)))
-        parts.append(buffer)
-    return b"".join(parts), ResponseOptions(binary_default, binary_outputs, frozenset(shared_memory))
+    return request, raw, ResponseOptions(binary_default, binary_outputs, frozenset(shared_memory))
 
 
 def _object(value, what):
