@@ -9,8 +9,9 @@ Inference bodies are not parsed here: the JSON and any binary tensors after
 it are forwarded to a worker as they came, in an HTTP_REQUEST frame
 (:func:`anyserve_tw.wire.payloads.http_request_parts`), and the worker's
 answer is the response body (:mod:`anyserve_tw.worker.restcodec` does both
-conversions).  So REST costs the ingress what gRPC does, and every worker
-feature (validation, shared memory, classification) applies to it unchanged.
+conversions).  So the ingress does no per-tensor work for REST either, and
+every worker feature (validation, shared memory, classification) applies
+to it unchanged.
 
 Statuses follow Triton's: ready endpoints answer 200 or 400 (not ready)
 with an empty body; errors are ``{"error": "message"}`` with the status
@@ -21,6 +22,7 @@ statuses: RESOURCE_EXHAUSTED 429, DEADLINE_EXCEEDED 504 and so on.  A body
 over ``max_message_size`` is 413 (it is read and dropped, never held);
 compressed bodies (``Content-Encoding: gzip`` / ``deflate``, as tritonclient
 sends them) are inflated up to that size; other encodings are 415.
+Unknown paths are 404 and wrong methods 405 (with ``Allow``), both JSON.
 """
 import base64
 import json
