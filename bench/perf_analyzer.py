@@ -442,7 +442,7 @@ def measure(args, target, case, round_no, outdir):
         res.p50_us, res.p90_us, res.p99_us = (row.get("p%d latency" % p) for p in (50, 90, 99))
     elif rc == 0:
         res.problems.append("no row for concurrency %d in %s" % (case.concurrency, res.csv_path))
-    if count0 is not None and count1 is not None and count1 > count0:
+    if rc == 0 and count0 is not None and count1 is not None and count1 > count0:
         res.requests = count1 - count0
         per_req = 1e6 / os.sysconf("SC_CLK_TCK") / res.requests
         res.ingress_us = d_ing * per_req
