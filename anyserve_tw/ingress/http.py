@@ -67,6 +67,11 @@ HTTP_STATUS = {
 #: The header that splits an inference body into JSON and binary tensors.
 HEADER_LENGTH = b"inference-header-content-length"
 
+#: Twisted's read size, and the one a body over LARGE_BODY bytes is read with.
+READ_SIZE = 64 * 1024
+LARGE_BODY = 256 * 1024
+LARGE_READ = 1024 * 1024
+
 _JSON = b"application/json"
 _BINARY = b"application/octet-stream"
 
@@ -194,6 +199,12 @@ class _Request(server.Request):
         self.content = _Body(self.channel.site.max_body_size)
         if length is not None and length > self.content.limit:
             self.content.size = length  # too large already: keep nothing
+        elif length is not None and length > LARGE_BODY:
+            # Fewer, larger reads for a large body: each read is a trip round
+            # the reactor and through the HTTP parser.
+            transport = self.channel.transport
+            if getattr(transport, "bufferSize", None) == READ_SIZE:
+                transport.bufferSize = min(length, LARGE_READ)
 
     def handleContentChunk(self, data):
         if not self.content.too_large:
@@ -201,6 +212,9 @@ class _Request(server.Request):
 
     def process(self):
         site = self.channel.site
+        transport = self.channel.transport
+        if getattr(transport, "bufferSize", READ_SIZE) != READ_SIZE:
+            transport.bufferSize = READ_SIZE
         if self.content.too_large:
             self.site = site
             _reply(self, 413, error_body("request body exceeds the %d-byte limit" % self.content.limit))
