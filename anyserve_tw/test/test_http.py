@@ -4,7 +4,6 @@ import base64
 import gzip
 import json
 import zlib
-from io import BytesIO
 
 import grpc
 from twisted.internet import reactor
@@ -13,7 +12,7 @@ from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.error import ConnectionRefusedError
 from twisted.internet.protocol import Protocol
 from twisted.trial.unittest import SynchronousTestCase, TestCase
-from twisted.web.client import Agent, FileBodyProducer, HTTPConnectionPool, readBody
+from twisted.web.client import Agent, HTTPConnectionPool, readBody
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import UNKNOWN_LENGTH, IBodyProducer
 from twisted.web.resource import Resource
@@ -74,6 +73,28 @@ class FakeRouter:
 
 
 @implementer(IBodyProducer)
+class Body:
+    """A request body, written at once (no timers left behind)."""
+
+    def __init__(self, data):
+        self.data = data
+        self.length = len(data)
+
+    def startProducing(self, consumer):
+        consumer.write(self.data)
+        return succeed(None)
+
+    def stopProducing(self):
+        pass
+
+    def pauseProducing(self):
+        pass
+
+    def resumeProducing(self):
+        pass
+
+
+@implementer(IBodyProducer)
 class ChunkedProducer:
     """A body of unknown length, so the client sends it chunked."""
 
@@ -130,7 +151,7 @@ class HttpTestCase(TestCase):
     def fetch(self, method, path, body=None, headers=None, producer=None, service=None):
         """(status, headers, body) of one request."""
         if producer is None and body is not None:
-            producer = FileBodyProducer(BytesIO(body), cooperator=_Immediate())
+            producer = Body(body)
         response = yield self.agent.request(method.encode(), self.url(path, service),
                                             Headers(headers or {}), producer)
         data = yield readBody(response)
@@ -142,30 +163,6 @@ class HttpTestCase(TestCase):
         self.assertEqual((code, data and headers.getRawHeaders(b"content-type")), (status, [b"application/json"]),
                          data)
         return json.loads(data)
-
-
-class _Immediate:
-    """A cooperator running FileBodyProducer's steps at once (no timers
-    left behind)."""
-
-    def cooperate(self, iterator):
-        for _ in iterator:
-            pass
-        return _Done()
-
-
-class _Done:
-    def whenDone(self):
-        return succeed(None)
-
-    def stop(self):
-        pass
-
-    def pause(self):
-        pass
-
-    def resume(self):
-        pass
 
 
 class ServerEndpointTests(HttpTestCase):
@@ -530,6 +527,20 @@ class BodyTests(HttpTestCase):
         code, _, _ = yield self.fetch("POST", "/v2/models/add/infer", producer=ChunkedProducer(b"y" * 3000))
         self.assertEqual(code, 200)
         self.assertEqual([call[2][-3000:] for call in self.router.calls][1], b"y" * 3000)
+
+    @inlineCallbacks
+    def test_a_large_body_is_read_in_large_reads_then_the_read_size_is_restored(self):
+        service = HttpService(reactor, "127.0.0.1", 0, self.router, self.api, max_message_size=1 << 20)
+        service.startService()
+        self.addCleanup(service.stopService)
+        sizes = []
+        self.router.answer = lambda *a: succeed(
+            (2, b"{}" if sizes.append([c.transport.bufferSize for c in service.site.channels]) else b"{}"))
+        body = bytes(range(256)) * 1200  # 300 kB
+        code, _, _ = yield self.fetch("POST", "/v2/models/add/infer", body, service=service)
+        self.assertEqual(code, 200)
+        self.assertEqual(read_http_request(self.router.calls[-1][2]).json, body)
+        self.assertEqual(sizes, [[64 * 1024]])
 
     @inlineCallbacks
     def test_compressed_bodies_are_inflated(self):
