@@ -128,7 +128,7 @@ class StubRouter:
         self.forwarded = []
         self.answer = Deferred()
 
-    def infer(self, name, version, payload, timeout):
+    def infer(self, name, version, payload, timeout, request_id=""):
         self.forwarded.append((name, version, payload, timeout))
         if name == "missing":
             return fail(not_found(name))

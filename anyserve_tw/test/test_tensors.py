@@ -593,6 +593,7 @@ class AppTests(SynchronousTestCase, InvalidArgumentMixin):
         self.assertIn("division by zero in the handler", error.message)
         self.assertIn("ZeroDivisionError", error.message)
         self.assertIn("'fail'", error.message)
+        self.assertEqual(len(self.flushLoggedErrors(ZeroDivisionError)), 1)  # traceback logged
 
     def test_handler_inference_error_passes(self):
         """An InferenceError raised by a handler keeps its code and message."""
@@ -617,6 +618,7 @@ class AppTests(SynchronousTestCase, InvalidArgumentMixin):
             error = self.assertRaises(InferenceError, self.app.handle, data)
             self.assertEqual(error.code, grpc.StatusCode.INTERNAL, name)
             self.assertIn("'%s'" % name, error.message)
+        self.assertEqual(len(self.flushLoggedErrors(TypeError, ValueError)), 2)
 
     def test_duplicate_registration(self):
         """Registering the same (name, version) twice is refused."""

@@ -33,6 +33,7 @@ from twisted.python.threadpool import ThreadPool
 from anyserve_tw.wire import defaults, framing, protos
 from anyserve_tw.wire.errors import InferenceError, as_inference_error
 from anyserve_tw.wire.payloads import Timing
+from anyserve_tw.worker import restcodec
 from anyserve_tw.worker.model import InferResponse, handler_error
 from anyserve_tw.worker.parsing import parse_request
 from anyserve_tw.worker.sharedmemory import SharedMemoryTable
@@ -182,7 +183,6 @@ class Execution:
         result = self.signed(result)
         if job is not None and job.rest is not None:
             try:
-                from anyserve_tw.worker import restcodec
                 result, code = restcodec.http_response_from_infer(result, job.rest)
             except Exception:
                 return error_answer(as_inference_error(Failure()))
@@ -208,7 +208,6 @@ class Execution:
         """A Deferred of the response (parts, as Model.serve gives them)."""
         try:
             if job.kind == framing.HTTP_REQUEST:
-                from anyserve_tw.worker import restcodec
                 payload, job.rest = restcodec.infer_request_from_http(payload)
             parsed = parse_request(payload)
             model = self.app.route(parsed)
