@@ -3,6 +3,8 @@ example worker, tritonclient.http and plain HTTP requests."""
 import gzip
 import http.client
 import json
+import uuid
+from multiprocessing import shared_memory
 
 import numpy as np
 from twisted.trial.unittest import SynchronousTestCase
@@ -52,6 +54,7 @@ class RestTests(SynchronousTestCase):
         self.assertEqual(json.loads(data)["outputs"][0]["data"], [11, 22])
 
     def test_tritonclient_http(self):
+        import tritonclient.http as httpclient
         from tritonclient.http import InferRequestedOutput
         from tritonclient.utils import InferenceServerException
 
@@ -100,6 +103,31 @@ class RestTests(SynchronousTestCase):
             self.assertEqual(result.as_numpy("f").tolist(), [True, False])
         result = client.infer("echo", _inputs(True, w=words), outputs=[InferRequestedOutput("w", binary_data=False)])
         self.assertEqual(result.as_numpy("w").tolist(), list(words))  # not UTF-8: came back binary
+
+        # classification and system shared memory, which the worker does for REST as for gRPC
+        result = client.infer("add", _inputs(False, a=a, b=b),
+                              outputs=[InferRequestedOutput("sum", binary_data=False, class_count=2)])
+        calls += 1
+        self.assertEqual(result.get_output("sum")["data"], ["1515:15", "1414:14"])
+        regions = {}
+        for name, size in (("in", 128), ("out", 64)):
+            regions[name] = shared_memory.SharedMemory("as-rest-%s-%s" % (name, uuid.uuid4().hex), True, size)
+            self.addCleanup(regions[name].unlink)
+            self.addCleanup(regions[name].close)
+            client.register_system_shared_memory(name, "/" + regions[name].name, size)
+        np.ndarray((32,), np.int32, regions["in"].buf)[:] = np.concatenate([a, b])
+        in_a, in_b = httpclient.InferInput("a", [16], "INT32"), httpclient.InferInput("b", [16], "INT32")
+        in_a.set_shared_memory("in", 64)
+        in_b.set_shared_memory("in", 64, offset=64)
+        out = InferRequestedOutput("sum", binary_data=False)
+        out.set_shared_memory("out", 64)
+        result = client.infer("add", [in_a, in_b], outputs=[out])
+        calls += 1
+        self.assertNotIn("data", result.get_output("sum"))
+        np.testing.assert_array_equal(np.ndarray((16,), np.int32, regions["out"].buf), a + b)
+        self.assertEqual(sorted(r["name"] for r in client.get_system_shared_memory_status()), ["in", "out"])
+        client.unregister_system_shared_memory()
+        self.assertEqual(client.get_system_shared_memory_status(), [])
 
         stats = client.get_inference_statistics("add")["model_stats"]
         self.assertEqual([(s["name"], s["inference_count"]) for s in stats], [("add", calls)])
