@@ -70,8 +70,8 @@ MODES = {
     "http-shm": Mode("http-shm", "add", ("-i", "http", "--shared-memory", "system"), http=True),
 }
 
-#: What runs unless ``--modes`` says otherwise (http-shm only on request).
-DEFAULT_MODES = ("grpc", "http", "stream", "shm", "countdown")
+#: What runs unless ``--modes`` says otherwise.
+DEFAULT_MODES = ("grpc", "http", "stream", "shm", "http-shm", "countdown")
 
 
 @dataclass(frozen=True)

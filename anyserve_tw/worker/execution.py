@@ -208,7 +208,7 @@ class Execution:
         """A Deferred of the response (parts, as Model.serve gives them)."""
         try:
             if job.kind == framing.HTTP_REQUEST:
-                payload, job.rest = restcodec.infer_request_from_http(payload)
+                payload, job.rest = restcodec.parsed_request_from_http(payload)
             parsed = parse_request(payload)
             model = self.app.route(parsed)
             if model.decoupled:

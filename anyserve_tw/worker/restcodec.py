@@ -359,7 +359,10 @@ def http_response_from_infer(response_parts, options):
     for index, tensor in enumerate(message.outputs):
         name, datatype, shape = tensor.name, tensor.datatype, list(tensor.shape)
         entry = {"name": name, "datatype": datatype, "shape": shape}
-        parameters = _parameters(tensor.parameters)
+        # An output written to shared memory is answered without parameters,
+        # as Triton does: perf_analyzer reads ``binary_data_size`` from any
+        # output that has them.
+        parameters = {} if name in options.shared_memory else _parameters(tensor.parameters)
         if name not in options.shared_memory:
             buffer = raw[index] if raw else _typed_contents(datatype, shape, tensor.contents)
             data = None if options.is_binary(name) else _json_data(name, datatype, shape, buffer)
