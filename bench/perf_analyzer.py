@@ -28,7 +28,6 @@ import queue
 import shlex
 import shutil
 import signal
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -42,7 +41,7 @@ sys.path.insert(0, REPO)
 
 from bench.bench import (  # noqa: E402  (after the path fix above)
     Server, case_inputs, check_inference, cpu_ticks, env_items, fmt, free_port, indent,
-    on_sigterm, print_aligned)
+    median_of, on_sigterm, print_aligned)
 
 BESIDE = os.path.dirname(REPO)  # where ../shared, ../pa-venv and ../triton-venv live
 
@@ -500,11 +499,6 @@ def clean_runs(results):
         if r.req_per_s is not None and not r.problems:
             by_key.setdefault((r.server, r.case.name), []).append(r)
     return by_key
-
-
-def median_of(runs, attr):
-    values = [getattr(r, attr) for r in runs if getattr(r, attr) is not None]
-    return statistics.median(values) if values else None
 
 
 def print_medians(results, labels, cases):

@@ -72,6 +72,17 @@ def cmdline(pid):
         return f.read().replace(b"\0", b" ").decode()
 
 
+def status_of(call):
+    """Run ``call``; return (grpc status name, message) of the error it raised."""
+    from tritonclient.utils import InferenceServerException
+
+    try:
+        call()
+    except InferenceServerException as e:
+        return e.status(), e.message()
+    raise AssertionError("expected an error, the call succeeded")
+
+
 class Ingress:
     """``twistd -n anyserve`` with its supervised workers, on free ports."""
 

@@ -13,19 +13,10 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from tests.harness import (
     BackgroundInfer, CLASSIFIER_SERVER, KSERVE_SERVER, PROBE_MODELS, PROBE_SERVER, Ingress, Worker, infer_inputs, pid_alive,
-    wait_for,
+    status_of, wait_for,
 )
 
 
-def status_of(call):
-    """Run ``call``; return (grpc status name, message) of the error it raised."""
-    from tritonclient.utils import InferenceServerException
-
-    try:
-        call()
-    except InferenceServerException as e:
-        return e.status(), e.message()
-    raise AssertionError("expected an error, the call succeeded")
 
 
 class IngressTestCase(SynchronousTestCase):

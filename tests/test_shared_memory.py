@@ -15,10 +15,9 @@ from multiprocessing import shared_memory
 
 import numpy as np
 import tritonclient.grpc as grpcclient
-from tritonclient.utils import InferenceServerException
 from twisted.trial.unittest import SynchronousTestCase
 
-from tests.harness import KSERVE_SERVER, Ingress, infer_inputs
+from tests.harness import KSERVE_SERVER, Ingress, infer_inputs, status_of
 
 #: A worker whose model declares class labels for its output.
 LABELLED_WORKER = textwrap.dedent('''
@@ -38,13 +37,6 @@ LABELLED_WORKER = textwrap.dedent('''
 ''')
 
 
-def status_of(call):
-    """(status name, message) of the error ``call`` raised."""
-    try:
-        call()
-    except InferenceServerException as e:
-        return e.status(), e.message()
-    raise AssertionError("expected an error, the call succeeded")
 
 
 class SharedMemoryTests(SynchronousTestCase):

@@ -15,19 +15,11 @@ import numpy as np
 from twisted.trial.unittest import SynchronousTestCase
 
 from tests.harness import (
-    BackgroundInfer, CLASSIFIER_SERVER, KSERVE_SERVER, PROBE_SERVER, Ingress, Worker, infer_inputs, wait_for,
+    BackgroundInfer, CLASSIFIER_SERVER, KSERVE_SERVER, PROBE_SERVER, Ingress, Worker, infer_inputs, status_of,
+    wait_for,
 )
 
 
-def status_of(call):
-    """Run ``call``; return (grpc status name, message) of the error it raised."""
-    from tritonclient.utils import InferenceServerException
-
-    try:
-        call()
-    except InferenceServerException as e:
-        return e.status(), e.message()
-    raise AssertionError("expected an error, the call succeeded")
 
 
 class ExtensionsTestCase(SynchronousTestCase):
