@@ -162,6 +162,3 @@ class KServeClientTests(SynchronousTestCase):
         self.assertIs(self.returned("rest", "is_server_live"), True)
         self.assertIs(self.returned("rest", "is_server_ready"), True)
 
-    test_rest_server_health.todo = (
-        "AnyServe answers GET /v2/health/live and /v2/health/ready with 200 and an empty body, as "
-        "Triton does; kserve 0.21's InferenceRESTClient calls response.json() on it: JSONDecodeError")

@@ -376,6 +376,17 @@ def _ready(response):
     return (200 if response.ready else 400), b""
 
 
+def _server_health(field):
+    """Server liveness or readiness: 200 with ``{"live": true}`` (or
+    ``ready``), as KServe answers (its REST client reads the body; Triton's
+    sends none and tritonclient reads only the status), 400 when not."""
+    def render(response):
+        if getattr(response, field):
+            return 200, _dumps({field: True})
+        return 400, b""
+    return render
+
+
 def _as_json(response, unset_messages=False):
     return 200, _dumps(message_json(response, unset_messages))
 
@@ -570,8 +581,9 @@ class HttpService(Service):
             methods={b"GET": lambda r: call("ServerMetadata", _v2.ServerMetadataRequest(), _as_json)},
             health=node(
                 live=node(methods={b"GET": lambda r: call(
-                    "ServerLive", _v2.ServerLiveRequest(), lambda m: ((200 if m.live else 400), b""))}),
-                ready=node(methods={b"GET": lambda r: call("ServerReady", _v2.ServerReadyRequest(), _ready)}),
+                    "ServerLive", _v2.ServerLiveRequest(), _server_health("live"))}),
+                ready=node(methods={b"GET": lambda r: call(
+                    "ServerReady", _v2.ServerReadyRequest(), _server_health("ready"))}),
             ),
             models=node(child=self._models_child),
             repository=self._repository_node(),

@@ -174,13 +174,13 @@ class ServerEndpointTests(HttpTestCase):
         self.assertEqual(body, {"name": "anyserve", "version": "1.2", "extensions": ["statistics"]})
 
     @inlineCallbacks
-    def test_health_is_200_or_400_with_an_empty_body(self):
+    def test_health_is_200_with_kserves_body_or_400(self):
         self.api.answers["ServerLive"] = _v2.ServerLiveResponse(live=True)
         self.api.answers["ServerReady"] = _v2.ServerReadyResponse(ready=True)
         code, _, data = yield self.fetch("GET", "/v2/health/live")
-        self.assertEqual((code, data), (200, b""))
+        self.assertEqual((code, json.loads(data)), (200, {"live": True}))
         code, _, data = yield self.fetch("GET", "/v2/health/ready")
-        self.assertEqual((code, data), (200, b""))
+        self.assertEqual((code, json.loads(data)), (200, {"ready": True}))
         self.api.answers["ServerReady"] = _v2.ServerReadyResponse(ready=False)
         code, _, data = yield self.fetch("GET", "/v2/health/ready")
         self.assertEqual((code, data), (400, b""))
