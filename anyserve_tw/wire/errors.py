@@ -36,14 +36,28 @@ def status_from_number(number):
     return _BY_CODE.get(number, grpc.StatusCode.UNKNOWN)
 
 
+#: Most characters of a client's string a status message quotes.
+BRIEF_LIMIT = 100
+
+
+def brief(text, limit=BRIEF_LIMIT):
+    """``text`` (a name, version, ... from the client) as a status message
+    quotes it: its first ``limit`` characters and its size when longer, so
+    a 4 MB name cannot make the status itself too large to send."""
+    text = str(text)
+    if len(text) <= limit:
+        return text
+    return "%s... (%d bytes)" % (text[:limit], len(text.encode("utf-8", "surrogatepass")))
+
+
 def not_found(name, version=""):
     if version:
         return InferenceError(
             grpc.StatusCode.NOT_FOUND,
-            "Request for unknown model: '%s' version '%s' is not found" % (name, version),
+            "Request for unknown model: '%s' version '%s' is not found" % (brief(name), brief(version)),
         )
     return InferenceError(
-        grpc.StatusCode.NOT_FOUND, "Request for unknown model: '%s' is not found" % (name,)
+        grpc.StatusCode.NOT_FOUND, "Request for unknown model: '%s' is not found" % (brief(name),)
     )
 
 
