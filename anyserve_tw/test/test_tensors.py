@@ -677,3 +677,41 @@ class TypedRangeTests(SynchronousTestCase):
         self.assertEqual(caught.exception.code, grpc.StatusCode.INVALID_ARGUMENT)
         ok = protos.inference.InferTensorContents(int_contents=[127, -128])
         self.assertEqual(tensors.from_contents("INT8", (2,), ok).tolist(), [127, -128])
+
+
+class ShapeLimitTests(SynchronousTestCase, InvalidArgumentMixin):
+    """Shapes numpy cannot make are INVALID_ARGUMENT, checked with Python
+    ints before numpy sees them (numpy raises ValueError, which reached the
+    client as INTERNAL with a traceback logged per request)."""
+
+    HUGE = [(2**63 - 1, 0), (0, 2**63 - 1), (2**62, 2, 0), (2**31, 2**31, 0), (2**57, 0)]
+
+    def test_huge_empty_shapes_raw(self):
+        for datatype in VALUES:
+            for shape in self.HUGE:
+                error = self.assertInvalid(tensors.from_raw, datatype, shape, b"")
+                self.assertIn("too large", error.message, (datatype, shape))
+
+    def test_huge_empty_shapes_typed(self):
+        for datatype in VALUES:
+            for shape in self.HUGE:
+                self.assertInvalid(tensors.from_contents, datatype, shape, _v2.InferTensorContents())
+
+    def test_largest_empty_extent_is_an_array(self):
+        """The limit sits below numpy's: 2**56 elements (of 8 bytes) still reshape."""
+        for datatype in ("FP64", "BYTES", "INT8"):
+            self.assertEqual(tensors.from_raw(datatype, (2**56, 0), b"").shape, (2**56, 0))
+
+    def test_too_many_dimensions(self):
+        self.assertEqual(tensors.from_raw("INT32", (1,) * 32, b"\0" * 4).shape, (1,) * 32)
+        error = self.assertInvalid(tensors.from_raw, "INT32", (1,) * 1000, b"\0" * 4)
+        self.assertIn("(1000 dimensions)", error.message)
+        self.assertLess(len(error.message), 200)
+
+    def test_decode(self):
+        """Through Model.decode, with and without specs, raw and typed."""
+        for model in (Model(lambda r: None, "m", inputs=[("x", "FP32", [-1, -1])]),
+                      Model(lambda r: None, "m")):
+            self.assertInvalid(model.decode, raw_request([("x", "FP32", (2**63 - 1, 0), b"")]))
+            self.assertInvalid(model.decode, typed_request([("x", "FP32", (2**63 - 1, 0), [])]))
+

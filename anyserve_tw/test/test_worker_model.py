@@ -1,9 +1,11 @@
 """Tests for anyserve_tw.worker.model: request bytes to handler arguments and
 handler results to response bytes, without copying raw tensors."""
+import grpc
 import numpy as np
 from twisted.trial.unittest import SynchronousTestCase
 
 from anyserve_tw.wire import protos
+from anyserve_tw.wire.errors import InferenceError
 from anyserve_tw.worker.model import Model
 
 _v2 = protos.inference
@@ -86,3 +88,55 @@ class PlacementTests(SynchronousTestCase):
             model = Model(handler, "m", asynchronous=declared)
             self.assertEqual((model.asynchronous, model.may_run_inline), (on_loop, may_run_inline),
                              (handler.__name__, declared))
+
+
+def served(model, payload=None):
+    """What Model.serve raises for ``payload`` (an empty request by default)."""
+    if payload is None:
+        payload = _v2.ModelInferRequest(model_name=model.name).SerializeToString()
+    return SynchronousTestCase().assertRaises(InferenceError, model.serve, payload)
+
+
+class LongNameTests(SynchronousTestCase):
+    """INVALID_ARGUMENT messages quote a client's names shortened: a 4 MB
+    input name must not make the status too large to send."""
+
+    NAME = "n" * (4 * 1024 * 1024)
+
+    def assertShortInvalid(self, model, request):
+        error = served(model, request.SerializeToString())
+        self.assertEqual(error.code, grpc.StatusCode.INVALID_ARGUMENT)
+        self.assertLess(len(error.message), 500)
+        self.assertIn("... (4194304 bytes)", error.message)
+
+    def test_unexpected_input(self):
+        request = _v2.ModelInferRequest(model_name="add")
+        request.inputs.add(name=self.NAME, datatype="INT32", shape=[1]).contents.int_contents.append(1)
+        self.assertShortInvalid(add_model(), request)
+
+    def test_input_twice(self):
+        request = _v2.ModelInferRequest(model_name="m")
+        for _ in range(2):
+            request.inputs.add(name=self.NAME, datatype="INT32", shape=[1]).contents.int_contents.append(1)
+        self.assertShortInvalid(Model(lambda r: {}, "m"), request)
+
+    def test_unknown_datatype(self):
+        request = _v2.ModelInferRequest(model_name="m")
+        request.inputs.add(name="a", datatype=self.NAME, shape=[1])
+        self.assertShortInvalid(Model(lambda r: {}, "m"), request)
+
+    def test_unknown_output(self):
+        a = np.arange(2, dtype=np.int32)
+        request = _v2.ModelInferRequest.FromString(add_request(a, a))
+        request.outputs.add(name=self.NAME)
+        self.assertShortInvalid(add_model(), request)
+
+    def test_shared_memory_parameters(self):
+        request = _v2.ModelInferRequest(model_name="m")
+        tensor = request.inputs.add(name=self.NAME, datatype="INT32", shape=[1])
+        tensor.parameters["shared_memory_offset"].int64_param = 0
+        self.assertShortInvalid(Model(lambda r: {}, "m"), request)
+        request = _v2.ModelInferRequest(model_name="m")
+        output = request.outputs.add(name=self.NAME)
+        output.parameters["classification"].int64_param = -1
+        self.assertShortInvalid(Model(lambda r: {}, "m"), request)

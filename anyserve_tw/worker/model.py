@@ -17,8 +17,9 @@ import numpy as np
 from twisted.logger import Logger, LogLevel
 
 from anyserve_tw.wire import protos, protowire
-from anyserve_tw.wire.errors import InferenceError, invalid_argument
+from anyserve_tw.wire.errors import InferenceError, brief, invalid_argument
 from anyserve_tw.worker import tensors
+from anyserve_tw.worker.tensors import shape_text
 from anyserve_tw.worker.parsing import parse_request
 from anyserve_tw.worker.sharedmemory import write_parts
 
@@ -89,7 +90,7 @@ def _shm_parameters(tensor, what):
     if not parameters or (SHM_REGION not in parameters and SHM_OFFSET not in parameters
                           and SHM_BYTE_SIZE not in parameters):
         return None
-    name = tensor.name
+    name = brief(tensor.name)
     if SHM_REGION not in parameters:
         raise invalid_argument("'%s' and '%s' can not be given without '%s' for %s '%s'"
                                % (SHM_OFFSET, SHM_BYTE_SIZE, SHM_REGION, what, name))
@@ -115,16 +116,16 @@ def _class_count(output):
         return 0
     if parameter.WhichOneof("parameter_choice") != "int64_param":
         raise invalid_argument("invalid value type for 'classification' parameter of output '%s', "
-                               "expected int64_param" % output.name)
+                               "expected int64_param" % brief(output.name))
     if parameter.int64_param <= 0:
         raise invalid_argument("invalid value %d for 'classification' parameter of output '%s', "
-                               "expected > 0" % (parameter.int64_param, output.name))
+                               "expected > 0" % (parameter.int64_param, brief(output.name)))
     return parameter.int64_param
 
 
 def _no_table(name, what):
     return invalid_argument("%s '%s' names a shared memory region, but this worker has no "
-                            "shared-memory table" % (what, name))
+                            "shared-memory table" % (what, brief(name)))
 
 
 def _set_parameter(target, value):
@@ -179,7 +180,7 @@ class InferRequest:
         try:
             return self.inputs[name].as_numpy()
         except KeyError:
-            raise invalid_argument("request has no input '%s'" % name) from None
+            raise invalid_argument("request has no input '%s'" % brief(name)) from None
 
 
 class InferResponse:
@@ -254,15 +255,15 @@ class Model:
         for index, tensor in enumerate(message.inputs):
             name, datatype, shape = tensor.name, tensor.datatype, tuple(tensor.shape)
             if name in inputs:
-                raise invalid_argument("input '%s' given twice" % name)
+                raise invalid_argument("input '%s' given twice" % brief(name))
             if datatype not in tensors.DATATYPES:
-                raise invalid_argument("input '%s': unknown datatype '%s'" % (name, datatype))
+                raise invalid_argument("input '%s': unknown datatype '%s'" % (brief(name), brief(datatype)))
             if specs is not None:
                 spec = specs.get(name)
                 if spec is None:
                     raise invalid_argument(
                         "unexpected input '%s' for model '%s' (expects %s)"
-                        % (name, self.name, ", ".join(sorted(specs)))
+                        % (brief(name), self.name, ", ".join(sorted(specs)))
                     )
                 if datatype != spec.datatype:
                     raise invalid_argument(
@@ -272,17 +273,17 @@ class Model:
                 if not spec.accepts_shape(shape):
                     raise invalid_argument(
                         "input '%s': shape %s, model '%s' expects %s"
-                        % (name, list(shape), self.name, list(spec.shape))
+                        % (name, shape_text(shape), self.name, list(spec.shape))
                     )
             shm = in_shm[index]
             if shm is not None:
                 if aligned and raw and len(raw[index]):
                     raise invalid_argument(
-                        "input '%s' is in shared memory and has raw_input_contents too" % name)
+                        "input '%s' is in shared memory and has raw_input_contents too" % brief(name))
                 if tensor.HasField("contents"):
                     raise invalid_argument(
                         "unexpected 'contents' given for input '%s' of model '%s', which is "
-                        "in shared memory" % (name, self.name))
+                        "in shared memory" % (brief(name), self.name))
                 array = self._from_shared_memory(shared_memory, tensor, shape, shm)
             elif raw:
                 array = tensors.from_raw(datatype, shape, raw[index if aligned else raw_index])
@@ -301,7 +302,7 @@ class Model:
             unknown = [n for n in requested if n not in self._output_specs]
             if unknown:
                 raise invalid_argument(
-                    "model '%s' has no output(s): %s" % (self.name, ", ".join(unknown))
+                    "model '%s' has no output(s): %s" % (self.name, brief(", ".join(unknown)))
                 )
         windows = {}
         class_counts = {}
@@ -313,7 +314,7 @@ class Model:
             if shm is not None and count:
                 raise invalid_argument(
                     "output '%s' can't set both 'shared_memory_region' and 'classification'"
-                    % output.name)
+                    % brief(output.name))
             if shm is not None:
                 if shared_memory is None:
                     raise _no_table(output.name, "output")
@@ -342,7 +343,7 @@ class Model:
             if byte_size != expected:
                 raise invalid_argument(
                     "input byte size mismatch for input '%s' for model '%s'. Expected %d, got %d"
-                    % (name, self.name, expected, byte_size))
+                    % (brief(name), self.name, expected, byte_size))
         return tensors.from_raw(datatype, shape, view)
 
     # -- handler ---------------------------------------------------------------

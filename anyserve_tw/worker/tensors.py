@@ -9,7 +9,7 @@ import struct
 
 import numpy as np
 
-from anyserve_tw.wire.errors import invalid_argument
+from anyserve_tw.wire.errors import brief, invalid_argument
 
 #: v2 datatype -> numpy dtype (little-endian).
 DATATYPES = {
@@ -64,13 +64,48 @@ def datatype_of(array):
         raise invalid_argument("no KServe v2 datatype for numpy dtype %s" % array.dtype) from None
 
 
+#: Most dimensions a tensor may have: numpy 1.x's limit (2.x allows 64).
+MAX_DIMS = 32
+
+#: Most elements the non-zero dimensions of a shape may multiply to.  An
+#: empty tensor's shape can name any sizes beside its zero, and numpy refuses
+#: (ValueError) shapes whose extent times the element size passes 2**63
+#: bytes, even empty ones; 2**56 elements of at most 8 bytes stay well clear.
+MAX_EXTENT = 2 ** 56
+
+
+def shape_text(shape, limit=8):
+    """``[1, 2, 3]``, or its first ``limit`` dimensions and how many there
+    are: a shape comes from the client, and status messages quote it."""
+    if len(shape) <= limit:
+        return str([int(d) for d in shape])
+    return "[%s, ... (%d dimensions)]" % (", ".join(str(int(d)) for d in shape[:limit]), len(shape))
+
+
 def element_count(shape):
+    """How many elements ``shape`` holds, computed with Python ints;
+    INVALID_ARGUMENT for a shape numpy could not make (negative or too many
+    dimensions, or an extent past :data:`MAX_EXTENT`)."""
+    if len(shape) > MAX_DIMS:
+        raise invalid_argument("shape %s has %d dimensions, more than %d"
+                               % (shape_text(shape), len(shape), MAX_DIMS))
     count = 1
     for dim in shape:
         if dim < 0:
-            raise invalid_argument("negative dimension in shape %s" % (list(shape),))
+            raise invalid_argument("negative dimension in shape %s" % (shape_text(shape),))
         count *= dim
+    if count > MAX_EXTENT or (not count and _extent(shape) > MAX_EXTENT):
+        raise invalid_argument("shape %s is too large: its non-zero dimensions multiply to "
+                               "more than 2**56 elements" % (shape_text(shape),))
     return count
+
+
+def _extent(shape):
+    extent = 1
+    for dim in shape:
+        if dim:
+            extent *= dim
+    return extent
 
 
 def decode_bytes(buffer, count=None):
@@ -117,7 +152,7 @@ def from_raw(datatype, shape, raw):
     if len(raw) != count * dtype.itemsize:
         raise invalid_argument(
             "raw content is %d bytes, expected %d for %s %s"
-            % (len(raw), count * dtype.itemsize, datatype, list(shape))
+            % (len(raw), count * dtype.itemsize, datatype, shape_text(shape))
         )
     return np.frombuffer(raw, dtype=dtype).reshape(shape)
 
@@ -129,7 +164,7 @@ def from_contents(datatype, shape, contents):
     if len(values) != count:
         raise invalid_argument(
             "%s holds %d elements, expected %d for shape %s"
-            % (CONTENTS_FIELD[datatype], len(values), count, list(shape))
+            % (CONTENTS_FIELD[datatype], len(values), count, shape_text(shape))
         )
     if datatype == "BYTES":
         return _object_array(list(values), shape)
