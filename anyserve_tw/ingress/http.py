@@ -400,11 +400,14 @@ def _request_json(request, required=False):
         return {}
     try:
         value = json.loads(body)
-    except (ValueError, UnicodeDecodeError) as e:
+    except (ValueError, UnicodeDecodeError, RecursionError) as e:
         raise invalid_argument("malformed JSON request body: %s" % (e,)) from None
     if not isinstance(value, dict):
         raise invalid_argument("request body must be a JSON object")
     return value
+
+
+INT64_MIN, INT64_MAX, UINT64_MAX = -(1 << 63), (1 << 63) - 1, (1 << 64) - 1
 
 
 def _repository_parameters(target, parameters):
@@ -417,6 +420,8 @@ def _repository_parameters(target, parameters):
         if isinstance(value, bool):
             slot.bool_param = value
         elif isinstance(value, int):
+            if not INT64_MIN <= value <= INT64_MAX:
+                raise invalid_argument("parameter '%s' is out of the int64 range" % key)
             slot.int64_param = value
         elif isinstance(value, str) and key.startswith("file:"):
             try:
@@ -431,8 +436,8 @@ def _repository_parameters(target, parameters):
 
 def _uint(body, key):
     value = body.get(key, 0)
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise invalid_argument("'%s' must be a non-negative integer" % key)
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= UINT64_MAX:
+        raise invalid_argument("'%s' must be a non-negative 64-bit integer" % key)
     return value
 
 

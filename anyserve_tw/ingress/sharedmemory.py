@@ -49,7 +49,10 @@ def object_size(name, key, directory=SHM_DIRECTORY):
                                % (name, key))
     try:
         # As shm_open: a symlink in /dev/shm must not lead a worker elsewhere.
-        fd = os.open(os.path.join(directory, base), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        # O_NONBLOCK: a FIFO planted under the key must not block the reactor
+        # in open(); anything but a regular file is refused below.
+        fd = os.open(os.path.join(directory, base),
+                     os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
     except OSError as e:
         raise InferenceError(grpc.StatusCode.INTERNAL,
                              "Unable to open shared memory region: '%s': %s" % (key, e.strerror)) from None

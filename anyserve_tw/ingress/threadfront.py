@@ -83,7 +83,8 @@ def _stream_via_reactor(bridge, method, default):
             reactor.callFromThread(stream.cancel)
             sent.put(None)
 
-        context.add_callback(ended)
+        if not context.add_callback(ended):
+            ended()  # the client left while the stream was opening
         threading.Thread(target=feed, name="anyserve-stream-reader", daemon=True).start()
         while True:
             response = sent.get()

@@ -323,7 +323,8 @@ class RepositoryTests(HttpTestCase):
 
     @inlineCallbacks
     def test_malformed_control_bodies_are_400(self):
-        for body in (b"{", b"[]", b'{"parameters": []}', b'{"parameters": {"x": null}}'):
+        for body in (b"{", b"[]", b'{"parameters": []}', b'{"parameters": {"x": null}}',
+                     b"[" * 1500 + b"]" * 1500, b'{"parameters": {"x": %d}}' % 2 ** 63):
             answer = yield self.fetch_json("POST", "/v2/repository/models/add/load", body, status=400)
             self.assertTrue(answer["error"], body)
         answer = yield self.fetch_json("POST", "/v2/repository/index", b'{"ready": "yes"}', status=400)

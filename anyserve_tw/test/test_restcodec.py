@@ -175,6 +175,8 @@ class RequestTests(SynchronousTestCase):
 
         self.assertInvalid(b"{", "malformed JSON")
         self.assertInvalid(b"\xff", "malformed JSON")
+        self.assertInvalid(b"[" * 1500 + b"]" * 1500, "malformed JSON")  # too deep to parse
+        self.assertInvalid(request(shape=[2 ** 63]), "'shape'")
         self.assertInvalid(b"[]", "JSON object")
         self.assertInvalid(b"{}", "'inputs' list")
         self.assertInvalid(b'{"inputs": [], "id": 5}', "'id'")

@@ -5,6 +5,7 @@ regions or asking for classes.  Real POSIX shared-memory objects throughout;
 requests are built by tritonclient, responses read back by it."""
 import gc
 import os
+import shutil
 import tempfile
 import uuid
 from multiprocessing import shared_memory
@@ -586,3 +587,17 @@ class HandlerFailureTests(SynchronousTestCase):
         self.assertEqual(failures[0]["model"], "brittle")
         self.assertIn("broken", failures[0]["log_failure"].getTraceback())
         self.assertEqual(len(self.flushLoggedErrors(KeyError)), 1)
+
+
+class FifoTests(SynchronousTestCase):
+    """A FIFO planted under a key is refused at once, never waited on."""
+
+    def setUp(self):
+        self.directory = tempfile.mkdtemp(prefix="as-fifo-")
+        self.addCleanup(shutil.rmtree, self.directory, True)
+        os.mkfifo(os.path.join(self.directory, "pipe"))
+
+    def test_registry_refuses_without_blocking(self):
+        registry = SharedMemoryRegistry(directory=self.directory)
+        error = self.assertRaises(InferenceError, registry.register, "r", "/pipe", 0, 16)
+        self.assertEqual(error.code, grpc.StatusCode.INVALID_ARGUMENT)

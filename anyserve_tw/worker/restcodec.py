@@ -120,7 +120,7 @@ def _convert(payload):
         raise invalid_argument("empty inference request body")
     try:
         body = json.loads(bytes(http.json))
-    except (ValueError, UnicodeDecodeError) as e:
+    except (ValueError, UnicodeDecodeError, RecursionError) as e:
         raise invalid_argument("malformed JSON in the inference request: %s" % (e,)) from None
     if not isinstance(body, dict):
         raise invalid_argument("the inference request must be a JSON object")
@@ -213,8 +213,8 @@ def _add_input(request, index, item, binary, used, raw):
         raise invalid_argument("input '%s': unknown datatype '%s'" % (name, datatype))
     shape = item.get("shape")
     if not isinstance(shape, list) or not all(
-            isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
-        raise invalid_argument("input '%s' needs a 'shape' list of non-negative integers" % name)
+            isinstance(d, int) and not isinstance(d, bool) and 0 <= d < 1 << 63 for d in shape):
+        raise invalid_argument("input '%s' needs a 'shape' list of non-negative int64 integers" % name)
     parameters = _object(item.get("parameters"), "input '%s': 'parameters'" % name)
     tensor = request.inputs.add(name=name, datatype=datatype, shape=shape)
 

@@ -66,7 +66,9 @@ class _Mapping:
     def __init__(self, key):
         self.key = key
         path = shm_path(key)
-        flags = os.O_NOFOLLOW | os.O_CLOEXEC  # as shm_open: no symlink out of /dev/shm
+        # As shm_open: no symlink out of /dev/shm; O_NONBLOCK so a FIFO put
+        # under the key cannot block the worker in open() (it is refused below).
+        flags = os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
         self.writable = True
         try:
             try:
