@@ -111,16 +111,24 @@ def aio_servicer(api, timeouts):
     return servicer
 
 
+#: How long a stream's reader waits before looking again whether its
+#: stream has room for another request.
+STREAM_BACKOFF = 0.01
+
+
 def _stream(method, default, timeouts):
     """A bidirectional stream: ``method(send, timeout)`` opens it on the
     reactor (which runs this loop); a task feeds it the client's requests
-    while this generator yields what it sends."""
+    while this generator yields what it sends.  The task stops reading
+    while the stream is full (:meth:`InferStream.full`)."""
     async def handle(request_iterator, context):
         sent = asyncio.Queue()
         stream = method(sent.put_nowait, rpc.time_left(context, default))
 
         async def feed():
             async for request in request_iterator:
+                while stream.full(sent.qsize()):  # rare: a client sending, not reading
+                    await asyncio.sleep(STREAM_BACKOFF)
                 stream.request(request)
             stream.half_close()
 

@@ -12,9 +12,29 @@ feeds it the client's requests and drains what it sends.
 """
 from twisted.python.failure import Failure
 
-from anyserve_tw.wire import framing
+from anyserve_tw.wire import framing, protos
 from anyserve_tw.wire.errors import InferenceError, as_inference_error
-from anyserve_tw.wire.protowire import peek_request, stream_error, stream_response
+from anyserve_tw.wire.protowire import peek_request, stream_response
+
+#: Requests of one stream forwarded and not yet answered, past which the
+#: front reads no more of the client's requests until one is answered: a
+#: client that sends without reading cannot make the ingress hold its
+#: answers without bound.
+MAX_STREAM_INFLIGHT = 64
+
+#: Responses waiting for the client to read them, past which the front
+#: reads no more requests from it.
+MAX_STREAM_QUEUED = 64
+
+
+def stream_error(message, request_id=""):
+    """A ModelStreamInferResponse carrying an error, and the failed request's
+    id as Triton sets it, so a client with several requests in flight
+    knows which one failed."""
+    response = protos.inference.ModelStreamInferResponse(error_message=message)
+    if request_id:
+        response.infer_response.id = request_id
+    return response.SerializeToString()
 
 
 class InferStream:
@@ -39,6 +59,15 @@ class InferStream:
     def inflight(self):
         return len(self._inflight)
 
+    def full(self, queued):
+        """True while this stream may take no more requests: too many are
+        unanswered, or ``queued`` responses wait for the client to read
+        them.  The fronts then stop reading the client's requests, and
+        HTTP/2 flow control holds the client back.  (Read from the thread
+        front's reader thread too: a length, never a decision that must
+        be exact.)"""
+        return len(self._inflight) >= MAX_STREAM_INFLIGHT or queued >= MAX_STREAM_QUEUED
+
     def request(self, request_bytes):
         """Forward one request of the stream."""
         if self._over:
@@ -53,18 +82,18 @@ class InferStream:
         if not d.called and self.timeout is not None:
             d.addTimeout(self.timeout, self.clock)
         self._inflight.add(d)
-        d.addBoth(self._answered, d)
+        d.addBoth(self._answered, d, request_id)
 
     def _partial(self, payload):
         if not self._over:
             self.send(stream_response(payload))
 
-    def _answered(self, result, d):
+    def _answered(self, result, d, request_id):
         self._inflight.discard(d)
         if self._over:
             return None
         if isinstance(result, Failure):
-            self.send(stream_error(as_inference_error(result).message))
+            self.send(stream_error(as_inference_error(result).message, request_id))
         elif result:  # empty: a decoupled model's end, with nothing to send
             self.send(stream_response(result))
         if self._half_closed and not self._inflight:

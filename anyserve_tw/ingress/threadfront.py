@@ -14,6 +14,7 @@ forwarded requests those RPCs are waiting on.
 """
 import queue
 import threading
+import time
 from concurrent import futures
 
 import grpc
@@ -60,6 +61,11 @@ def _via_reactor(bridge, method, default):
     return handle
 
 
+#: How long a stream's reader thread waits before looking again whether
+#: its stream has room for another request.
+STREAM_BACKOFF = 0.01
+
+
 def _stream_via_reactor(bridge, method, default):
     """A bidirectional stream served from gRPC threads: ``method(send,
     timeout)`` opens it on the reactor; this RPC's thread yields what it
@@ -74,6 +80,8 @@ def _stream_via_reactor(bridge, method, default):
         def feed():
             try:
                 for request in request_iterator:
+                    while stream.full(sent.qsize()):  # a client sending, not reading
+                        time.sleep(STREAM_BACKOFF)
                     reactor.callFromThread(stream.request, request)
             except Exception:
                 return  # the RPC ended: cancel() below or the client's half-close

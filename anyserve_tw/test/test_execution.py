@@ -600,3 +600,76 @@ class DecoupledTests(ExecutionTestCase):
                                    None, framing.STREAM_REQUEST, self.emitted.append)
         self.assertEqual(outputs_of(self.successResultOf(d)), {"sum": [11, 22]})
         self.assertEqual(self.emitted, [])
+
+
+class DecoupledBackpressureTests(SynchronousTestCase):
+    """A generator in a thread gets at most MAX_UNSENT_RESPONSES ahead of
+    the loop that sends its responses."""
+
+    def test_a_fast_generator_waits_for_the_loop(self):
+        import threading
+        import time
+
+        class HeldReactor(Clock):
+            """callFromThread calls are held until the test runs them."""
+
+            def __init__(self):
+                super().__init__()
+                self.held = []
+                self.lock = threading.Lock()
+
+            def callFromThread(self, f, *args):
+                with self.lock:
+                    self.held.append((f, args))
+
+            def run_held(self):
+                with self.lock:
+                    held, self.held = self.held, []
+                for f, args in held:
+                    f(*args)
+                return len(held)
+
+        class ThreadPool(QueuedPool):
+            def callInThreadWithCallback(self, on_result, f, *args, **kwargs):
+                def run():
+                    try:
+                        on_result(True, f(*args, **kwargs))
+                    except BaseException:
+                        on_result(False, Failure())
+                threading.Thread(target=run, daemon=True).start()
+
+        app = AnyServe()
+        produced = []
+
+        @app.model("flood")
+        def flood(request):
+            for i in range(1000):
+                produced.append(i)
+                yield {"sum": np.array([i], dtype=np.int32)}
+
+        reactor = HeldReactor()
+        runner = Execution(reactor, app, ThreadPool())
+        emitted = []
+        d = runner.execute(infer_request("flood", a=np.array([1]), b=np.array([1])), None,
+                              framing.STREAM_REQUEST, emitted.append)
+        deadline = time.monotonic() + 5
+        while len(reactor.held) < execution.MAX_UNSENT_RESPONSES and time.monotonic() < deadline:
+            time.sleep(0.01)
+        time.sleep(0.2)
+        self.assertEqual(len(reactor.held), execution.MAX_UNSENT_RESPONSES)
+        self.assertLessEqual(len(produced), execution.MAX_UNSENT_RESPONSES + 1)
+        self.assertEqual(reactor.run_held(), execution.MAX_UNSENT_RESPONSES)  # sent: room again
+        deadline = time.monotonic() + 5
+        while len(reactor.held) < execution.MAX_UNSENT_RESPONSES and time.monotonic() < deadline:
+            time.sleep(0.01)
+        self.assertEqual(len(emitted), execution.MAX_UNSENT_RESPONSES)
+        d.cancel()
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:  # the thread notices within ROOM_WAIT and ends
+            reactor.run_held()
+            if runner.pending == 0:
+                break
+            time.sleep(0.02)
+        self.assertEqual(runner.pending, 0)
+        self.assertLess(len(produced), 1000)
+        self.assertEqual(self.successResultOf(d).kind, framing.ERROR)

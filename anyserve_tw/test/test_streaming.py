@@ -5,7 +5,7 @@ from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
-from anyserve_tw.ingress.streaming import InferStream
+from anyserve_tw.ingress.streaming import MAX_STREAM_INFLIGHT, MAX_STREAM_QUEUED, InferStream
 from anyserve_tw.wire import framing, protos
 from anyserve_tw.wire.errors import InferenceError, not_found
 
@@ -106,3 +106,19 @@ class InferStreamTests(SynchronousTestCase):
     def test_half_close_with_nothing_in_flight_ends_at_once(self):
         self.stream.half_close()
         self.assertEqual(self.sent, [None])
+
+    def test_full_when_too_many_unanswered_or_unread(self):
+        for i in range(MAX_STREAM_INFLIGHT - 1):
+            self.stream.request(request("m"))
+        self.assertFalse(self.stream.full(0))
+        self.assertTrue(self.stream.full(MAX_STREAM_QUEUED))
+        self.stream.request(request("m"))
+        self.assertTrue(self.stream.full(0))
+        self.router.calls[0][7].callback(response("done"))
+        self.assertFalse(self.stream.full(0))
+
+    def test_errors_name_the_request_that_failed(self):
+        self.stream.request(request("m", "r-9"))
+        self.router.calls[0][7].errback(InferenceError(grpc.StatusCode.INTERNAL, "boom"))
+        (message,) = read(self.sent)
+        self.assertEqual((message.error_message, message.infer_response.id), ("boom", "r-9"))

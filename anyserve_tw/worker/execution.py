@@ -55,6 +55,14 @@ OUTLIER_BUDGETS = 4
 #: thread that releases the GIL.
 INLINE_MAX_BYTES = 64 * 1024
 
+#: A decoupled handler in a thread gets this far ahead of the loop that
+#: sends its responses, then waits for it.
+MAX_UNSENT_RESPONSES = 16
+
+#: How often (seconds) a handler waiting for the loop checks whether its
+#: request was cancelled meanwhile.
+ROOM_WAIT = 0.1
+
 #: The response parameter naming the worker that answered.
 SERVED_BY = "anyserve_worker"
 
@@ -75,10 +83,12 @@ class Job:
     """One request's passage through the worker: what kind it came as, where
     its stream's responses go, and the times Triton's statistics want."""
 
-    __slots__ = ("kind", "emit", "received", "times", "rest")
+    __slots__ = ("kind", "emit", "received", "times", "rest", "shared_memory")
 
-    def __init__(self, kind, emit, received):
+    def __init__(self, kind, emit, received, shared_memory):
         self.kind = kind
+        #: The shared-memory regions as the request's connection knows them.
+        self.shared_memory = shared_memory
         #: ``emit(parts)`` sends one of a stream's responses (not the last).
         self.emit = emit
         self.received = received
@@ -159,17 +169,20 @@ class Execution:
     def start(self):
         self.pool.start()
 
-    def execute(self, payload, timeout=None, kind=framing.REQUEST, emit=None):
+    def execute(self, payload, timeout=None, kind=framing.REQUEST, emit=None, shared_memory=None):
         """A Deferred firing with the :class:`Answer` to a request of ``kind``
         (REQUEST, STREAM_REQUEST or HTTP_REQUEST, see
         :mod:`anyserve_tw.wire.framing`).  A decoupled model's responses but
-        the last go to ``emit(parts)`` as they are produced.
+        the last go to ``emit(parts)`` as they are produced.  Regions of
+        shared memory are looked up in ``shared_memory`` (the view of the
+        connection the request came on), else in :attr:`shared_memory`.
 
         ``timeout`` (seconds) fails the request with DEADLINE_EXCEEDED;
         cancelling the Deferred answers CANCELLED.  Either way a handler no
         thread has started never runs.
         """
-        job = Job(kind, emit, self.timer())
+        job = Job(kind, emit, self.timer(),
+                  self.shared_memory if shared_memory is None else shared_memory)
         d = self._run(payload, job)
         if timeout is not None and not d.called:
             d.addTimeout(timeout, self.reactor)
@@ -234,7 +247,7 @@ class Execution:
         """Decode, call, encode, timing each step for the statistics."""
         timer = self.timer
         started = timer()
-        request = model.decode(parsed, shared_memory=self.shared_memory)
+        request = model.decode(parsed, shared_memory=job.shared_memory)
         decoded = timer()
         result = model.call(request)
         called = timer()
@@ -263,7 +276,7 @@ class Execution:
         timer = self.timer
         try:
             started = timer()
-            request = model.decode(parsed, shared_memory=self.shared_memory)
+            request = model.decode(parsed, shared_memory=job.shared_memory)
             decoded = timer()
             result = model.call(request)
             if not isinstance(result, Deferred):
@@ -300,7 +313,7 @@ class Execution:
         comes (Triton's decoupled models); the Deferred fires with the last
         frame's payload: empty, or Triton's empty final response when the
         client asked for it (``triton_enable_empty_final_response``)."""
-        request = model.decode(parsed, shared_memory=self.shared_memory)
+        request = model.decode(parsed, shared_memory=job.shared_memory)
         flagged = bool(request.parameters.get("triton_enable_empty_final_response"))
         emit = job.emit
         timer = self.timer
@@ -351,6 +364,10 @@ class Execution:
         cancelled = []
         d = Deferred(lambda _: cancelled.append(True))
         reactor = self.reactor
+        # Responses handed to the loop and not yet sent: a generator faster
+        # than the loop waits here rather than flood it (heartbeats and
+        # other requests go through that loop too).
+        room = threading.Semaphore(MAX_UNSENT_RESPONSES)
 
         def work():
             generator = model.handler(request)
@@ -368,11 +385,16 @@ class Execution:
                         raise handler_error(model, e) from e
                     finally:
                         spent[0] += timer() - started
-                    reactor.callFromThread(emit_unless_done, self.signed(encode(result)))
+                    parts = self.signed(encode(result))
+                    while not room.acquire(timeout=ROOM_WAIT):
+                        if cancelled:
+                            return None
+                    reactor.callFromThread(emit_unless_done, parts)
             finally:
                 generator.close()
 
         def emit_unless_done(parts):
+            room.release()
             if not d.called:
                 emit(parts)
 

@@ -30,6 +30,10 @@ class WorkerProtocol(framing.FramedProtocol):
         self.connections = connections if connections is not None else set()
         self.inflight = {}
         self.closed = Deferred()
+        #: The regions the ingress told this connection of: the SHM_TABLE
+        #: frames of a worker's several connections are not ordered with
+        #: respect to each other, so each request reads its own's.
+        self.shared_memory = execution.shared_memory.view(self)
 
     def connectionMade(self):
         super().connectionMade()
@@ -37,12 +41,14 @@ class WorkerProtocol(framing.FramedProtocol):
 
     def frameReceived(self, kind, request_id, aux, payload):
         if kind == framing.REQUEST:
-            d = self.execution.execute(payload, aux / 1000.0 if aux else None)
+            d = self.execution.execute(payload, aux / 1000.0 if aux else None,
+                                       shared_memory=self.shared_memory)
             self.inflight[request_id] = d
             d.addBoth(self._reply, request_id)
         elif kind == framing.STREAM_REQUEST or kind == framing.HTTP_REQUEST:
             d = self.execution.execute(payload, aux / 1000.0 if aux else None, kind,
-                                       lambda parts: self._partial(request_id, parts))
+                                       lambda parts: self._partial(request_id, parts),
+                                       self.shared_memory)
             self.inflight[request_id] = d
             d.addBoth(self._reply, request_id)
         elif kind == framing.CANCEL:
@@ -51,7 +57,7 @@ class WorkerProtocol(framing.FramedProtocol):
                 d.cancel()
         elif kind == framing.SHM_TABLE:
             try:
-                self.execution.shared_memory.update(payload)
+                self.execution.shared_memory.update(payload, source=self)
             except Exception:
                 log.failure("malformed shared-memory table from the ingress")
         else:
@@ -86,6 +92,7 @@ class WorkerProtocol(framing.FramedProtocol):
 
     def connectionLost(self, reason):
         self.connections.discard(self)
+        self.execution.shared_memory.forget(self)
         inflight, self.inflight = self.inflight, {}
         for d in inflight.values():
             d.cancel()
