@@ -24,23 +24,19 @@ Both gRPC servers are fronts (:class:`~anyserve_tw.ingress.interfaces.IGrpcFront
 runs on (so the reactor must be asyncio's); ``front="threads"`` from grpcio
 thread pools bridged into the reactor.
 """
-import importlib.util
-
-from twisted.logger import Logger
-
 from anyserve_tw import __version__
 from anyserve_tw.ingress.accesslog import AccessLog
 from anyserve_tw.ingress.health import HealthReporter
+from anyserve_tw.ingress.http import HttpService
 from anyserve_tw.ingress.inference import InferenceAPI
 from anyserve_tw.ingress.interfaces import FRONTS
 from anyserve_tw.ingress.management import ManagementAPI
 from anyserve_tw.ingress.metrics import Metrics
 from anyserve_tw.ingress.router import Router
+from anyserve_tw.ingress.sharedmemory import SharedMemoryRegistry
 from anyserve_tw.ingress.supervisor import WorkerSupervisor
 from anyserve_tw.servicetree import SequentialMultiService
 from anyserve_tw.wire import defaults, rpc
-
-log = Logger()
 
 
 def _front_factory(reactor, front):
@@ -76,26 +72,6 @@ def _front_factory(reactor, front):
     return build, health
 
 
-def _http_service_class():
-    """``anyserve_tw.ingress.http.HttpService``, or None while that module
-    does not exist (an error inside it is raised, not hidden)."""
-    if importlib.util.find_spec("anyserve_tw.ingress.http") is None:
-        return None
-    from anyserve_tw.ingress.http import HttpService
-
-    return HttpService
-
-
-def _shared_memory(router):
-    """The system shared-memory registry InferenceAPI serves, telling the
-    router of each change; None while that module does not exist."""
-    if importlib.util.find_spec("anyserve_tw.ingress.sharedmemory") is None:
-        return None
-    from anyserve_tw.ingress.sharedmemory import SharedMemoryRegistry
-
-    return SharedMemoryRegistry(on_change=router.shared_memory_changed)
-
-
 def make_ingress_service(reactor, port=8000, host="0.0.0.0", mgmt_port=9000,
                          mgmt_host="127.0.0.1", worker_scripts=(), copies=1, pool_size=2,
                          heartbeat_timeout=6.0, grace=10.0,
@@ -125,9 +101,8 @@ def make_ingress_service(reactor, port=8000, host="0.0.0.0", mgmt_port=9000,
     management.setName("management")
     management.setServiceParent(top)
 
-    shared_memory = _shared_memory(router)
-    api = InferenceAPI(router, request_timeout, __version__,
-                       **({} if shared_memory is None else {"shared_memory": shared_memory}))
+    shared_memory = SharedMemoryRegistry(on_change=router.shared_memory_changed)
+    api = InferenceAPI(router, request_timeout, __version__, shared_memory=shared_memory)
     inference = build("inference", host, port, api, threads=threads, handlers=[health.handler],
                       max_message_size=max_message_size, max_concurrent_rpcs=max_concurrent_rpcs, grace=grace)
     inference.setName("inference")
@@ -138,15 +113,11 @@ def make_ingress_service(reactor, port=8000, host="0.0.0.0", mgmt_port=9000,
     reporter.setServiceParent(top)
 
     if http_port:
-        HttpService = _http_service_class()
-        if HttpService is None:
-            log.warn("no HTTP front in this build: --http-port {port} is not served", port=http_port)
-        else:
-            http = HttpService(reactor, host if http_host is None else http_host, http_port, router, api,
-                               metrics_resource=metrics.resource(), max_message_size=max_message_size,
-                               grace=grace)
-            http.setName("http")
-            http.setServiceParent(top)
+        http = HttpService(reactor, host if http_host is None else http_host, http_port, router, api,
+                           metrics_resource=metrics.resource(), max_message_size=max_message_size,
+                           grace=grace)
+        http.setName("http")
+        http.setServiceParent(top)
 
     if worker_scripts:
         client_host = "127.0.0.1" if mgmt_host in ("0.0.0.0", "::", "[::]") else mgmt_host

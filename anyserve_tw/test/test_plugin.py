@@ -236,10 +236,6 @@ class ServiceTreeTests(SynchronousTestCase):
         self.assertIs(top.getServiceNamed("workers").metrics, metrics)
 
     def test_http_service(self):
-        from anyserve_tw.ingress.service import _http_service_class
-
-        if _http_service_class() is None:
-            raise SkipTest("no anyserve_tw.ingress.http in this checkout yet")
         top = self.make("--http-port", "8123", "--host", "127.0.0.3")
         http = top.getServiceNamed("http")
         self.assertEqual((http.host, http.port), ("127.0.0.3", 8123))
