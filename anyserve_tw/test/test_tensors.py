@@ -618,7 +618,9 @@ class AppTests(SynchronousTestCase, InvalidArgumentMixin):
             error = self.assertRaises(InferenceError, self.app.handle, data)
             self.assertEqual(error.code, grpc.StatusCode.INTERNAL, name)
             self.assertIn("'%s'" % name, error.message)
-        self.assertEqual(len(self.flushLoggedErrors(TypeError, ValueError)), 2)
+        # Strings for a number output are refused by name, without a traceback.
+        self.assertIn("output 'a' is declared FP32, but the handler returned str values", error.message)
+        self.assertEqual(len(self.flushLoggedErrors(TypeError, ValueError)), 1)
 
     def test_duplicate_registration(self):
         """Registering the same (name, version) twice is refused."""
@@ -715,3 +717,65 @@ class ShapeLimitTests(SynchronousTestCase, InvalidArgumentMixin):
             self.assertInvalid(model.decode, raw_request([("x", "FP32", (2**63 - 1, 0), b"")]))
             self.assertInvalid(model.decode, typed_request([("x", "FP32", (2**63 - 1, 0), [])]))
 
+
+class OutputCastTests(SynchronousTestCase):
+    """as_datatype: a handler's output as its declared datatype, refusing
+    casts that change values."""
+
+    def refused(self, value, datatype):
+        return str(self.assertRaises(tensors.LossyCast, tensors.as_datatype, value, datatype))
+
+    def assertCast(self, value, datatype, expected):
+        array = tensors.as_datatype(value, datatype)
+        self.assertEqual(array.dtype, tensors.DATATYPES[datatype])
+        self.assertEqual(array.tolist(), expected)
+
+    def test_exact_casts_allowed(self):
+        self.assertCast(np.int32([1, -2]), "INT64", [1, -2])
+        self.assertCast([1, 2], "INT8", [1, 2])
+        self.assertCast(5, "UINT16", 5)
+        self.assertCast(np.float32([100.0, -3.0]), "INT8", [100, -3])
+        self.assertCast(np.int64([0, 255]), "UINT8", [0, 255])
+        self.assertCast(np.uint64([2**63 - 1]), "INT64", [2**63 - 1])
+        self.assertCast(np.float64([-(2.0**63)]), "INT64", [-(2**63)])
+        self.assertCast([True, False], "FP16", [1.0, 0.0])
+        self.assertCast(np.float64([1.0, 0.0]), "BOOL", [True, False])
+        self.assertCast(np.array([], dtype=np.float64), "INT8", [])
+        self.assertCast(np.array([1, 2], dtype=">i4"), "INT32", [1, 2])
+
+    def test_float_precision_is_not_a_change(self):
+        """Floats round (float64 into FP32 is the common case); NaN and
+        infinities stay what they are."""
+        array = tensors.as_datatype(np.float64([0.1, np.nan, -np.inf]), "FP32")
+        self.assertEqual(array.dtype, np.float32)
+        self.assertEqual(array[0], np.float32(0.1))
+        self.assertTrue(np.isnan(array[1]) and array[2] == -np.inf)
+        self.assertCast(np.int64([2**53 + 1]), "FP64", [float(2**53)])
+        self.assertCast(np.uint64([2**64 - 1]), "FP32", [float(np.float32(2**64))])
+
+    def test_lossy_casts_refused(self):
+        cases = [
+            (np.float32([100.0, 200.0]), "INT8", "float32 values it can't hold: 200.0 is out of range"),
+            ([1.5], "INT32", "float64 values it can't hold: 1.5 has a fractional part"),
+            (np.float64([1.0, np.nan]), "INT64", "float64 values it can't hold: nan"),
+            (np.float64([np.inf]), "UINT8", "float64 values it can't hold: inf"),
+            (np.float64([2.0**63]), "INT64", "out of range"),
+            (np.int64([2**40]), "INT32", "int64 values it can't hold: 1099511627776 is out of range"),
+            (np.int64([-1]), "UINT64", "int64 values it can't hold: -1 is out of range"),
+            (np.uint64([2**63]), "INT64", "uint64 values it can't hold: 9223372036854775808 is out of range"),
+            (np.int64([2, 1]), "BOOL", "int64 values it can't hold: 2 is neither 0 nor 1"),
+            (np.float64([0.5]), "BOOL", "0.5 has a fractional part"),
+            (np.float64([1e300]), "FP32", "float64 values it can't hold: 1e+300 is out of range"),
+            (np.int64([70000]), "FP16", "int64 values it can't hold: 70000 is out of range"),
+            (["1", "2"], "INT32", "str values, which are not numbers"),
+            ([b"1"], "INT32", "bytes values, which are not numbers"),
+            (2**64, "UINT64", "object values"),
+            (np.array([1j]), "FP32", "complex128 values, which have no v2 datatype"),
+            ([[1], [1, 2]], "INT32", "a value numpy cannot make an array of"),
+        ]
+        for value, datatype, message in cases:
+            self.assertIn(message, self.refused(value, datatype), (value, datatype))
+
+    def test_bytes_takes_anything(self):
+        """BYTES outputs keep their elements (encoded by to_buffer)."""
+        self.assertEqual(tensors.as_datatype(["a", b"b", 1], "BYTES").tolist(), ["a", b"b", 1])

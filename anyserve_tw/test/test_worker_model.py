@@ -6,6 +6,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from anyserve_tw.wire import protos
 from anyserve_tw.wire.errors import InferenceError
+from anyserve_tw.worker import tensors
 from anyserve_tw.worker.model import Model
 
 _v2 = protos.inference
@@ -95,6 +96,58 @@ def served(model, payload=None):
     if payload is None:
         payload = _v2.ModelInferRequest(model_name=model.name).SerializeToString()
     return SynchronousTestCase().assertRaises(InferenceError, model.serve, payload)
+
+
+class DeclaredOutputTests(SynchronousTestCase):
+    """The handler's outputs are held to their declarations: a cast that
+    would change a value, or a shape that is not the declared one, is
+    INTERNAL naming the model and the output (FP32 200.0 used to go out as
+    INT8 -56)."""
+
+    def test_lossy_cast_is_internal(self):
+        model = Model(lambda r: {"y": np.float32([100.0, 200.0])}, "m", outputs=[("y", "INT8", [-1])])
+        error = served(model)
+        self.assertEqual(error.code, grpc.StatusCode.INTERNAL)
+        self.assertEqual(error.message, "model 'm': output 'y' is declared INT8, but the handler "
+                                        "returned float32 values it can't hold: 200.0 is out of range")
+        self.assertEqual(self.flushLoggedErrors(), [])
+
+    def test_exact_cast_goes(self):
+        model = Model(lambda r: {"y": np.float32([100.0, -1.0])}, "m", outputs=[("y", "INT8", [-1])])
+        response = _v2.ModelInferResponse.FromString(b"".join(model.serve(b"")))
+        self.assertEqual(np.frombuffer(response.raw_output_contents[0], "<i1").tolist(), [100, -1])
+
+    def test_declared_dtype_skips_the_cast(self):
+        """An array already of the declared dtype costs no conversion."""
+        self.patch(tensors, "as_datatype", lambda value, datatype: self.fail("converted"))
+        model = Model(lambda r: {"y": np.arange(3, dtype=np.int32)}, "m", outputs=[("y", "INT32", [-1])])
+        model.serve(b"")
+
+    def test_shape_not_declared_is_internal(self):
+        cases = [
+            ([1], np.zeros(2, np.float32), "[2]"),
+            ([-1, 3], np.zeros((2, 4), np.float32), "[2, 4]"),
+            ([-1], np.float32(1.0), "[]"),
+            ([2, -1], np.zeros((2, 1, 1), np.float32), "[2, 1, 1]"),
+        ]
+        for declared, value, shape in cases:
+            model = Model(lambda r, value=value: {"y": value}, "m", outputs=[("y", "FP32", declared)])
+            error = served(model)
+            self.assertEqual(error.code, grpc.StatusCode.INTERNAL)
+            self.assertEqual(error.message, "model 'm' returned output 'y' with shape %s, but it is "
+                                            "declared %s" % (shape, declared))
+
+    def test_declared_shapes_accepted(self):
+        for declared, shape in (([-1], (0,)), ([-1, 3], (5, 3)), ([2, 2], (2, 2)), ([], ())):
+            model = Model(lambda r, shape=shape: {"y": np.zeros(shape, np.float32)}, "m",
+                          outputs=[("y", "FP32", declared)])
+            response = _v2.ModelInferResponse.FromString(b"".join(model.serve(b"")))
+            self.assertEqual(list(response.outputs[0].shape), list(shape))
+
+    def test_undeclared_outputs_go_as_they_are(self):
+        model = Model(lambda r: {"y": np.float64([1.5])}, "m")
+        response = _v2.ModelInferResponse.FromString(b"".join(model.serve(b"")))
+        self.assertEqual(response.outputs[0].datatype, "FP64")
 
 
 class LongNameTests(SynchronousTestCase):

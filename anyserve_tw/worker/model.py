@@ -429,7 +429,16 @@ class Model:
             spec = specs.get(name)
             if spec is not None:
                 datatype = spec.datatype
-                array = np.asarray(value, dtype=tensors.DATATYPES[datatype])
+                # An array already of the declared dtype goes as it is.
+                if type(value) is np.ndarray and value.dtype is tensors.DATATYPES[datatype]:
+                    array = value
+                else:
+                    array = self._as_declared(name, datatype, value)
+                if not spec.accepts_shape(array.shape):
+                    raise InferenceError(
+                        grpc.StatusCode.INTERNAL,
+                        "model '%s' returned output '%s' with shape %s, but it is declared %s"
+                        % (self.name, name, shape_text(array.shape), list(spec.shape)))
             else:
                 array = np.asarray(value)
                 datatype = tensors.datatype_of(array)
@@ -446,6 +455,17 @@ class Model:
                 buffer = b""  # an empty entry keeps the others' positions
             buffers.append(buffer)
         return protowire.raw_output_parts(response.SerializeToString(), buffers)
+
+    def _as_declared(self, name, datatype, value):
+        """A handler's output as its declared datatype; INTERNAL naming it
+        if that would change its values (see :func:`tensors.as_datatype`)."""
+        try:
+            return tensors.as_datatype(value, datatype)
+        except tensors.LossyCast as e:
+            raise InferenceError(
+                grpc.StatusCode.INTERNAL,
+                "model '%s': output '%s' is declared %s, but the handler returned %s"
+                % (self.name, name, datatype, e)) from None
 
     def classify(self, name, datatype, array, count):
         """Triton's classification of output ``name``: the ``count`` largest

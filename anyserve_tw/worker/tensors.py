@@ -184,6 +184,89 @@ def _object_array(items, shape):
     return array.reshape(shape)
 
 
+class LossyCast(ValueError):
+    """A handler's output that its declared datatype cannot hold as it is."""
+
+
+def as_datatype(value, datatype):
+    """``value`` (an array, a number, nested lists) as an array of the v2
+    ``datatype``, refusing casts that would change a value.
+
+    Integer and BOOL outputs take only values they hold exactly: no
+    overflow, no fractional part, no NaN or infinity, only 0 and 1 for BOOL.
+    Float outputs take any real number, rounded to their precision as
+    floats are (a float64 result for an FP32 output is the common case),
+    but not one past their range (it would become infinity).  BYTES outputs
+    take anything (elements not str or bytes are sent as their ``str``).
+    Strings, objects and complex numbers are not numbers to cast.
+    Raises :class:`LossyCast` saying what the values were and why
+    ("float64 values it can't hold: 200.0 is out of range").
+    """
+    dtype = DATATYPES[datatype]
+    if datatype == "BYTES":
+        return np.asarray(value, dtype=object)
+    try:
+        array = np.asarray(value)
+    except (ValueError, TypeError, OverflowError) as e:
+        raise LossyCast("a value numpy cannot make an array of (%s)" % (brief(e),)) from None
+    source = array.dtype
+    if source == dtype:
+        return array
+    if source.kind not in "biuf":
+        raise LossyCast(_NOT_NUMBERS.get(source.kind)
+                        or "%s values, which have no v2 datatype" % (source.name,))
+    if array.size == 0 or np.can_cast(source, dtype, "safe"):
+        # Exact (bool into anything, integers into wider ones), or int64 into
+        # FP64, which numpy counts as safe and rounds past 2**53 as floats do.
+        return array.astype(dtype)
+    problem = _cast_problem(array, dtype)
+    if problem is not None:
+        raise LossyCast("%s values it can't hold: %s" % (source.name, problem))
+    with np.errstate(all="ignore"):
+        return array.astype(dtype)
+
+
+_NOT_NUMBERS = {
+    "U": "str values, which are not numbers",
+    "S": "bytes values, which are not numbers",
+    "O": "object values (None, mixed types or ints past 64 bits?), which are not numbers",
+}
+
+
+def _cast_problem(array, dtype):
+    """Why ``array`` can't become ``dtype`` exactly ("200.0 is out of
+    range"...), or None if it can (by the rules of :func:`as_datatype`)."""
+    kind = array.dtype.kind
+    if dtype.kind == "f":
+        with np.errstate(all="ignore"):
+            overflow = np.isinf(array.astype(dtype))
+        if kind == "f":
+            overflow &= np.isfinite(array)
+        if overflow.any():
+            return "%s is out of range" % (array[overflow][0],)
+        return None
+    if kind == "f":
+        finite = np.isfinite(array)
+        if not finite.all():
+            return "%s" % (array[~finite][0],)
+        fractional = np.trunc(array) != array
+        if fractional.any():
+            return "%s has a fractional part" % (array[fractional][0],)
+    if dtype.kind == "b":
+        other = (array != 0) & (array != 1)
+        if other.any():
+            return "%s is neither 0 nor 1" % (array[other][0],)
+        return None
+    limits = np.iinfo(dtype)
+    # Python's comparisons of int and float are exact, numpy's are not.
+    low, high = array.min().item(), array.max().item()
+    if low < limits.min:
+        return "%s is out of range" % (low,)
+    if high > limits.max:
+        return "%s is out of range" % (high,)
+    return None
+
+
 def to_buffer(datatype, array):
     """Raw little-endian contents of ``array`` as ``datatype``: a bytes-like
     view of the array's memory where possible (no copy), else bytes."""
