@@ -5,14 +5,17 @@ import sys
 import uuid
 
 from twisted.internet.defer import maybeDeferred
+from twisted.internet.error import ReactorNotRunning
+from twisted.internet.task import LoopingCall
 from twisted.logger import FileLogObserver, Logger, eventAsText, textFileLogObserver
 
 from anyserve_tw.allocator import keep_freed_memory
 from anyserve_tw.servicetree import SequentialMultiService
-from anyserve_tw.wire import defaults
+from anyserve_tw.wire import defaults, supervision
 from anyserve_tw.worker.execution import Execution, make_pool
 from anyserve_tw.worker.protocol import ModelServer
 from anyserve_tw.worker.registration import Registration, Withdrawal
+from anyserve_tw.worker.supervised import Supervised
 
 log = Logger()
 
@@ -49,15 +52,93 @@ def log_observer(out, environ):
     return textFileLogObserver(out)
 
 
+class Shutdown:
+    """Stops the reactor once, however often it is asked.
+
+    Twisted's own SIGTERM handler calls ``reactor.stop()`` on every signal, so
+    a second SIGTERM while the worker drains (one from a service manager and
+    one from the ingress, or the parent-death signal after the ingress's own)
+    raised ReactorNotRunning with a traceback.  Here the first signal starts
+    the shutdown and later ones are only noted.
+    """
+
+    def __init__(self, reactor):
+        self.reactor = reactor
+        self.requested = False
+
+    def stop(self):
+        """Stop the reactor unless a stop is already under way."""
+        if self.requested:
+            return
+        self.requested = True
+        try:
+            self.reactor.stop()
+        except ReactorNotRunning:
+            pass  # stopped by someone else (a handler calling reactor.stop())
+
+    def signalled(self, number, frame=None):
+        """A signal handler: only queues the work, as handlers must."""
+        self.reactor.callFromThread(self._signalled, number)
+
+    def _signalled(self, number):
+        name = _signal_name(number)
+        if self.requested:
+            log.info("received {signal} again: already shutting down", signal=name)
+        else:
+            log.info("received {signal}, shutting down", signal=name)
+            self.stop()
+
+    def install(self, supervised):
+        """Handle SIGTERM, and SIGINT unless ``supervised``.
+
+        A terminal's Ctrl-C reaches the whole process group; a supervised
+        worker leaves SIGINT to its ingress, which stops it with SIGTERM in
+        the right order (after draining).
+        """
+        signal.signal(signal.SIGTERM, self.signalled)
+        signal.signal(signal.SIGINT, signal.SIG_IGN if supervised else self.signalled)
+
+
+def _signal_name(number):
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return "signal %d" % number
+
+
+def report_registration(reactor, registration, supervised, interval=0.1):
+    """Tell the supervising ingress once ``registration`` first succeeds.
+
+    Polls the registration's public ``registered`` flag: cheap, and it keeps
+    the registration module free of supervision concerns.
+    """
+    def check():
+        if registration.registered:
+            supervised.report(supervision.REGISTERED)
+            loop.stop()
+
+    loop = LoopingCall(check)
+    loop.clock = reactor
+    loop.start(interval, now=True)
+    return loop
+
+
 def run(app, ingress=None, socket_path=None, worker_id=None, threads=None, heartbeat_interval=None):
     """Serve ``app`` until SIGTERM/SIGINT.  Unset options come from the
     environment (ANYSERVE_INGRESS, ANYSERVE_SOCKET, ANYSERVE_WORKER_ID,
     ANYSERVE_THREADS, ANYSERVE_HEARTBEAT_INTERVAL, ANYSERVE_MAX_MESSAGE_SIZE), which is how a supervising
     ingress configures the workers it starts."""
+    env = os.environ
+    # First, before anything slow: a worker whose ingress is already gone
+    # must exit now, not register with whatever listens there next.
+    supervised = Supervised.from_environ(env)
+    if supervised is not None:
+        supervised.start()
+        supervised.report(supervision.RUNNING)
+
     from twisted.internet import reactor
     from twisted.logger import globalLogBeginner
 
-    env = os.environ
     ingress = ingress or env.get(defaults.ENV_INGRESS, defaults.DEFAULT_INGRESS)
     socket_path = socket_path or env.get(defaults.ENV_SOCKET) or "/tmp/anyserve-worker-%s.sock" % uuid.uuid4().hex[:12]
     worker_id = worker_id or env.get(defaults.ENV_WORKER_ID) or "%s-%d" % (
@@ -72,22 +153,22 @@ def run(app, ingress=None, socket_path=None, worker_id=None, threads=None, heart
     top = make_worker_service(reactor, app, ingress, socket_path, worker_id, threads,
                               heartbeat_interval, max_payload)
     exit_code = []
+    shutdown = Shutdown(reactor)
 
     def failed(failure):
         log.failure("worker failed to start", failure)
         exit_code.append(1)
-        reactor.stop()
+        shutdown.stop()
 
     def start():
         d = maybeDeferred(top.startService)
         d.addCallback(lambda _: top.getServiceNamed("models").listening)
         d.addErrback(failed)
+        if supervised is not None:
+            report_registration(reactor, top.getServiceNamed("registration"), supervised)
 
-    if env.get(defaults.ENV_SUPERVISED):
-        # A terminal's Ctrl-C reaches the whole process group; a supervised
-        # worker leaves SIGINT to its ingress, which stops it with SIGTERM in
-        # the right order (after draining).
-        reactor.callWhenRunning(signal.signal, signal.SIGINT, signal.SIG_IGN)
+    # After Twisted's own handlers are in place, which these replace.
+    reactor.callWhenRunning(shutdown.install, bool(env.get(defaults.ENV_SUPERVISED)))
     reactor.callWhenRunning(start)
     reactor.addSystemEventTrigger("before", "shutdown", lambda: top.running and top.stopService())
     reactor.run()
