@@ -16,6 +16,18 @@ from anyserve_tw.wire.rpc import channel_options
 
 log = Logger()
 
+#: Longest wait between registrations while the ingress address answers as
+#: something other than a management API.
+MAX_MISDIRECTED_BACKOFF = 30.0
+
+
+def _rpc_code(failure):
+    """The gRPC status code a failed call ended with (None if it was not a
+    gRPC error), through gatherResults' FirstError."""
+    error = failure.value.subFailure.value if hasattr(failure.value, "subFailure") else failure.value
+    code = getattr(error, "code", None)
+    return code() if isinstance(error, grpc.RpcError) and callable(code) else None
+
 
 class Registration(Service):
     """Keeps this worker's models registered with the ingress.
@@ -24,6 +36,11 @@ class Registration(Service):
     heartbeat; an unhealthy answer means the ingress forgot us, so register
     again.  Failures are logged and retried on the next tick: a worker started
     before its ingress simply waits for it.
+
+    An address that answers RegisterModel UNIMPLEMENTED is a gRPC server
+    without the management API, most likely the ingress's inference port:
+    that is said once, as an error, and registration retried with a
+    doubling wait (up to :data:`MAX_MISDIRECTED_BACKOFF`), not every tick.
     """
 
     def __init__(self, reactor, app, ingress, worker_address, worker_id, interval=2.0,
@@ -41,6 +58,9 @@ class Registration(Service):
         self._stub = None
         self._loop = None
         self._warned = False
+        self._misdirected = False  # said that the address is not a management API
+        self._backoff = 0.0  # current wait between registrations while misdirected
+        self._next_register = 0.0  # reactor time before which no registration is tried
 
     def startService(self):
         super().startService()
@@ -56,7 +76,12 @@ class Registration(Service):
         )
 
     def _tick(self):
-        d = self._heartbeat() if self.registered or self.withdrawn else self._register()
+        if self.registered or self.withdrawn:
+            d = self._heartbeat()
+        elif self.reactor.seconds() < self._next_register:
+            return None
+        else:
+            d = self._register()
         return d.addErrback(self._failed)
 
     def _register(self):
@@ -78,7 +103,8 @@ class Registration(Service):
 
         def registered(_):
             self.registered = True
-            self._warned = False
+            self._warned = self._misdirected = False
+            self._backoff = self._next_register = 0.0
             log.info("registered {models} with the ingress at {ingress} as {worker}",
                      models=", ".join("%s:%s" % k if k[1] else k[0] for k in self.app.models),
                      ingress=self.ingress, worker=self.worker_id)
@@ -101,12 +127,22 @@ class Registration(Service):
 
     def _failed(self, failure):
         error = failure.value.subFailure.value if hasattr(failure.value, "subFailure") else failure.value
-        if self.registered:
+        if not self.registered and _rpc_code(failure) == grpc.StatusCode.UNIMPLEMENTED:
+            self._misdirected_failure()
+        elif self.registered:
             log.warn("heartbeat to {ingress} failed: {error}", ingress=self.ingress, error=error)
         elif not self._warned:
             self._warned = True
             log.warn("cannot register with the ingress at {ingress} yet (retrying): {error}",
                      ingress=self.ingress, error=error)
+
+    def _misdirected_failure(self):
+        if not self._misdirected:
+            self._misdirected = True
+            log.error("ANYSERVE_INGRESS={ingress} answers as an inference server (UNIMPLEMENTED "
+                      "RegisterModel): point it at the ingress's --mgmt port", ingress=self.ingress)
+        self._backoff = min(MAX_MISDIRECTED_BACKOFF, max(self.interval, self._backoff * 2))
+        self._next_register = self.reactor.seconds() + self._backoff
 
     def withdraw(self):
         """Unregister every model so the ingress stops routing here.

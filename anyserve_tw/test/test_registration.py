@@ -1,0 +1,95 @@
+"""Tests for anyserve_tw.worker.registration: a worker pointed at a gRPC
+server that is not the management API (the ingress's inference port) says
+so once and backs off, instead of retrying every tick with "Method not
+found" and no hint."""
+from concurrent import futures
+
+import grpc
+from twisted.internet import reactor
+from twisted.internet.defer import FirstError, fail
+from twisted.internet.task import Clock, deferLater
+from twisted.logger import LogLevel, formatEvent, globalLogPublisher
+from twisted.python.failure import Failure
+from twisted.trial.unittest import SynchronousTestCase, TestCase
+
+from anyserve_tw.wire import protos
+from anyserve_tw.worker import registration
+from anyserve_tw.worker.app import AnyServe
+from anyserve_tw.worker.registration import MAX_MISDIRECTED_BACKOFF, Registration
+
+HINT = ("answers as an inference server (UNIMPLEMENTED RegisterModel): point it at the "
+        "ingress's --mgmt port")
+
+
+def one_model_app():
+    app = AnyServe()
+    app.model("add", inputs=[("a", "INT32", [-1])], outputs=[("sum", "INT32", [-1])])(lambda r: {})
+    return app
+
+
+class _Counting(grpc.ServerInterceptor):
+    """Counts the calls of a server that implements nothing (each is UNIMPLEMENTED)."""
+
+    def __init__(self):
+        self.methods = []
+
+    def intercept_service(self, continuation, details):
+        self.methods.append(details.method)
+        return continuation(details)
+
+
+class MisdirectedTests(TestCase):
+    def setUp(self):
+        self.calls = _Counting()
+        self.server = grpc.server(futures.ThreadPoolExecutor(2), interceptors=[self.calls])
+        self.port = self.server.add_insecure_port("127.0.0.1:0")
+        self.server.start()
+        self.addCleanup(self.server.stop, None)
+        self.events = []
+        globalLogPublisher.addObserver(self.events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, self.events.append)
+
+    async def test_one_clear_error(self):
+        """Against a real gRPC server without the management API: one error
+        naming the address and the fix, whatever the number of attempts."""
+        address = "127.0.0.1:%d" % self.port
+        worker = Registration(reactor, one_model_app(), address, "unix:/nowhere", "w1",
+                              interval=0.02, rpc_timeout=5.0)
+        worker.startService()
+        self.addCleanup(worker.stopService)
+        for _ in range(500):
+            if len(self.calls.methods) >= 4:
+                break
+            await deferLater(reactor, 0.02)
+        self.assertGreaterEqual(len(self.calls.methods), 4)
+        self.assertEqual(set(self.calls.methods), {"/%s/RegisterModel" % protos.MANAGEMENT_SERVICE})
+        mine = [e for e in self.events if e.get("log_namespace") == registration.__name__]
+        self.assertEqual([(e["log_level"], formatEvent(e)) for e in mine],
+                         [(LogLevel.error, "ANYSERVE_INGRESS=%s %s" % (address, HINT))])
+        self.assertFalse(worker.registered)
+
+
+class _Unimplemented(grpc.RpcError):
+    def code(self):
+        return grpc.StatusCode.UNIMPLEMENTED
+
+
+class BackoffTests(SynchronousTestCase):
+    """The wait between registrations doubles while the address answers
+    UNIMPLEMENTED, up to MAX_MISDIRECTED_BACKOFF, and resets on success."""
+
+    def test_doubling_wait(self):
+        clock = Clock()
+        worker = Registration(clock, one_model_app(), "host:1", "unix:/nowhere", "w1", interval=2.0)
+        attempts = []
+
+        def register():
+            attempts.append(clock.seconds())
+            return fail(FirstError(Failure(_Unimplemented()), 0))
+
+        worker._register = register
+        for _ in range(100):  # 200 s of ticks, every 2 s
+            worker._tick()
+            clock.advance(2.0)
+        gaps = [b - a for a, b in zip(attempts, attempts[1:])]
+        self.assertEqual(gaps, [2.0, 4.0, 8.0, 16.0] + [MAX_MISDIRECTED_BACKOFF] * 5)
