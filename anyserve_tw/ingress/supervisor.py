@@ -235,14 +235,20 @@ class WorkerSupervisor(ProcessMonitor):
             self._stopping.add(name)
         super().stopProcess(name)
 
-    def replace(self, address, why):
-        """Stop the supervised worker listening at ``address`` (``unix://...``)
-        so that it is started anew, its exit counted as a crash; False if no
-        worker of ours listens there."""
-        for name in self._processes:
-            if address == defaults.UNIX_PREFIX + self.socket_path(name) and name in self.protocols:
+    def replace(self, worker_id, address, why):
+        """Stop the supervised worker ``worker_id`` listening at ``address``
+        (``unix://...``) so that it starts anew, its exit counted as a crash;
+        False if it is not one of ours.
+
+        Both must match (a supervised worker's id is ``<slot>-<pid>``), so a
+        stranger registering under our worker's address or id cannot get
+        our worker killed by going silent.
+        """
+        for name, proto in list(self.protocols.items()):
+            if (worker_id == "%s-%s" % (name, proto.pid)
+                    and address == defaults.UNIX_PREFIX + self.socket_path(name)):
                 self.log.warn("replacing worker {name} (pid {pid}): {why}",
-                              name=name, pid=self.protocols[name].pid, why=why)
+                              name=name, pid=proto.pid, why=why)
                 self._replacing.add(name)
                 self.stopProcess(name)
                 return True

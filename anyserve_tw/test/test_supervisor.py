@@ -271,7 +271,8 @@ class ReplaceTests(SupervisorTestCase):
         self.status(supervision.REGISTERED)
         self.reactor.advance(100)  # a long healthy run, then it went silent
         proto = self.proto()
-        self.assertTrue(self.sup.replace("unix:///nonexistent/model-0.sock", "no heartbeat for 6s"))
+        self.assertTrue(self.sup.replace("model-0-%d" % proto.pid, "unix:///nonexistent/model-0.sock",
+                                         "no heartbeat for 6s"))
         self.assertIn("replacing worker model-0 (pid %d): no heartbeat for 6s" % proto.pid, self.messages())
         self.assertEqual(proto.transport.signals, ["TERM"])
         self.reactor.advance(self.sup.killTime)
@@ -283,9 +284,12 @@ class ReplaceTests(SupervisorTestCase):
         self.assertEqual(len(self.starts()), 2)
         self.assertEqual(self.sup.delay["model-0"], 2)
 
-    def test_replace_ignores_addresses_that_are_not_ours(self):
-        self.assertFalse(self.sup.replace("unix:///elsewhere/model-0.sock", "why"))
-        self.assertFalse(self.sup.replace("127.0.0.1:5000", "why"))
+    def test_replace_ignores_workers_that_are_not_ours(self):
+        ours, address = "model-0-%d" % self.proto().pid, "unix:///nonexistent/model-0.sock"
+        self.assertFalse(self.sup.replace(ours, "unix:///elsewhere/model-0.sock", "why"))
+        self.assertFalse(self.sup.replace(ours, "127.0.0.1:5000", "why"))
+        self.assertFalse(self.sup.replace("model-0-1", address, "why"))  # a stranger at our address
+        self.assertFalse(self.sup.replace("model-0", address, "why"))
         self.assertEqual(self.proto().transport.signals, [])
 
 
