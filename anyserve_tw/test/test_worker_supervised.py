@@ -14,8 +14,8 @@ from twisted.logger import Logger, formatEvent
 from twisted.trial.unittest import SynchronousTestCase
 
 from anyserve_tw.wire import supervision
-from anyserve_tw.worker import main
-from anyserve_tw.worker.supervised import Supervised
+from anyserve_tw.worker import main, supervised
+from anyserve_tw.worker.supervised import Supervised, tie_to_supervisor
 
 
 def dead_pid():
@@ -103,6 +103,24 @@ class SupervisedTests(SynchronousTestCase):
         Supervised(os.getpid(), kill=recorder.kill, exit=recorder.exit, say=recorder.say).start()
         self.assertEqual(recorder.calls, [])
         self.assertIn("will not notice if the ingress dies", recorder.said[0])
+
+    def test_tie_to_supervisor_starts_once(self):
+        """So the SDK may call it early and run() again."""
+        self.patch(supervised, "_tie", [])
+        r, w = self.pipe()
+        recorder = Recorder()
+        environ = {supervision.ENV_SUPERVISOR_PID: str(os.getpid()), supervision.ENV_LIFELINE_FD: str(r)}
+        first = tie_to_supervisor(environ, grace=0, kill=recorder.kill, exit=recorder.exit, say=recorder.say)
+        self.assertIs(tie_to_supervisor(environ), first)
+        self.assertTrue(first.watcher.is_alive())
+        os.close(w)
+        self.assertTrue(recorder.done.wait(10))
+        self.assertEqual([c[0] for c in recorder.calls], ["kill", "exit"])  # one watcher
+
+    def test_tie_to_supervisor_standalone(self):
+        self.patch(supervised, "_tie", [])
+        self.assertIsNone(tie_to_supervisor({}))
+        self.assertIsNone(tie_to_supervisor({}))
 
     def test_report_writes_status_lines(self):
         r, w = self.pipe()

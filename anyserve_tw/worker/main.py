@@ -15,7 +15,7 @@ from anyserve_tw.wire import defaults, supervision
 from anyserve_tw.worker.execution import Execution, make_pool
 from anyserve_tw.worker.protocol import ModelServer
 from anyserve_tw.worker.registration import Registration, Withdrawal
-from anyserve_tw.worker.supervised import Supervised
+from anyserve_tw.worker.supervised import tie_to_supervisor
 
 log = Logger()
 
@@ -131,9 +131,8 @@ def run(app, ingress=None, socket_path=None, worker_id=None, threads=None, heart
     env = os.environ
     # First, before anything slow: a worker whose ingress is already gone
     # must exit now, not register with whatever listens there next.
-    supervised = Supervised.from_environ(env)
+    supervised = tie_to_supervisor(env)
     if supervised is not None:
-        supervised.start()
         supervised.report(supervision.RUNNING)
 
     from twisted.internet import reactor

@@ -133,6 +133,21 @@ class Supervised:
             pass  # the ingress is gone; the lifeline says so too
 
 
+_tie = []  # this process's Supervised (or None), once looked for
+
+
+def tie_to_supervisor(environ=None, **kwargs):
+    """This process's tie to its supervising ingress, started on the first
+    call (None for a standalone worker).  ``run()`` calls it first thing;
+    calling it earlier (before a slow model load) is safe and covers more."""
+    if not _tie:
+        tie = Supervised.from_environ(os.environ if environ is None else environ, **kwargs)
+        if tie is not None:
+            tie.start()
+        _tie.append(tie)
+    return _tie[0]
+
+
 def _alive(pid):
     try:
         os.kill(pid, 0)
