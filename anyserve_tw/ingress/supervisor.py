@@ -1,8 +1,7 @@
 """Worker processes started and restarted by the ingress.
 
-Twisted's ProcessMonitor keeps the process table, stops workers (SIGTERM,
-then SIGKILL after ``killTime``) and relays their output to the log; this
-adds what the ingress needs on top:
+Twisted's ProcessMonitor keeps the process table and stops workers (SIGTERM,
+then SIGKILL after ``killTime``); this adds what the ingress needs on top:
 
 - a private socket directory, and each worker told the management address
   by environment variables;
@@ -17,7 +16,8 @@ adds what the ingress needs on top:
   is restarted at once and its delay starts over (systemd's and Kubernetes'
   rule: a slow crash loop is still a crash loop);
 - ``replace`` for a worker the ingress gave up on (evicted for silence);
-- a relay of their output that survives an over-long line;
+- their output relayed to the log line by line, an over-long line cut
+  (ProcessMonitor's relay closed the worker's stderr on one);
 - a ``stopService`` that waits until every child has really exited
   (ProcessMonitor's own does not), then removes the sockets;
 - a count of restarts for the metrics.
