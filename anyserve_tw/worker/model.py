@@ -204,6 +204,10 @@ class Model:
         # By name, for checking each request and result (None: anything goes).
         self._input_specs = {s.name: s for s in self.inputs} if inputs is not None else None
         self._output_specs = {s.name: s for s in self.outputs} if outputs is not None else None
+        # Output name -> (dimensions, ((index, size) of each fixed one)): a
+        # result's shape checked in a few steps, the spec's loop kept for requests.
+        self._output_shapes = {s.name: (len(s.shape), tuple((i, d) for i, d in enumerate(s.shape) if d >= 0))
+                               for s in self.outputs or ()}
         self.platform = platform
         #: Runs on the event loop: ``async def``, or declared so.
         self.asynchronous = (inspect.iscoroutinefunction(handler) if asynchronous is None
@@ -406,6 +410,7 @@ class Model:
         copied: the frame sender writes them as they are."""
         parameters, outputs = self._named_outputs(result)
         specs = self._output_specs or {}
+        output_shapes = self._output_shapes
         if request.requested_outputs:
             produced = dict(outputs)
             missing = [n for n in request.requested_outputs if n not in produced]
@@ -434,11 +439,13 @@ class Model:
                     array = value
                 else:
                     array = self._as_declared(name, datatype, value)
-                if not spec.accepts_shape(array.shape):
+                ndim, fixed = output_shapes[name]
+                shape = array.shape
+                if len(shape) != ndim or fixed and any(shape[i] != d for i, d in fixed):
                     raise InferenceError(
                         grpc.StatusCode.INTERNAL,
                         "model '%s' returned output '%s' with shape %s, but it is declared %s"
-                        % (self.name, name, shape_text(array.shape), list(spec.shape)))
+                        % (self.name, name, shape_text(shape), list(spec.shape)))
             else:
                 array = np.asarray(value)
                 datatype = tensors.datatype_of(array)
