@@ -291,7 +291,7 @@ class HeartbeatTests(IngressTestCase):
     def test_sigstop_worker_is_evicted(self):
         """A hung worker (SIGSTOP) keeps its sockets open; missed heartbeats evict
         it, its model stops being ready, and requests get UNAVAILABLE fast.
-        After SIGCONT it registers again."""
+        Being supervised, it is replaced: a new process serves the model."""
         pid = int(self.client.infer("whoami", []).as_numpy("pid")[0])
         os.kill(pid, signal.SIGSTOP)
         try:
@@ -306,9 +306,10 @@ class HeartbeatTests(IngressTestCase):
             np.testing.assert_array_equal(self.add(a, a), 2 * a)
         finally:
             os.kill(pid, signal.SIGCONT)
-        wait_for(lambda: self.client.is_model_ready("whoami"), timeout=10,
-                 what="whoami registered again")
-        self.assertEqual(int(self.client.infer("whoami", []).as_numpy("pid")[0]), pid)
+        wait_for(lambda: self.client.is_model_ready("whoami"), timeout=20,
+                 what="whoami served again")
+        self.assertNotEqual(int(self.client.infer("whoami", []).as_numpy("pid")[0]), pid)
+        self.assertIn("replacing worker", self.ingress.log())
 
 
 class MessageSizeTests(IngressTestCase):

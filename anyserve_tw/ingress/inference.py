@@ -19,7 +19,7 @@ from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
 from anyserve_tw.wire import protos
-from anyserve_tw.wire.errors import InferenceError
+from anyserve_tw.wire.errors import InferenceError, brief
 from anyserve_tw.wire.protowire import peek_request
 from anyserve_tw.ingress.streaming import InferStream
 
@@ -206,7 +206,7 @@ class InferenceAPI:
             if key == "config" or key.startswith("file:"):
                 raise unimplemented(
                     "load parameter '%s' is not supported: AnyServe's models are defined by the "
-                    "workers that register them" % key)
+                    "workers that register them" % brief(key))
         self.router.registry.load(request.model_name)
         self.log.info("model {name} loaded by a client", name=request.model_name)
         return _v2.RepositoryModelLoadResponse()
@@ -217,7 +217,7 @@ class InferenceAPI:
         self._one_repository(request)
         for key in request.parameters:
             if key not in _UNLOAD_PARAMETERS:
-                raise unimplemented("unload parameter '%s' is not supported" % key)
+                raise unimplemented("unload parameter '%s' is not supported" % brief(key))
         self.router.registry.unload(request.model_name)
         self.log.info("model {name} unloaded by a client: its requests get UNAVAILABLE until it is loaded",
                       name=request.model_name)

@@ -43,6 +43,14 @@ class Router(Service):
         self.access_log = None
         #: The SHM_TABLE payload every worker gets (b"": no region).
         self.shm_table = b""
+        #: ``on_evicted(worker_id, address, why)``: a worker went silent and
+        #: was dropped (the supervisor replaces it if it is one of its own).
+        self.on_evicted = None
+        #: ``()`` -> bool: whether every supervised worker has registered
+        #: (None: no supervisor), part of what ServerReady means.
+        self.workers_registered = None
+        #: ``on_registered(worker_id)``: a worker's model was just routed.
+        self.on_registered = None
         self._reaper = None
 
     def startService(self):
@@ -96,6 +104,8 @@ class Router(Service):
                 raise unavailable("worker %s went away while registering" % worker_id)
             handle.last_heartbeat = self.reactor.seconds()
             self.registry.register(handle, name, version, platform, inputs, outputs, **config)
+            if self.on_registered is not None:
+                self.on_registered(worker_id)
             self.log.info(
                 "model {name}:{version} served by worker {worker}",
                 name=name, version=version or "-", worker=worker_id,
@@ -137,6 +147,8 @@ class Router(Service):
                 if self.metrics is not None:
                     self.metrics.worker_evicted()
                 self._forget(handle, "no heartbeat for %.1fs" % silent)
+                if self.on_evicted is not None:
+                    self.on_evicted(handle.worker_id, handle.address, "no heartbeat for %.1fs" % silent)
 
     def _forget(self, handle, reason):
         if self.workers.get(handle.worker_id) is handle:
@@ -186,7 +198,11 @@ class Router(Service):
         return self.registry.is_ready(name, version)
 
     def server_ready(self):
-        return self.running and self.registry.all_ready()
+        """Running, every known model has a live worker, and every
+        supervised worker has registered (one crash-looping before its first
+        registration leaves the server not ready)."""
+        return (self.running and self.registry.all_ready()
+                and (self.workers_registered is None or self.workers_registered()))
 
     def model_metadata(self, name, version=""):
         """(ModelVersion, every version of its name); NOT_FOUND if unknown."""

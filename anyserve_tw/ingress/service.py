@@ -128,4 +128,7 @@ def make_ingress_service(reactor, port=8000, host="0.0.0.0", mgmt_port=9000,
         )
         supervisor.setName("workers")
         supervisor.setServiceParent(top)
+        router.on_evicted = supervisor.replace
+        router.workers_registered = supervisor.all_registered
+        router.on_registered = supervisor.note_registered
     return top

@@ -17,7 +17,7 @@ import stat
 
 import grpc
 
-from anyserve_tw.wire.errors import InferenceError, invalid_argument
+from anyserve_tw.wire.errors import InferenceError, brief, invalid_argument
 from anyserve_tw.wire.payloads import Region
 
 #: Where Linux keeps POSIX shared-memory objects.
@@ -122,7 +122,7 @@ class SharedMemoryRegistry:
             return {name: self._regions[name]}
         except KeyError:
             raise InferenceError(grpc.StatusCode.NOT_FOUND,
-                                 "Unable to find system shared memory region: '%s'" % name) from None
+                                 "Unable to find system shared memory region: '%s'" % brief(name)) from None
 
     def table(self):
         """``{name: Region}`` of every region: what workers are told."""

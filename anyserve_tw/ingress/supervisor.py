@@ -254,6 +254,15 @@ class WorkerSupervisor(ProcessMonitor):
                 return True
         return False
 
+    def note_registered(self, worker_id):
+        """The router registered a model of ``worker_id``: if that is one of
+        ours (``<slot>-<pid>``), it counts as registered now, without
+        waiting for its status report."""
+        for name, proto in self.protocols.items():
+            if worker_id == "%s-%s" % (name, proto.pid):
+                proto.registered = True
+                return
+
     def all_registered(self):
         """True when every worker is running and has registered its models."""
         return all(name in self.protocols and self.protocols[name].registered

@@ -354,3 +354,30 @@ class AccountingTests(FailsWithMixin, SynchronousTestCase):
         self.router.shared_memory_changed({})
         self.assertEqual(newcomer.frames()[-1][:2], (framing.SHM_TABLE, 0))
         self.assertEqual(decode_shm_table(newcomer.frames()[-1][3]), {})
+
+
+class SupervisionHookTests(SynchronousTestCase):
+    """What the router tells a supervisor, and what ServerReady asks of it."""
+
+    def setUp(self):
+        self.reactor = MemoryReactorClock()
+        self.router = Router(self.reactor, pool_size=1, heartbeat_timeout=4.0)
+        self.router.startService()
+        self.addCleanup(self.router.stopService)
+        self.heard = []
+        self.router.on_registered = lambda worker_id: self.heard.append(("registered", worker_id))
+        self.router.on_evicted = lambda *args: self.heard.append(("evicted",) + args)
+        d = self.router.register_model("slot-0-42", "unix:///tmp/s.sock", "m")
+        accept_pending(self.reactor, 0)
+        self.successResultOf(d)
+
+    def test_registration_and_eviction_are_told(self):
+        self.reactor.advance(5)
+        self.assertEqual(self.heard[0], ("registered", "slot-0-42"))
+        self.assertEqual(self.heard[1][:3], ("evicted", "slot-0-42", "unix:///tmp/s.sock"))
+        self.assertIn("no heartbeat", self.heard[1][3])
+
+    def test_server_ready_waits_for_every_supervised_worker(self):
+        self.assertTrue(self.router.server_ready())
+        self.router.workers_registered = lambda: False
+        self.assertFalse(self.router.server_ready())

@@ -293,6 +293,16 @@ class ReplaceTests(SupervisorTestCase):
         self.assertEqual(self.proto().transport.signals, [])
 
 
+class NoteRegisteredTests(SupervisorTestCase):
+    def test_the_routers_word_counts_before_the_status_report(self):
+        proto = self.proto()
+        self.assertFalse(self.sup.all_registered())
+        self.sup.note_registered("model-0-1")  # not ours: another pid
+        self.assertFalse(self.sup.all_registered())
+        self.sup.note_registered("model-0-%d" % proto.pid)
+        self.assertTrue(self.sup.all_registered())
+
+
 class OutputLinesTests(SynchronousTestCase):
     def setUp(self):
         self.lines = []

@@ -183,8 +183,7 @@ def raw_output_parts(response_bytes, buffers):
     return parts
 
 
-#: ``ModelStreamInferResponse`` fields: ``error_message`` and ``infer_response``.
-STREAM_ERROR_MESSAGE = 1
+#: ``ModelStreamInferResponse``'s ``infer_response`` field.
 STREAM_INFER_RESPONSE = 2
 
 
@@ -193,9 +192,3 @@ def stream_response(response_bytes):
     bytes, built around them without parsing them."""
     return (encode_varint(STREAM_INFER_RESPONSE << 3 | LENGTH_DELIMITED)
             + encode_varint(len(response_bytes)) + response_bytes)
-
-
-def stream_error(message):
-    """A ``ModelStreamInferResponse`` carrying only an error message."""
-    data = message.encode("utf-8")
-    return encode_varint(STREAM_ERROR_MESSAGE << 3 | LENGTH_DELIMITED) + encode_varint(len(data)) + data

@@ -37,7 +37,7 @@ import threading
 import grpc
 
 from anyserve_tw.wire import payloads
-from anyserve_tw.wire.errors import InferenceError, invalid_argument
+from anyserve_tw.wire.errors import InferenceError, brief, invalid_argument
 
 #: Where Linux keeps POSIX shared-memory objects (``shm_open`` names).
 SHM_DIRECTORY = "/dev/shm"
@@ -55,7 +55,7 @@ def shm_path(key):
 def not_found(name):
     """Triton's error for a request naming a region no one registered."""
     return InferenceError(grpc.StatusCode.NOT_FOUND,
-                          "Unable to find shared memory region: '%s'" % name)
+                          "Unable to find shared memory region: '%s'" % brief(name))
 
 
 class _Mapping:
