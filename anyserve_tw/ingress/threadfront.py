@@ -5,6 +5,19 @@ reactor is not asyncio's.  Each RPC holds one of ``threads`` threads while it
 waits for the reactor (:mod:`anyserve_tw.ingress.bridge`), so ``threads``
 bounds the RPCs in flight.
 
+A sync grpcio server cannot wait for the reactor without holding its thread
+(its handlers must return the response, and there is no way to hand the call
+back later), so a slow model would take every thread and time out health
+probes and every other model.  :class:`InferenceBudget` answers that by
+admission: ModelInfer and ModelStreamInfer may hold at most ``threads -
+reserved_threads(threads)`` threads, so health, metadata and the other RPCs
+always find one; and one model's ModelInfer calls at most half of those, so
+other models do too.  A call past either bound gets RESOURCE_EXHAUSTED at
+once, in the thread that would have waited, so queued calls drain in
+microseconds instead of waiting behind the slow ones.  Two slow models can
+still fill the inference share between them: then a third gets
+RESOURCE_EXHAUSTED, an answer, never a hang.
+
 The server is created in ``startService``, never earlier: grpc objects do not
 survive a fork, and twistd may daemonize between ``makeService`` and
 ``startService``.  ``stopService`` stops taking new RPCs at once (new ones get
@@ -24,6 +37,7 @@ from zope.interface import implementer
 from anyserve_tw.ingress.interfaces import GrpcFrontService, IGrpcFront
 from anyserve_tw.wire import defaults, rpc
 from anyserve_tw.wire.errors import InferenceError
+from anyserve_tw.wire.protowire import peek_request
 from anyserve_tw.wire.rpc import channel_options
 
 
@@ -102,13 +116,110 @@ def _stream_via_reactor(bridge, method, default):
     return handle
 
 
+#: The RPCs that wait on a model, and so may hold a thread for long.
+INFERENCE_METHODS = ("ModelInfer", "ModelStreamInfer")
+
+#: Threads kept for everything but :data:`INFERENCE_METHODS`: this many at
+#: least, or one in :data:`RESERVED_SHARE` of the pool if that is more.
+MIN_RESERVED_THREADS = 2
+RESERVED_SHARE = 8
+
+
+def reserved_threads(threads):
+    """Threads of a pool of ``threads`` that inference calls may not take
+    (always leaving them one)."""
+    return max(0, min(threads - 1, max(MIN_RESERVED_THREADS, threads // RESERVED_SHARE)))
+
+
+class InferenceBudget(grpc.ServerInterceptor):
+    """Admission of inference calls to a pool of ``threads`` threads.
+
+    At most ``total`` inference calls hold a thread at once, and at most
+    ``per_model`` ModelInfer calls for one model name; past that a call is
+    answered RESOURCE_EXHAUSTED at once.  Streams count towards ``total``
+    only: their model is named per message.
+    """
+
+    def __init__(self, threads):
+        self.threads = threads
+        self.total = max(1, threads - reserved_threads(threads))
+        self.per_model = max(1, self.total // 2)
+        self.in_flight = 0
+        self.by_model = {}
+        self._lock = threading.Lock()
+
+    def admit(self, model):
+        """Take a thread for a call to ``model`` (None: a stream); False if none is left for it."""
+        with self._lock:
+            if self.in_flight >= self.total:
+                return False
+            if model is not None:
+                held = self.by_model.get(model, 0)
+                if held >= self.per_model:
+                    return False
+                self.by_model[model] = held + 1
+            self.in_flight += 1
+            return True
+
+    def release(self, model):
+        with self._lock:
+            self.in_flight -= 1
+            if model is not None:
+                held = self.by_model.pop(model) - 1
+                if held:
+                    self.by_model[model] = held
+
+    def intercept_service(self, continuation, details):
+        handler = continuation(details)
+        method = details.method.rpartition("/")[2]
+        if handler is None or method not in INFERENCE_METHODS:
+            return handler
+        if handler.unary_unary is not None:
+            return handler._replace(unary_unary=self._unary(handler.unary_unary))
+        if handler.stream_stream is not None:
+            return handler._replace(stream_stream=self._stream(handler.stream_stream))
+        return handler
+
+    def _refuse(self, context, model):
+        what = "model %r" % (model[:64],) if model is not None else "streams"
+        context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                      "too many inference requests in flight for %s on this ingress's %d threads "
+                      "(thread front): retry later" % (what, self.threads))
+
+    def _unary(self, behavior):
+        def admitted(request, context):
+            try:
+                model = peek_request(request)[0] if isinstance(request, bytes) else request.model_name
+            except InferenceError:
+                model = ""  # malformed: the handler says so, counted as one model
+            if not self.admit(model):
+                self._refuse(context, model)
+            try:
+                return behavior(request, context)
+            finally:
+                self.release(model)
+        return admitted
+
+    def _stream(self, behavior):
+        def admitted(request_iterator, context):
+            if not self.admit(None):
+                self._refuse(context, None)
+            try:
+                yield from behavior(request_iterator, context)
+            finally:
+                self.release(None)
+        return admitted
+
+
 def build_server(handlers, threads=defaults.DEFAULT_FRONT_THREADS, max_message_size=defaults.MAX_MESSAGE_SIZE,
                  max_concurrent_rpcs=defaults.DEFAULT_MAX_CONCURRENT_RPCS, label=""):
     """A grpcio thread-pool server, not yet bound or started: one thread per
-    RPC in flight, the message caps both ways, no port sharing."""
+    RPC in flight, inference calls admitted by an :class:`InferenceBudget`,
+    the message caps both ways, no port sharing."""
     return grpc.server(
         futures.ThreadPoolExecutor(max_workers=threads, thread_name_prefix=label),
         handlers=handlers,
+        interceptors=[InferenceBudget(threads)],
         options=channel_options(max_message_size) + [("grpc.so_reuseport", 0)],
         maximum_concurrent_rpcs=max_concurrent_rpcs,
     )
