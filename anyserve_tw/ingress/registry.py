@@ -3,9 +3,19 @@
 Owned by the reactor thread: every read and write happens there (gRPC threads
 reach it through :mod:`anyserve_tw.ingress.bridge`), so it needs no lock.
 
-A model stays known after its last worker is gone: it is then *not ready* and
-requests for it get UNAVAILABLE rather than NOT_FOUND, so clients can tell "try
-again" from "no such model".
+The registry forgets, so that it cannot only grow and ServerReady is not
+false for ever because of a model nobody serves any more:
+
+- a model *withdrawn* by its last worker (UnregisterModel, which a worker
+  sends when it exits cleanly) leaves at once: requests for it get NOT_FOUND;
+- a model whose last worker was *lost* (crashed, disconnected, evicted for
+  silence) stays known but not ready for ``forget_after`` seconds, its
+  requests getting UNAVAILABLE ("try again": a supervised worker is usually
+  back within seconds), then leaves, unless a worker registers it meanwhile.
+  Without a clock (``clock=None``) such a model stays known.
+
+Each ModelVersion counts its requests in flight (``outstanding``), which the
+router compares with its per-model cap.
 
 Requests naming no version follow :func:`anyserve_tw.wire.defaults.default_version`,
 the rule the workers use too.
@@ -53,6 +63,10 @@ class ModelVersion:
         #: False while a client has it unloaded.
         self.admitted = admitted
         self.stats = InferenceStats()
+        #: Requests forwarded and not yet answered (the router keeps it).
+        self.outstanding = 0
+        #: The pending call that forgets it, while it has no worker.
+        self.forget_call = None
 
     @property
     def ready(self):
@@ -87,12 +101,15 @@ class ModelRegistry:
 
     Workers are any objects with a ``worker_id`` and an ``outstanding`` count
     (requests sent, not yet answered).  See the module docstring for
-    unloading and loading.
+    forgetting, unloading and loading.  ``clock``: an IReactorTime that
+    times ``forget_after`` (None: lost models are never forgotten).
     """
 
-    def __init__(self):
+    def __init__(self, clock=None, forget_after=60.0):
         self._models = {}  # name -> {version: ModelVersion}
         self._unloaded = set()  # names a client unloaded
+        self.clock = clock
+        self.forget_after = forget_after
 
     def register(self, worker, name, version="", platform="", inputs=(), outputs=(),
                  decoupled=False, max_batch_size=0, preferred_batch_sizes=(), max_queue_delay_us=0):
@@ -112,26 +129,77 @@ class ModelRegistry:
         model.max_queue_delay_us = max_queue_delay_us
         if all(w.worker_id != worker.worker_id for w in model.workers):
             model.workers.append(worker)
+        if model.forget_call is not None:
+            model.forget_call.cancel()
+            model.forget_call = None
         return model
 
     def unregister(self, worker_id, name, version=""):
-        """Withdraw one worker from (name, version); False if it did not serve it."""
+        """Withdraw one worker from (name, version); False if it did not serve it.
+
+        The model leaves the registry with its last worker (a deliberate
+        withdrawal, unlike a lost worker: see the module docstring)."""
         model = self._models.get(name, {}).get(version)
         if model is None:
             return False
         before = len(model.workers)
         model.workers = [w for w in model.workers if w.worker_id != worker_id]
-        return len(model.workers) != before
+        if len(model.workers) == before:
+            return False
+        if not model.workers:
+            self._drop(model)
+        return True
 
     def remove_worker(self, worker_id):
-        """Withdraw a worker from everything; return the (name, version) it served."""
+        """Withdraw a lost worker from everything; return the (name, version)
+        it served.  A model left without a worker is forgotten after
+        ``forget_after`` seconds unless registered again."""
         removed = []
+        orphans = []
         for name, versions in self._models.items():
             for version, model in versions.items():
                 if any(w.worker_id == worker_id for w in model.workers):
                     model.workers = [w for w in model.workers if w.worker_id != worker_id]
                     removed.append((name, version))
+                    if not model.workers:
+                        orphans.append(model)
+        for model in orphans:
+            self._orphaned(model)
         return removed
+
+    def _orphaned(self, model):
+        if self.clock is None or model.forget_call is not None:
+            return
+        if self.forget_after <= 0:
+            self._drop(model)
+        else:
+            model.forget_call = self.clock.callLater(self.forget_after, self._forget, model)
+
+    def _forget(self, model):
+        model.forget_call = None
+        if not model.workers:
+            self._drop(model)
+
+    def _drop(self, model):
+        """Take ``model`` out of the registry (if it is still the one there)."""
+        if model.forget_call is not None:
+            model.forget_call.cancel()
+            model.forget_call = None
+        versions = self._models.get(model.name)
+        if versions is None or versions.get(model.version) is not model:
+            return
+        del versions[model.version]
+        if not versions:
+            del self._models[model.name]
+
+    def close(self):
+        """Cancel every pending forgetting and schedule no more (the
+        ingress is stopping): nothing is left on the clock."""
+        self.clock = None
+        for model in self.models():
+            if model.forget_call is not None:
+                model.forget_call.cancel()
+                model.forget_call = None
 
     def names_served_by(self, worker_id):
         """Names of the models ``worker_id`` serves (any version)."""

@@ -12,7 +12,7 @@ from twisted.python.failure import Failure
 
 from anyserve_tw.wire import defaults, framing
 from anyserve_tw.wire.payloads import encode_shm_table
-from anyserve_tw.wire.errors import InferenceError, unavailable
+from anyserve_tw.wire.errors import InferenceError, brief, unavailable
 from anyserve_tw.ingress.registry import ModelRegistry
 from anyserve_tw.ingress.workerlink import WorkerHandle
 
@@ -22,15 +22,30 @@ class Router(Service):
 
     A worker is dropped from routing at once when a connection to it drops, and
     after ``heartbeat_timeout`` seconds without a heartbeat (a hung or stopped
-    process keeps its sockets open, so only silence reveals it).
+    process keeps its sockets open, so only silence reveals it).  A model
+    left by its last lost worker is forgotten ``forget_after`` seconds later
+    (see :mod:`anyserve_tw.ingress.registry`).
+
+    ``max_inflight_per_model`` (0: no cap) bounds the requests in flight to
+    one model: past it a request gets RESOURCE_EXHAUSTED at once, so a slow
+    model cannot take every slot of the ingress from the others.
+
+    For ``startup_window`` seconds after the router starts, and while a
+    supervised worker has yet to register, a request for an unknown model
+    gets UNAVAILABLE ("workers are registering", which clients retry)
+    rather than NOT_FOUND (which looks permanent).
     """
 
     log = Logger()
 
     def __init__(self, reactor, pool_size=2, heartbeat_timeout=6.0,
-                 max_payload=defaults.MAX_MESSAGE_SIZE, connect_timeout=5.0):
+                 max_payload=defaults.MAX_MESSAGE_SIZE, connect_timeout=5.0,
+                 forget_after=60.0, max_inflight_per_model=1024, startup_window=10.0):
         self.reactor = reactor
-        self.registry = ModelRegistry()
+        self.registry = ModelRegistry(reactor, forget_after)
+        self.max_inflight_per_model = max_inflight_per_model
+        self.startup_window = startup_window
+        self._registering_until = None
         self.workers = {}  # worker_id -> WorkerHandle
         self.pool_size = pool_size
         self.heartbeat_timeout = heartbeat_timeout
@@ -55,6 +70,7 @@ class Router(Service):
 
     def startService(self):
         super().startService()
+        self._registering_until = self.reactor.seconds() + self.startup_window
         self._reaper = LoopingCall(self.evict_silent_workers)
         self._reaper.clock = self.reactor
         self._reaper.start(max(self.heartbeat_timeout / 4.0, 0.05), now=False).addErrback(
@@ -67,6 +83,7 @@ class Router(Service):
             self._reaper.stop()
         for handle in list(self.workers.values()):
             handle.close("ingress shutting down")
+        self.registry.close()
 
     # -- management -----------------------------------------------------
 
@@ -177,12 +194,18 @@ class Router(Service):
         to the access log if there is one.
         """
         try:
-            model = self.registry.resolve(name, version)
+            model = self._resolve(name, version)
+            cap = self.max_inflight_per_model
+            if cap and model.outstanding >= cap:
+                raise InferenceError(
+                    grpc.StatusCode.RESOURCE_EXHAUSTED,
+                    "model '%s' has %d requests in flight" % (brief(model.name), model.outstanding))
             worker = self.registry.pick_worker(model)
             call = _Call(self, model, worker, on_partial, request_id)
             d = worker.forward(payload, timeout, kind, call)
         except Exception:
             return fail()
+        model.outstanding += 1
         if self.metrics is not None:
             self.metrics.request_started(model.name, model.version)
         return d.addBoth(call.finished)
@@ -193,6 +216,25 @@ class Router(Service):
         self.shm_table = encode_shm_table(table) if table else b""
         for handle in self.workers.values():
             handle.send_shm_table(self.shm_table)
+
+    def registering(self):
+        """Whether workers may still be registering: within the startup
+        window, unless every supervised worker has registered already."""
+        until = self._registering_until
+        if until is None or self.reactor.seconds() >= until:
+            return False
+        return self.workers_registered is None or not self.workers_registered()
+
+    def _resolve(self, name, version):
+        """The registry's ModelVersion; an unknown model is UNAVAILABLE
+        rather than NOT_FOUND while workers are registering."""
+        try:
+            return self.registry.resolve(name, version)
+        except InferenceError as e:
+            if e.code is grpc.StatusCode.NOT_FOUND and self.registering():
+                raise unavailable("model '%s' is not registered yet: workers are registering"
+                                  % brief(name)) from None
+            raise
 
     def model_ready(self, name, version=""):
         return self.registry.is_ready(name, version)
@@ -206,7 +248,7 @@ class Router(Service):
 
     def model_metadata(self, name, version=""):
         """(ModelVersion, every version of its name); NOT_FOUND if unknown."""
-        model = self.registry.resolve(name, version)
+        model = self._resolve(name, version)
         return model, self.registry.versions(name)
 
 
@@ -240,6 +282,7 @@ class _Call:
         now = router.reactor.seconds()
         elapsed = now - self.started
         model = self.model
+        model.outstanding -= 1
         if isinstance(result, Failure):
             model.stats.failure(int(elapsed * 1e9), int(now * 1e9))
             code = status_name(result)

@@ -77,16 +77,20 @@ def make_ingress_service(reactor, port=8000, host="0.0.0.0", mgmt_port=9000,
                          heartbeat_timeout=6.0, grace=10.0,
                          max_message_size=defaults.MAX_MESSAGE_SIZE, threads=defaults.DEFAULT_FRONT_THREADS,
                          max_concurrent_rpcs=defaults.DEFAULT_MAX_CONCURRENT_RPCS, request_timeout=600.0,
-                         socket_dir=None, front="aio", http_port=8080, http_host=None, access_log=None):
+                         socket_dir=None, front="aio", http_port=8080, http_host=None, access_log=None,
+                         forget_after=60.0, max_inflight_per_model=1024, startup_window=10.0):
     """The ingress (see the module's docstring).  ``http_port``: the REST and
     ``/metrics`` port, 0 for none (and then no metrics are kept, since
     nothing could read them); ``http_host``: its address, ``host`` if None;
-    ``access_log``: a path, ``"-"`` for the twistd log, or None for none."""
+    ``access_log``: a path, ``"-"`` for the twistd log, or None for none;
+    ``forget_after``, ``max_inflight_per_model``, ``startup_window``: see
+    :class:`~anyserve_tw.ingress.router.Router`."""
     build, health = _front_factory(reactor, front)
     top = SequentialMultiService(stop_order=["health", "inference", "http", "workers", "management",
                                              "router", "access-log"])
     router = Router(reactor, pool_size=pool_size, heartbeat_timeout=heartbeat_timeout,
-                    max_payload=max_message_size)
+                    max_payload=max_message_size, forget_after=forget_after,
+                    max_inflight_per_model=max_inflight_per_model, startup_window=startup_window)
     metrics = Metrics(router) if http_port else None
     router.metrics = metrics
     if access_log is not None:

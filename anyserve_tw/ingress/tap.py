@@ -39,6 +39,12 @@ class Options(usage.Options):
         ["http-port", None, 8080, "KServe v2 REST and Prometheus /metrics port (0: no HTTP server, no metrics).", int],
         ["http-host", None, None, "Address the HTTP server binds (default: --host)."],
         ["access-log", None, None, "Write one line per inference request to this file ('-': the twistd log)."],
+        ["forget-after", None, 60.0, "Seconds a model whose last worker was lost (crashed, evicted) stays known "
+         "but unavailable before it is forgotten (one withdrawn by its last worker goes at once).", float],
+        ["max-inflight-per-model", None, 1024, "Requests in flight to one model before RESOURCE_EXHAUSTED "
+         "(0: no cap).", int],
+        ["startup-window", None, 10.0, "Seconds after start, while supervised workers are still registering, "
+         "in which an unknown model is UNAVAILABLE rather than NOT_FOUND.", float],
         ["front", None, "aio", "How gRPC is served: aio (grpc.aio on the reactor's asyncio loop, one thread) "
          "or threads (a grpcio thread pool bridged into the reactor; always so under a non-asyncio --reactor)."],
     ]
@@ -58,6 +64,9 @@ class Options(usage.Options):
         for name in ("heartbeat-timeout", "grace", "request-timeout"):
             if self[name] <= 0:
                 raise usage.UsageError("--%s must be positive" % name)
+        for name in ("forget-after", "max-inflight-per-model", "startup-window"):
+            if self[name] < 0:
+                raise usage.UsageError("--%s must not be negative" % name)
         if not 0 <= self["http-port"] <= 65535:
             raise usage.UsageError("--http-port must be a port number, or 0 for none")
         if self["front"] not in FRONTS:
@@ -130,4 +139,7 @@ def makeService(options):
         http_port=options["http-port"],
         http_host=options["http-host"],
         access_log=options["access-log"],
+        forget_after=options["forget-after"],
+        max_inflight_per_model=options["max-inflight-per-model"],
+        startup_window=options["startup-window"],
     )

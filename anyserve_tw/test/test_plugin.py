@@ -116,6 +116,18 @@ class OptionsTests(SynchronousTestCase):
         self.parse("--worker", "x.py")
         self.assertEqual(self.parse()["worker"], [])
 
+    def test_registry_defaults_and_values(self):
+        """--forget-after, --max-inflight-per-model, --startup-window: their
+        defaults, their types, and 0 allowed (forget at once, no cap, no window)."""
+        options = self.parse()
+        self.assertEqual((options["forget-after"], options["max-inflight-per-model"], options["startup-window"]),
+                         (60.0, 1024, 10.0))
+        options = self.parse("--forget-after", "2.5", "--max-inflight-per-model", "0", "--startup-window", "0")
+        self.assertEqual((options["forget-after"], options["max-inflight-per-model"], options["startup-window"]),
+                         (2.5, 0, 0.0))
+        self.assertIsInstance(options["forget-after"], float)
+        self.assertIsInstance(options["max-inflight-per-model"], int)
+
     def test_bad_values(self):
         """Zero or negative counts and durations are usage errors."""
         for args in (
@@ -132,6 +144,9 @@ class OptionsTests(SynchronousTestCase):
             ["--front", "greenlets"],
             ["--http-port", "-1"],
             ["--http-port", "65536"],
+            ["--forget-after", "-1"],
+            ["--max-inflight-per-model", "-1"],
+            ["--startup-window", "-0.5"],
         ):
             self.assertRaises(usage.UsageError, self.parse, *args)
 
@@ -210,6 +225,15 @@ class ServiceTreeTests(SynchronousTestCase):
         inference = top.getServiceNamed("inference")
         self.assertIsInstance(inference, AioGrpcService)
         self.assertIs(inference.loop, loop)  # the reactor's, even when not the current loop
+
+    def test_router_gets_the_registry_settings(self):
+        router = self.make("--http-port", "0", "--forget-after", "7", "--max-inflight-per-model", "3",
+                           "--startup-window", "4").getServiceNamed("router")
+        self.assertEqual((router.registry.forget_after, router.max_inflight_per_model, router.startup_window),
+                         (7.0, 3, 4.0))
+        router = self.make("--http-port", "0").getServiceNamed("router")
+        self.assertEqual((router.registry.forget_after, router.max_inflight_per_model, router.startup_window),
+                         (60.0, 1024, 10.0))
 
     def test_no_workers_no_supervisor(self):
         self.assertEqual(sorted(s.name for s in self.make("--http-port", "0")),

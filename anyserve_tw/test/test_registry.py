@@ -1,6 +1,7 @@
 """Tests for anyserve_tw.ingress.registry: which workers serve which (model, version)."""
 import grpc
 
+from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
 from anyserve_tw.wire.errors import InferenceError
@@ -165,7 +166,8 @@ class DefaultVersionTests(SynchronousTestCase):
 
 
 class WorkerLossTests(SynchronousTestCase):
-    """Models whose workers go away stay known but not ready."""
+    """Models whose workers are lost stay known but not ready (for ever
+    without a clock; see ForgettingTests for the timed forgetting)."""
 
     def setUp(self):
         self.registry = ModelRegistry()
@@ -239,14 +241,24 @@ class WorkerLossTests(SynchronousTestCase):
         self.assertFalse(self.registry.unregister("a", "m", "3"))
         self.assertFalse(self.registry.unregister("a", "zzz"))
 
-    def test_unregister_last_keeps_model_known(self):
-        """After unregistering its only worker the model is known, not ready."""
+    def test_unregister_last_forgets_model(self):
+        """A model withdrawn by its only worker leaves at once: NOT_FOUND,
+        and it no longer counts against all_ready."""
         self.registry.register(FakeWorker("a"), "m", "1")
+        self.registry.register(FakeWorker("a"), "m", "2")
+        self.registry.register(FakeWorker("b"), "n")
+        self.registry.remove_worker("b")
         self.assertTrue(self.registry.unregister("a", "m", "1"))
-        model = self.registry.resolve("m", "1")
-        self.assertFalse(model.ready)
-        error = self.assertRaises(InferenceError, self.registry.pick_worker, model)
-        self.assertEqual(error.code, grpc.StatusCode.UNAVAILABLE)
+        error = self.assertRaises(InferenceError, self.registry.resolve, "m", "1")
+        self.assertEqual(error.code, grpc.StatusCode.NOT_FOUND)
+        self.assertEqual(self.registry.versions("m"), ["2"])
+        self.assertTrue(self.registry.unregister("a", "m", "2"))
+        self.assertEqual(self.assertRaises(InferenceError, self.registry.resolve, "m").code,
+                         grpc.StatusCode.NOT_FOUND)
+        self.assertEqual(self.registry.versions("m"), [])
+        self.assertEqual([m.name for m in self.registry.models()], ["n"])
+        self.assertFalse(self.registry.all_ready())  # n's worker was lost, not withdrawn
+        self.assertFalse(self.registry.unregister("a", "m", "2"))
 
     def test_all_ready(self):
         """all_ready is True only when every known model has a worker."""
@@ -514,3 +526,107 @@ class UnloadTests(SynchronousTestCase):
             self.assertEqual(error.code, grpc.StatusCode.NOT_FOUND)
         self.registry.register(FakeWorker("b"), "nope")
         self.assertTrue(self.registry.is_ready("nope"))
+
+
+class ForgettingTests(SynchronousTestCase):
+    """A model whose last worker was lost is forgotten ``forget_after``
+    seconds later, on the registry's clock, unless registered again."""
+
+    def setUp(self):
+        self.clock = Clock()
+        self.registry = ModelRegistry(self.clock, forget_after=60.0)
+
+    def known(self, name, version=""):
+        try:
+            self.registry.resolve(name, version)
+        except InferenceError as e:
+            self.assertEqual(e.code, grpc.StatusCode.NOT_FOUND)
+            return False
+        return True
+
+    def test_lost_model_forgotten_after_the_delay(self):
+        self.registry.register(FakeWorker("a"), "m", "1")
+        self.registry.register(FakeWorker("b"), "n")
+        self.registry.remove_worker("a")
+        self.assertEqual(len(self.clock.getDelayedCalls()), 1)
+        self.clock.advance(59.9)
+        self.assertTrue(self.known("m", "1"))
+        self.assertFalse(self.registry.is_ready("m", "1"))
+        self.assertFalse(self.registry.all_ready())
+        self.clock.advance(0.1)
+        self.assertFalse(self.known("m", "1"))
+        self.assertFalse(self.known("m"))
+        self.assertEqual([m.name for m in self.registry.models()], ["n"])
+        self.assertTrue(self.registry.all_ready())
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_registered_again_meanwhile_stays(self):
+        self.registry.register(FakeWorker("a"), "m")
+        self.registry.remove_worker("a")
+        self.clock.advance(30)
+        self.registry.register(FakeWorker("a2"), "m")
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+        self.clock.advance(60)
+        self.assertTrue(self.registry.is_ready("m"))
+        # Lost again: a fresh full delay from then.
+        self.registry.remove_worker("a2")
+        self.clock.advance(59)
+        self.assertTrue(self.known("m"))
+        self.clock.advance(1)
+        self.assertFalse(self.known("m"))
+
+    def test_model_with_other_workers_is_not_scheduled(self):
+        self.registry.register(FakeWorker("a"), "m")
+        self.registry.register(FakeWorker("b"), "m")
+        self.registry.remove_worker("a")
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+        self.clock.advance(120)
+        self.assertTrue(self.registry.is_ready("m"))
+
+    def test_withdrawn_while_waiting_goes_at_once(self):
+        """A lost model then withdrawn by a late worker's UnregisterModel
+        (its timer cancelled) and a model lost by two workers one after the
+        other (one timer)."""
+        self.registry.register(FakeWorker("a"), "m")
+        self.registry.register(FakeWorker("b"), "m")
+        self.registry.register(FakeWorker("c"), "n")
+        self.registry.remove_worker("a")
+        self.registry.remove_worker("c")
+        self.assertEqual(len(self.clock.getDelayedCalls()), 1)
+        self.assertTrue(self.registry.unregister("b", "m"))
+        self.assertFalse(self.known("m"))
+        self.clock.advance(60)
+        self.assertFalse(self.known("n"))
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_forgotten_model_registered_again_is_new(self):
+        """A name forgotten then registered again starts afresh (its
+        statistics too); an unloaded name stays unloaded."""
+        model = self.registry.register(FakeWorker("a"), "m")
+        model.stats.success(1, 1)
+        self.registry.unload("m")
+        self.registry.remove_worker("a")
+        self.clock.advance(60)
+        self.assertFalse(self.known("m"))
+        again = self.registry.register(FakeWorker("a"), "m")
+        self.assertIsNot(again, model)
+        self.assertFalse(again.admitted)
+        self.assertEqual(again.outstanding, 0)
+
+    def test_zero_forgets_at_once(self):
+        registry = ModelRegistry(self.clock, forget_after=0)
+        registry.register(FakeWorker("a"), "m")
+        registry.register(FakeWorker("a"), "n", "1")
+        self.assertEqual(sorted(registry.remove_worker("a")), [("m", ""), ("n", "1")])
+        self.assertEqual(registry.models(), [])
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_close_cancels_and_schedules_no_more(self):
+        self.registry.register(FakeWorker("a"), "m")
+        self.registry.register(FakeWorker("b"), "n")
+        self.registry.remove_worker("a")
+        self.registry.close()
+        self.registry.remove_worker("b")
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+        self.assertTrue(self.known("m"))
+        self.assertTrue(self.known("n"))

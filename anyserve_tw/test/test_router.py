@@ -170,12 +170,50 @@ class RouterTests(FailsWithMixin, SynchronousTestCase):
         self.assertEqual(self.router.workers["w1"].outstanding, 0)
 
     def test_infer_known_model_without_worker_is_unavailable(self):
+        """A model whose worker was lost is UNAVAILABLE (try again) for
+        forget_after seconds, then NOT_FOUND; the timer is the reactor's."""
         links = self.register("w1", "m")
-        self.assertTrue(self.router.unregister_model("w1", "m"))
+        links[0].transport.peer_closes()
         self.assertFalse(self.router.model_ready("m"))
         e = self.assertFailsWith(self.router.infer("m", "", b"x"), grpc.StatusCode.UNAVAILABLE)
         self.assertIn("'m'", e.message)
         self.assertNoFrames(links)
+        self.assertFalse(self.router.server_ready())
+        self.reactor.advance(59)
+        self.assertFailsWith(self.router.infer("m", "", b"x"), grpc.StatusCode.UNAVAILABLE)
+        self.reactor.advance(1)
+        self.assertFailsWith(self.router.infer("m", "", b"x"), grpc.StatusCode.NOT_FOUND)
+        self.assertRaises(InferenceError, self.router.model_metadata, "m")
+        self.assertEqual(self.router.registry.models(), [])
+
+    def test_unregistered_by_last_worker_is_not_found(self):
+        """UnregisterModel by its last worker (a clean exit): gone at once,
+        and ServerReady no longer waits for it."""
+        links = self.register("w1", "m")
+        self.register("w2", "m")
+        self.register("w1", "n")
+        self.assertTrue(self.router.unregister_model("w1", "m"))
+        self.assertTrue(self.router.model_ready("m"))
+        self.assertTrue(self.router.unregister_model("w2", "m"))
+        self.assertFalse(self.router.model_ready("m"))
+        self.assertFailsWith(self.router.infer("m", "", b"x"), grpc.StatusCode.NOT_FOUND)
+        self.assertNoFrames(links)
+        self.router.startService()
+        self.addCleanup(self.router.stopService)
+        self.reactor.advance(self.router.startup_window)
+        self.assertTrue(self.router.server_ready())
+        self.assertFalse(self.router.unregister_model("w2", "m"))
+
+    def test_forget_after_is_configurable(self):
+        router = Router(self.reactor, pool_size=1, forget_after=5.0)
+        d = router.register_model("w1", "unix:///tmp/w1.sock", "m")
+        (link,) = accept_pending(self.reactor, 0)
+        self.successResultOf(d)
+        link.transport.peer_closes()
+        self.reactor.advance(4.9)
+        self.assertFailsWith(router.infer("m", "", b"x"), grpc.StatusCode.UNAVAILABLE)
+        self.reactor.advance(0.1)
+        self.assertFailsWith(router.infer("m", "", b"x"), grpc.StatusCode.NOT_FOUND)
 
     def test_infer_spreads_over_workers(self):
         links1 = self.register("w1", "m")
@@ -282,6 +320,119 @@ class RouterTests(FailsWithMixin, SynchronousTestCase):
         # The worker, told by its heartbeat that it is unknown, registers again.
         self.register("w1", "m")
         self.assertTrue(self.router.model_ready("m"))
+
+    def test_evicted_model_forgotten_unless_registered_again(self):
+        self.register("silent", "a")
+        self.reactor.advance(11)
+        self.router.evict_silent_workers()
+        self.assertFailsWith(self.router.infer("a", "", b"x"), grpc.StatusCode.UNAVAILABLE)
+        self.reactor.advance(30)
+        self.register("back", "a")  # cancels the forgetting
+        self.reactor.advance(60)
+        self.assertTrue(self.router.model_ready("a"))
+        self.assertEqual([c for c in self.reactor.getDelayedCalls() if c.active()], [])
+
+
+class InflightCapTests(FailsWithMixin, SynchronousTestCase):
+    """--max-inflight-per-model: past the cap, RESOURCE_EXHAUSTED at once,
+    for that model only; a slot is freed by every outcome."""
+
+    def setUp(self):
+        self.reactor = MemoryReactorClock()
+        self.router = Router(self.reactor, pool_size=1, max_inflight_per_model=2)
+        self.links = {}
+        for index, name in enumerate(("slow", "other")):
+            d = self.router.register_model("w-" + name, "unix:///tmp/%s.sock" % name, name)
+            (self.links[name],) = accept_pending(self.reactor, index)
+            self.successResultOf(d)
+
+    def test_cap(self):
+        slow = self.router.registry.resolve("slow")
+        first = self.router.infer("slow", "", b"1")
+        second = self.router.infer("slow", "", b"2")
+        self.assertEqual(slow.outstanding, 2)
+        e = self.assertFailsWith(self.router.infer("slow", "", b"3"), grpc.StatusCode.RESOURCE_EXHAUSTED)
+        self.assertEqual(e.message, "model 'slow' has 2 requests in flight")
+        self.assertEqual(len(self.links["slow"].frames()), 2)  # the third never reached the worker
+        # Another model is not affected.
+        other = self.router.infer("other", "", b"x")
+        self.assertEqual(self.router.registry.resolve("other").outstanding, 1)
+
+        # An answer frees a slot, and so does a cancellation (the client went).
+        request = self.links["slow"].frames()[0]
+        self.links["slow"].reply(request[1], b"done")
+        self.assertEqual(self.successResultOf(first), b"done")
+        self.assertEqual(slow.outstanding, 1)
+        self.assertNoResult(self.router.infer("slow", "", b"4"))
+        self.assertFailsWith(self.router.infer("slow", "", b"5"), grpc.StatusCode.RESOURCE_EXHAUSTED)
+        second.cancel()
+        self.failureResultOf(second)
+        self.assertEqual(slow.outstanding, 1)
+        self.assertNoResult(self.router.infer("slow", "", b"6"))
+        self.assertNoResult(other)
+
+    def test_worker_loss_frees_every_slot(self):
+        slow = self.router.registry.resolve("slow")
+        pending = [self.router.infer("slow", "", b"x") for _ in range(2)]
+        self.links["slow"].transport.peer_closes()
+        self.reactor.advance(0)
+        for d in pending:
+            self.assertFailsWith(d, grpc.StatusCode.UNAVAILABLE)
+        self.assertEqual(slow.outstanding, 0)
+
+    def test_zero_is_no_cap(self):
+        self.router.max_inflight_per_model = 0
+        for _ in range(50):
+            self.assertNoResult(self.router.infer("slow", "", b"x"))
+        self.assertEqual(self.router.registry.resolve("slow").outstanding, 50)
+
+
+class StartupWindowTests(FailsWithMixin, SynchronousTestCase):
+    """For startup_window seconds after start an unknown model is
+    UNAVAILABLE ("workers are registering"), NOT_FOUND after."""
+
+    def setUp(self):
+        self.reactor = MemoryReactorClock()
+        self.reactor.advance(1000)
+        self.router = Router(self.reactor, pool_size=1, startup_window=10.0)
+
+    def start(self):
+        self.router.startService()
+        self.addCleanup(self.router.stopService)
+
+    def test_not_started_is_not_found(self):
+        self.assertFailsWith(self.router.infer("x", "", b""), grpc.StatusCode.NOT_FOUND)
+
+    def test_window(self):
+        self.start()
+        self.reactor.advance(9.9)
+        e = self.assertFailsWith(self.router.infer("x", "", b""), grpc.StatusCode.UNAVAILABLE)
+        self.assertEqual(e.message, "model 'x' is not registered yet: workers are registering")
+        e = self.assertFailsWith(self.router.infer("x", "2", b""), grpc.StatusCode.UNAVAILABLE)
+        e = self.assertRaises(InferenceError, self.router.model_metadata, "x")
+        self.assertEqual(e.code, grpc.StatusCode.UNAVAILABLE)
+        self.reactor.advance(0.1)
+        self.assertFailsWith(self.router.infer("x", "", b""), grpc.StatusCode.NOT_FOUND)
+        self.assertEqual(self.assertRaises(InferenceError, self.router.model_metadata, "x").code,
+                         grpc.StatusCode.NOT_FOUND)
+
+    def test_long_name_is_shortened(self):
+        self.start()
+        e = self.assertFailsWith(self.router.infer("n" * 5000, "", b""), grpc.StatusCode.UNAVAILABLE)
+        self.assertLess(len(e.message), 300)
+
+    def test_ends_once_every_supervised_worker_registered(self):
+        registered = []
+        self.router.workers_registered = lambda: bool(registered)
+        self.start()
+        self.assertFailsWith(self.router.infer("x", "", b""), grpc.StatusCode.UNAVAILABLE)
+        registered.append(True)
+        self.assertFailsWith(self.router.infer("x", "", b""), grpc.StatusCode.NOT_FOUND)
+
+    def test_zero_window(self):
+        self.router.startup_window = 0
+        self.start()
+        self.assertFailsWith(self.router.infer("x", "", b""), grpc.StatusCode.NOT_FOUND)
 
 
 class Recorder:
