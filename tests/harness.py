@@ -1,6 +1,7 @@
 """Real processes for end-to-end tests: an ingress under twistd, its workers,
 and tritonclient as the client."""
 import os
+import random
 import shutil
 import signal
 import socket
@@ -22,9 +23,18 @@ TWISTD_MAIN = "from twisted.scripts.twistd import run; run()"
 
 
 def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A port free now, below Linux's ephemeral range (32768 and up), so
+    that no client connection of this or another test takes it between now
+    and the moment the process under test binds it."""
+    for _ in range(200):
+        port = random.randrange(20000, 32768)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise AssertionError("no free port found in 20000-32767")
 
 
 def wait_for(predicate, timeout=20.0, interval=0.05, what="condition"):
