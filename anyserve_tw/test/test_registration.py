@@ -6,7 +6,7 @@ from concurrent import futures
 
 import grpc
 from twisted.internet import reactor
-from twisted.internet.defer import FirstError, fail
+from twisted.internet.defer import FirstError, fail, succeed
 from twisted.internet.task import Clock, deferLater
 from twisted.logger import LogLevel, formatEvent, globalLogPublisher
 from twisted.python.failure import Failure
@@ -93,3 +93,54 @@ class BackoffTests(SynchronousTestCase):
             clock.advance(2.0)
         gaps = [b - a for a, b in zip(attempts, attempts[1:])]
         self.assertEqual(gaps, [2.0, 4.0, 8.0, 16.0] + [MAX_MISDIRECTED_BACKOFF] * 5)
+
+
+class _Unavailable(grpc.RpcError):
+    def code(self):
+        return grpc.StatusCode.UNAVAILABLE
+
+
+class RetryScheduleTests(SynchronousTestCase):
+    """While the ingress cannot be reached, the worker tries again every
+    RETRY_INTERVAL seconds, not every heartbeat interval; once it answers,
+    ticks are a heartbeat interval apart again."""
+
+    def test_unreachable_then_back(self):
+        clock = Clock()
+        worker = Registration(clock, one_model_app(), "127.0.0.1:1", "unix:/nowhere", "w1", interval=2.0)
+        attempts = []
+        reachable = []
+
+        def register():
+            attempts.append(clock.seconds())
+            if reachable:
+                worker.registered = True
+                return succeed(None)
+            return fail(FirstError(Failure(_Unavailable()), 0))
+
+        worker._register = register
+        worker._heartbeat = lambda: attempts.append(clock.seconds()) or succeed(None)
+        worker.startService()
+        self.addCleanup(worker.stopService)
+        clock.pump([registration.RETRY_INTERVAL] * 8)
+        self.assertEqual(len(attempts), 9)  # one at start, then one every RETRY_INTERVAL
+        reachable.append(True)
+        clock.pump([registration.RETRY_INTERVAL, 2.0, 2.0])
+        gaps = [b - a for a, b in zip(attempts, attempts[1:])]
+        self.assertEqual(gaps, [registration.RETRY_INTERVAL] * 9 + [2.0, 2.0])
+
+    def test_stop_ends_the_ticks(self):
+        clock = Clock()
+        worker = Registration(clock, one_model_app(), "127.0.0.1:1", "unix:/nowhere", "w1", interval=2.0)
+        worker._register = lambda: succeed(None)
+        worker.startService()
+        worker.stopService()
+        self.assertEqual(clock.getDelayedCalls(), [])
+
+    def test_capped_reconnect_backoff(self):
+        """gRPC's default back-off reaches 120 s; the management channel's
+        is capped at about a second."""
+        options = dict(registration.management_channel_options())
+        self.assertLessEqual(options["grpc.max_reconnect_backoff_ms"], 1000)
+        self.assertLessEqual(options["grpc.initial_reconnect_backoff_ms"],
+                             options["grpc.max_reconnect_backoff_ms"])

@@ -3,11 +3,17 @@
 :class:`Registration` registers every model, heartbeats, and registers again
 whenever the ingress says it does not know this worker (it evicted us, or it
 restarted).  :class:`Withdrawal` unregisters them first thing on shutdown.
+
+A restarted ingress must see its standalone workers again within about a
+second, so the management channel does not use gRPC's default reconnect
+back-off (1 s doubling up to 120 s, so 3-52 s measured): it reconnects at
+most :data:`MAX_RECONNECT_BACKOFF_MS` apart, and while the ingress cannot
+be reached the worker tries again every :data:`RETRY_INTERVAL` seconds
+instead of waiting for its next heartbeat.
 """
 import grpc
 from twisted.application.service import Service
 from twisted.internet.defer import gatherResults
-from twisted.internet.task import LoopingCall
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 
@@ -19,6 +25,30 @@ log = Logger()
 #: Longest wait between registrations while the ingress address answers as
 #: something other than a management API.
 MAX_MISDIRECTED_BACKOFF = 30.0
+
+#: The management channel's reconnect schedule (milliseconds): first retry,
+#: longest wait between attempts, and the shortest time a connection
+#: attempt is given (gRPC's ``min_reconnect_backoff``, 20 s by default).
+INITIAL_RECONNECT_BACKOFF_MS = 100
+MAX_RECONNECT_BACKOFF_MS = 1000
+MIN_CONNECT_TIMEOUT_MS = 1000
+
+#: Seconds between attempts while the ingress cannot be reached (when that is
+#: shorter than the heartbeat interval).
+RETRY_INTERVAL = 0.25
+
+#: Status codes meaning the ingress could not be reached (or answer) at all.
+UNREACHABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+
+
+def management_channel_options():
+    """Options of the worker's channel to the management API: the message
+    caps and a reconnect back-off capped at about a second."""
+    return channel_options(4 * 1024 * 1024) + [
+        ("grpc.initial_reconnect_backoff_ms", INITIAL_RECONNECT_BACKOFF_MS),
+        ("grpc.max_reconnect_backoff_ms", MAX_RECONNECT_BACKOFF_MS),
+        ("grpc.min_reconnect_backoff_ms", MIN_CONNECT_TIMEOUT_MS),
+    ]
 
 
 def _rpc_code(failure):
@@ -34,8 +64,10 @@ class Registration(Service):
 
     Every ``interval`` seconds: register what is not registered yet, else send a
     heartbeat; an unhealthy answer means the ingress forgot us, so register
-    again.  Failures are logged and retried on the next tick: a worker started
-    before its ingress simply waits for it.
+    again.  Failures are logged and retried on the next tick, which comes
+    after :data:`RETRY_INTERVAL` instead while the ingress is unreachable: a
+    worker started before its ingress, or outliving it, waits for it and is
+    back within about a second of it.
 
     An address that answers RegisterModel UNIMPLEMENTED is a gRPC server
     without the management API, most likely the ingress's inference port:
@@ -56,7 +88,8 @@ class Registration(Service):
         self.withdrawn = False  # shutting down: keep heartbeating, never register again
         self._channel = None
         self._stub = None
-        self._loop = None
+        self._next_tick = None  # the IDelayedCall of the next tick
+        self._unreachable = False  # the last attempt could not reach the ingress
         self._warned = False
         self._misdirected = False  # said that the address is not a management API
         self._backoff = 0.0  # current wait between registrations while misdirected
@@ -64,11 +97,23 @@ class Registration(Service):
 
     def startService(self):
         super().startService()
-        self._channel = grpc.insecure_channel(self.ingress, options=channel_options(4 * 1024 * 1024))
+        self._channel = grpc.insecure_channel(self.ingress, options=management_channel_options())
         self._stub = rpc.Stub(self._channel, protos.MANAGEMENT_SERVICE)
-        self._loop = LoopingCall(self._tick)
-        self._loop.clock = self.reactor
-        self._loop.start(self.interval, now=True)
+        self._loop()
+
+    def _loop(self):
+        """Tick, then schedule the next tick once this one is over."""
+        self._next_tick = None
+        d = self._tick()
+        if d is None:
+            self._schedule()
+        else:
+            d.addBoth(self._schedule)
+
+    def _schedule(self, _=None):
+        if self.running:
+            delay = min(self.interval, RETRY_INTERVAL) if self._unreachable else self.interval
+            self._next_tick = self.reactor.callLater(delay, self._loop)
 
     def _blocking(self, method, request):
         return deferToThreadPool(
@@ -82,7 +127,10 @@ class Registration(Service):
             return None
         else:
             d = self._register()
-        return d.addErrback(self._failed)
+        return d.addCallbacks(self._reached, self._failed)
+
+    def _reached(self, _):
+        self._unreachable = False
 
     def _register(self):
         m = protos.management
@@ -127,7 +175,9 @@ class Registration(Service):
 
     def _failed(self, failure):
         error = failure.value.subFailure.value if hasattr(failure.value, "subFailure") else failure.value
-        if not self.registered and _rpc_code(failure) == grpc.StatusCode.UNIMPLEMENTED:
+        code = _rpc_code(failure)
+        self._unreachable = code in UNREACHABLE
+        if not self.registered and code == grpc.StatusCode.UNIMPLEMENTED:
             self._misdirected_failure()
         elif self.registered:
             log.warn("heartbeat to {ingress} failed: {error}", ingress=self.ingress, error=error)
@@ -164,8 +214,9 @@ class Registration(Service):
     def stopService(self):
         """Stop heartbeating and close the channel (after the drain)."""
         super().stopService()
-        if self._loop is not None and self._loop.running:
-            self._loop.stop()
+        if self._next_tick is not None and self._next_tick.active():
+            self._next_tick.cancel()
+        self._next_tick = None
         self._channel.close()
 
 
