@@ -108,6 +108,9 @@ class ModelRegistry:
     def __init__(self, clock=None, forget_after=60.0):
         self._models = {}  # name -> {version: ModelVersion}
         self._unloaded = set()  # names a client unloaded
+        #: worker_id -> {ModelVersion: None} (an ordered set), so that a
+        #: heartbeat or a lost worker costs O(its models), not O(all models).
+        self._served = {}
         self.clock = clock
         self.forget_after = forget_after
 
@@ -129,6 +132,7 @@ class ModelRegistry:
         model.max_queue_delay_us = max_queue_delay_us
         if all(w.worker_id != worker.worker_id for w in model.workers):
             model.workers.append(worker)
+            self._served.setdefault(worker.worker_id, {})[model] = None
         if model.forget_call is not None:
             model.forget_call.cancel()
             model.forget_call = None
@@ -146,6 +150,10 @@ class ModelRegistry:
         model.workers = [w for w in model.workers if w.worker_id != worker_id]
         if len(model.workers) == before:
             return False
+        served = self._served[worker_id]
+        del served[model]
+        if not served:
+            del self._served[worker_id]
         if not model.workers:
             self._drop(model)
         return True
@@ -155,16 +163,11 @@ class ModelRegistry:
         it served.  A model left without a worker is forgotten after
         ``forget_after`` seconds unless registered again."""
         removed = []
-        orphans = []
-        for name, versions in self._models.items():
-            for version, model in versions.items():
-                if any(w.worker_id == worker_id for w in model.workers):
-                    model.workers = [w for w in model.workers if w.worker_id != worker_id]
-                    removed.append((name, version))
-                    if not model.workers:
-                        orphans.append(model)
-        for model in orphans:
-            self._orphaned(model)
+        for model in self._served.pop(worker_id, ()):
+            model.workers = [w for w in model.workers if w.worker_id != worker_id]
+            removed.append((model.name, model.version))
+            if not model.workers:
+                self._orphaned(model)
         return removed
 
     def _orphaned(self, model):
@@ -203,12 +206,7 @@ class ModelRegistry:
 
     def names_served_by(self, worker_id):
         """Names of the models ``worker_id`` serves (any version)."""
-        return {
-            name
-            for name, versions in self._models.items()
-            for model in versions.values()
-            if any(w.worker_id == worker_id for w in model.workers)
-        }
+        return {model.name for model in self._served.get(worker_id, ())}
 
     def versions(self, name):
         """Every known version of ``name`` in natural order (empty if unknown)."""

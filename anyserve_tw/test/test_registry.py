@@ -630,3 +630,46 @@ class ForgettingTests(SynchronousTestCase):
         self.assertEqual(self.clock.getDelayedCalls(), [])
         self.assertTrue(self.known("m"))
         self.assertTrue(self.known("n"))
+
+
+class _Unscannable(dict):
+    """A models table that fails the test if anything walks all of it."""
+
+    def _scan(self, *args):
+        raise AssertionError("scanned every model")
+
+    __iter__ = items = values = keys = _scan
+
+
+class PerWorkerIndexTests(SynchronousTestCase):
+    """A heartbeat (names_served_by) and a lost worker (remove_worker) cost
+    O(that worker's models), not O(every model)."""
+
+    def setUp(self):
+        self.registry = ModelRegistry(Clock())
+        a, b = FakeWorker("a"), FakeWorker("b")
+        self.registry.register(a, "m", "1")
+        self.registry.register(a, "m", "2")
+        self.registry.register(a, "n")
+        self.registry.register(b, "n")
+        self.registry.register(b, "o")
+        self.registry._models = _Unscannable(self.registry._models)
+
+    def test_names_served_by(self):
+        self.assertEqual(self.registry.names_served_by("a"), {"m", "n"})
+        self.assertEqual(self.registry.names_served_by("b"), {"n", "o"})
+        self.assertEqual(self.registry.names_served_by("nobody"), set())
+        self.registry.unregister("a", "m", "1")
+        self.assertEqual(self.registry.names_served_by("a"), {"m", "n"})
+        self.registry.unregister("a", "m", "2")
+        self.assertEqual(self.registry.names_served_by("a"), {"n"})
+        self.registry.unregister("a", "n")
+        self.assertEqual(self.registry.names_served_by("a"), set())
+        self.assertNotIn("a", self.registry._served)
+
+    def test_remove_worker(self):
+        self.assertEqual(self.registry.remove_worker("a"), [("m", "1"), ("m", "2"), ("n", "")])
+        self.assertEqual(self.registry.names_served_by("a"), set())
+        self.assertEqual(self.registry.remove_worker("a"), [])
+        self.assertEqual(self.registry.names_served_by("b"), {"n", "o"})
+        self.assertEqual(self.registry.resolve("n").workers[0].worker_id, "b")
