@@ -194,7 +194,10 @@ class Router(Service):
         to the access log if there is one.
         """
         try:
-            model = self._resolve(name, version)
+            try:
+                model = self.registry.resolve(name, version)
+            except InferenceError as e:
+                raise self._while_registering(e, name) from None
             cap = self.max_inflight_per_model
             if cap and model.outstanding >= cap:
                 raise InferenceError(
@@ -225,16 +228,12 @@ class Router(Service):
             return False
         return self.workers_registered is None or not self.workers_registered()
 
-    def _resolve(self, name, version):
-        """The registry's ModelVersion; an unknown model is UNAVAILABLE
-        rather than NOT_FOUND while workers are registering."""
-        try:
-            return self.registry.resolve(name, version)
-        except InferenceError as e:
-            if e.code is grpc.StatusCode.NOT_FOUND and self.registering():
-                raise unavailable("model '%s' is not registered yet: workers are registering"
-                                  % brief(name)) from None
-            raise
+    def _while_registering(self, error, name):
+        """The error to answer a failed lookup with: an unknown model is
+        UNAVAILABLE rather than NOT_FOUND while workers are registering."""
+        if error.code is grpc.StatusCode.NOT_FOUND and self.registering():
+            return unavailable("model '%s' is not registered yet: workers are registering" % brief(name))
+        return error
 
     def model_ready(self, name, version=""):
         return self.registry.is_ready(name, version)
@@ -248,7 +247,10 @@ class Router(Service):
 
     def model_metadata(self, name, version=""):
         """(ModelVersion, every version of its name); NOT_FOUND if unknown."""
-        model = self._resolve(name, version)
+        try:
+            model = self.registry.resolve(name, version)
+        except InferenceError as e:
+            raise self._while_registering(e, name) from None
         return model, self.registry.versions(name)
 
 
