@@ -94,8 +94,9 @@ on_the_thread_front(globals())
 
 
 class NoStarvationTests(IngressTestCase):
-    """Asyncio front only: the thread front holds a thread per RPC in flight,
-    and 200 waiting requests would take all 64 of them."""
+    """Asyncio front: 200 requests wait on a slow model without holding a
+    thread.  The thread front holds one per RPC in flight; its answer, a
+    budget of threads for inference, is tested in tests/test_thread_isolation.py."""
 
     workers = (KSERVE_SERVER, PROBE_SERVER)
     ready = ("add", "nap")

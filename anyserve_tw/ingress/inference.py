@@ -168,8 +168,9 @@ class InferenceAPI:
 
     def ModelConfig(self, request, timeout):
         """See :func:`model_config`; NOT_FOUND for an unknown model or
-        version, as ModelMetadata (an unloaded model still has its config)."""
-        model = self.router.registry.resolve(request.name, request.version)
+        version (UNAVAILABLE while workers are still registering), as
+        ModelMetadata (an unloaded model still has its config)."""
+        model, _ = self.router.model_metadata(request.name, request.version)
         return _v2.ModelConfigResponse(config=model_config(model))
 
     def ModelStatistics(self, request, timeout):
