@@ -424,6 +424,26 @@ def env_items(items):
 # h2load
 
 
+def start_servers(started, starters, start_args, ready, stop, setup_errors, notes):
+    """Start each of ``starters(*start_args)`` into the list ``started`` (at
+    once, so that whoever cleans up after an interruption finds it) and wait
+    until ``ready``; the ones that could not start or never got ready are
+    stopped and left out, their reasons added to ``setup_errors`` and
+    ``notes``."""
+    for start in starters:
+        try:
+            started.append(start(*start_args))
+        except OSError as e:
+            setup_errors.append("could not start: %s" % e)
+    for item in list(started):
+        try:
+            ready(item)
+        except RuntimeError as e:
+            setup_errors.append(str(e))
+            notes.extend(stop(item))
+            started.remove(item)
+
+
 def h2load_argv(h2load, port, body_path, requests, inflight):
     """HTTP/2 cleartext, one connection, ``inflight`` concurrent streams."""
     return [h2load, "-n", str(requests), "-c", "1", "-m", str(inflight),
@@ -937,18 +957,8 @@ def main(argv=None):
           % (os.cpu_count(), os.getloadavg()[0]), flush=True)
     servers = []
     try:
-        for start in starters:
-            try:
-                servers.append(start(args, logdir))
-            except OSError as e:
-                setup_errors.append("could not start: %s" % e)
-        for server in list(servers):
-            try:
-                wait_until_ready(args, server)
-            except RuntimeError as e:
-                setup_errors.append(str(e))
-                notes.extend(server.stop())
-                servers.remove(server)
+        start_servers(servers, starters, (args, logdir), lambda server: wait_until_ready(args, server),
+                      lambda server: server.stop(), setup_errors, notes)
         results.extend(run_rounds(args, servers, cases, bodies))
     except KeyboardInterrupt:
         setup_errors.append("interrupted")

@@ -41,7 +41,7 @@ sys.path.insert(0, REPO)
 
 from bench.bench import (  # noqa: E402  (after the path fix above)
     Server, case_inputs, check_inference, cpu_ticks, env_items, fmt, free_port, indent,
-    median_of, on_sigterm, print_aligned)
+    median_of, on_sigterm, print_aligned, start_servers)
 
 BESIDE = os.path.dirname(REPO)  # where ../shared, ../pa-venv and ../triton-venv live
 
@@ -703,18 +703,8 @@ def main(argv=None):
     need_http = any(c.mode.http for c in cases)
     targets, results, setup_errors, notes = [], [], [], []
     try:
-        for start in starters:
-            try:
-                targets.append(start(args, logdir))
-            except OSError as e:
-                setup_errors.append("could not start: %s" % e)
-        for target in list(targets):
-            try:
-                wait_until_ready(target, need_http)
-            except RuntimeError as e:
-                setup_errors.append(str(e))
-                notes.extend(target.server.stop())
-                targets.remove(target)
+        start_servers(targets, starters, (args, logdir), lambda target: wait_until_ready(target, need_http),
+                      lambda target: target.server.stop(), setup_errors, notes)
         results.extend(run_rounds(args, targets, cases, outdir))
     except KeyboardInterrupt:
         setup_errors.append("interrupted")
