@@ -98,11 +98,12 @@ class HealthTests(SynchronousTestCase):
 
         self.worker.stop(signal.SIGKILL)
         add.wait(lambda w: NOT_SERVING in w.statuses, "NOT_SERVING after its worker was killed")
-        self.assertEqual(self.check(READINESS), NOT_SERVING)
+        # Readiness is published in the same poll, possibly just after.
+        wait_for(lambda: self.check(READINESS) == NOT_SERVING, timeout=5, what="readiness NOT_SERVING")
         self.start_worker()
         add.wait(lambda w: len(w.statuses) >= 3, "SERVING again with a new worker")
         self.assertEqual(add.statuses, [SERVING, NOT_SERVING, SERVING])
-        self.assertEqual(self.check(READINESS), SERVING)
+        wait_for(lambda: self.check(READINESS) == SERVING, timeout=5, what="readiness SERVING again")
         # The server itself stayed SERVING throughout (liveness, not readiness).
         self.assertEqual(server.statuses, [SERVING])
 
