@@ -81,10 +81,9 @@ class HealthTests(SynchronousTestCase):
     def test_check(self):
         """The server, readiness and each model are SERVING; an unknown name
         is NOT_FOUND."""
-        wait_for(lambda: self.check("add") == SERVING, what="add SERVING")
+        wait_for(lambda: self.check("add") == SERVING and self.check("echo") == SERVING
+                 and self.check(READINESS) == SERVING, what="add, echo and readiness SERVING")
         self.assertEqual(self.check(""), SERVING)
-        self.assertEqual(self.check(READINESS), SERVING)
-        self.assertEqual(self.check("echo"), SERVING)
         self.assertEqual(self.check("no-such-model"), grpc.StatusCode.NOT_FOUND)
 
     def test_watch_follows_a_killed_worker_and_shutdown_ends_it(self):
