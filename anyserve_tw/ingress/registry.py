@@ -204,6 +204,14 @@ class ModelRegistry:
                 model.forget_call.cancel()
                 model.forget_call = None
 
+    def get(self, name, version=""):
+        """Exactly (name, version) (no default-version rule), or None."""
+        return self._models.get(name, {}).get(version)
+
+    def served_count(self, worker_id):
+        """How many (name, version) ``worker_id`` serves, in O(1)."""
+        return len(self._served.get(worker_id, ()))
+
     def names_served_by(self, worker_id):
         """Names of the models ``worker_id`` serves (any version)."""
         return {model.name for model in self._served.get(worker_id, ())}
