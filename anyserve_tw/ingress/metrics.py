@@ -8,10 +8,11 @@ process-wide one, so several ingresses in one process (tests) don't collide.
 Labels stay bounded: the router reports only requests it resolved to a
 registered (model, version), never a name a client merely asked for, and a
 ``code`` is one of gRPC's status names; unknown models show up nowhere but in
-their NOT_FOUND answers.  Live workers per model are read from the registry
-at scrape time, so they cannot go stale.
+their NOT_FOUND answers.  Live workers and requests in flight per model are
+read from the registry at scrape time (the router keeps both for routing
+anyway), so they cannot go stale and cost the request path nothing.
 """
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.exposition import choose_encoder
 from twisted.web.resource import Resource
@@ -25,8 +26,7 @@ LATENCY_BUCKETS = (0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1
 class Metrics:
     """The ingress's series, and the calls that feed them.
 
-    ``request_started`` / ``request_finished`` / ``worker_timing`` are on the
-    request path: each looks up the model's labelled children in a dict (one
+    ``request_finished`` / ``worker_timing`` are on the request path: each looks up the model's labelled children in a dict (one
     tuple per (model, version), made on first use), so a request costs a few
     increments and two bucket searches, no label formatting.
     """
@@ -42,9 +42,6 @@ class Metrics:
             "anyserve_request_duration_seconds",
             "Time from forwarding a request to a worker until its answer (or failure) came back.",
             labels, buckets=LATENCY_BUCKETS, registry=self.registry)
-        self.in_flight = Gauge(
-            "anyserve_requests_in_flight", "Requests forwarded to a worker and not yet answered.",
-            labels, registry=self.registry)
         self.worker_queue = Histogram(
             "anyserve_worker_queue_seconds",
             "Time a request waited in its worker for a thread or a batch, as the worker measured it.",
@@ -59,8 +56,8 @@ class Metrics:
         self.evictions = Counter(
             "anyserve_worker_evictions", "Workers dropped for missing their heartbeats.",
             registry=self.registry)
-        self.registry.register(LiveWorkers(router))
-        self._models = {}  # (name, version) -> (in_flight, duration, queue, compute)
+        self.registry.register(RegistryGauges(router))
+        self._models = {}  # (name, version) -> (duration, queue, compute)
         self._codes = {}  # (name, version, code) -> requests child
 
     def _children(self, name, version):
@@ -68,21 +65,15 @@ class Metrics:
         children = self._models.get(key)
         if children is None:
             children = self._models[key] = (
-                self.in_flight.labels(name, version), self.duration.labels(name, version),
-                self.worker_queue.labels(name, version), self.worker_compute.labels(name, version),
+                self.duration.labels(name, version), self.worker_queue.labels(name, version),
+                self.worker_compute.labels(name, version),
             )
         return children
-
-    def request_started(self, name, version):
-        """A request for the registered (name, version) was forwarded."""
-        self._children(name, version)[0].inc()
 
     def request_finished(self, name, version, code_name, seconds):
         """It ended with gRPC status ``code_name`` ("OK", "UNAVAILABLE", ...)
         after ``seconds``."""
-        children = self._children(name, version)
-        children[0].dec()
-        children[1].observe(seconds)
+        self._children(name, version)[0].observe(seconds)
         key = (name, version, code_name)
         counter = self._codes.get(key)
         if counter is None:
@@ -92,9 +83,9 @@ class Metrics:
     def worker_timing(self, name, version, timing):
         """The worker's own times for one request
         (:class:`anyserve_tw.wire.payloads.Timing`, nanoseconds)."""
-        children = self._children(name, version)
-        children[2].observe(timing.queue_ns * 1e-9)
-        children[3].observe((timing.input_ns + timing.infer_ns + timing.output_ns) * 1e-9)
+        _, queue, compute = self._children(name, version)
+        queue.observe(timing.queue_ns * 1e-9)
+        compute.observe((timing.input_ns + timing.infer_ns + timing.output_ns) * 1e-9)
 
     def worker_restarted(self, worker):
         """The supervisor started worker process ``worker`` (its slot name,
@@ -110,25 +101,32 @@ class Metrics:
         return MetricsResource(self.registry)
 
 
-class LiveWorkers:
-    """``anyserve_live_workers``: read from the router's registry when scraped
-    (on the reactor thread, which owns the registry)."""
+class RegistryGauges:
+    """``anyserve_live_workers`` and ``anyserve_requests_in_flight``: read
+    from the router's registry when scraped (on the reactor thread, which
+    owns the registry)."""
 
     def __init__(self, router):
         self.router = router
 
-    def _family(self):
-        return GaugeMetricFamily("anyserve_live_workers", "Workers serving each registered model.",
-                                 labels=("model", "version"))
+    def _families(self):
+        return (GaugeMetricFamily("anyserve_live_workers", "Workers serving each registered model.",
+                                  labels=("model", "version")),
+                GaugeMetricFamily("anyserve_requests_in_flight",
+                                  "Requests forwarded to a worker and not yet answered.",
+                                  labels=("model", "version")))
 
     def describe(self):
-        return [self._family()]
+        return list(self._families())
 
     def collect(self):
-        family = self._family()
+        workers, in_flight = self._families()
         for model in self.router.registry.models():
-            family.add_metric((model.name, model.version), len(model.workers))
-        yield family
+            key = (model.name, model.version)
+            workers.add_metric(key, len(model.workers))
+            in_flight.add_metric(key, model.outstanding)
+        yield workers
+        yield in_flight
 
 
 class MetricsResource(Resource):

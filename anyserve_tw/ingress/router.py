@@ -209,8 +209,6 @@ class Router(Service):
         except Exception:
             return fail()
         model.outstanding += 1
-        if self.metrics is not None:
-            self.metrics.request_started(model.name, model.version)
         return d.addBoth(call.finished)
 
     def shared_memory_changed(self, table):

@@ -49,11 +49,8 @@ class RequestMetricsTests(SynchronousTestCase):
     def test_counts_by_model_version_and_code(self):
         m = self.metrics
         for _ in range(3):
-            m.request_started("add", "")
             m.request_finished("add", "", "OK", 0.002)
-        m.request_started("add", "")
         m.request_finished("add", "", "INTERNAL", 0.0001)
-        m.request_started("cls", "v2")
         m.request_finished("cls", "v2", "DEADLINE_EXCEEDED", 7.0)
         samples, _ = scrape(m)
         self.assertEqual(samples[("anyserve_requests_total", labels(model="add", version="", code="OK"))], 3)
@@ -70,15 +67,14 @@ class RequestMetricsTests(SynchronousTestCase):
         self.assertEqual(samples[("anyserve_request_duration_seconds_bucket", cls | {("le", "5.0")})], 0)
         self.assertEqual(samples[("anyserve_request_duration_seconds_bucket", cls | {("le", "10.0")})], 1)
 
-    def test_in_flight_goes_up_and_back_down(self):
-        m = self.metrics
-        m.request_started("add", "")
-        m.request_started("add", "")
-        samples, _ = scrape(m)
+    def test_in_flight_read_at_scrape_time(self):
+        """The router's own count of a model's requests in flight."""
+        model = self.router.registry.register(FakeWorker("w1"), "add")
+        model.outstanding = 2
+        samples, _ = scrape(self.metrics)
         self.assertEqual(samples[("anyserve_requests_in_flight", labels(model="add", version=""))], 2)
-        m.request_finished("add", "", "OK", 0.1)
-        m.request_finished("add", "", "UNAVAILABLE", 0.1)
-        samples, _ = scrape(m)
+        model.outstanding = 0
+        samples, _ = scrape(self.metrics)
         self.assertEqual(samples[("anyserve_requests_in_flight", labels(model="add", version=""))], 0)
 
     def test_worker_timing(self):
@@ -130,7 +126,6 @@ class RequestMetricsTests(SynchronousTestCase):
     def test_each_ingress_has_its_own_registry(self):
         """Two Metrics in one process neither collide nor share counts."""
         other = Metrics(FakeRouter())
-        self.metrics.request_started("add", "")
         self.metrics.request_finished("add", "", "OK", 0.01)
         samples, _ = scrape(other)
         self.assertNotIn(("anyserve_requests_total", labels(model="add", version="", code="OK")), samples)

@@ -474,7 +474,6 @@ class AccountingTests(FailsWithMixin, SynchronousTestCase):
         self.assertEqual(stats.inference_stats.compute_infer.ns, 30)
         self.assertEqual(stats.last_inference, 100250)
         self.assertEqual(self.router.metrics.calls, [
-            ("request_started", "m", "1"),
             ("worker_timing", "m", "1", Timing(10, 20, 30, 40, 1)),
             ("request_finished", "m", "1", "OK", 0.25),
         ])
