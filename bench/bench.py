@@ -381,10 +381,12 @@ def anyserve_label(front):
 
 def start_anyserve(front, args, logdir):
     """``twistd -n anyserve`` with one worker, the given front, then
-    ``--ingress-args``, with ``--ingress-env`` added to its environment."""
-    port, mgmt = free_port(), free_port()
-    argv = [args.twistd, "-n", "anyserve", "--port", str(port),
-            "--mgmt", str(mgmt), "--worker", args.worker_script]
+    ``--ingress-args``, with ``--ingress-env`` added to its environment.
+    Its HTTP port (REST and metrics, on as by default) is a free one of its
+    own: several ingresses run side by side."""
+    port, mgmt, http = free_port(), free_port(), free_port()
+    argv = [args.twistd, "-n", "anyserve", "--port", str(port), "--mgmt", str(mgmt),
+            "--http-port", str(http), "--worker", args.worker_script]
     argv += FRONT_ARGS[front] + args.ingress_argv
     return Server(anyserve_label(front), argv, port, logdir, env_items(args.ingress_env),
                   args.ready_timeout)
