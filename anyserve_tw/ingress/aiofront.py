@@ -172,8 +172,10 @@ class AioGrpcService(GrpcFrontService):
     asyncio loop the reactor runs on."""
 
     def __init__(self, loop, label, host, port, handlers, timeouts=None,
-                 max_message_size=defaults.MAX_MESSAGE_SIZE, max_concurrent_rpcs=None, grace=10.0):
-        super().__init__(label, host, port, handlers, max_message_size, max_concurrent_rpcs, grace)
+                 max_message_size=defaults.MAX_MESSAGE_SIZE, max_concurrent_rpcs=None, grace=10.0,
+                 credentials=None, interceptors=()):
+        super().__init__(label, host, port, handlers, max_message_size, max_concurrent_rpcs, grace,
+                         credentials, interceptors)
         self.loop = loop
         self.timeouts = timeouts
         #: Fires once the server serves; fails if it could not start.
@@ -183,10 +185,11 @@ class AioGrpcService(GrpcFrontService):
         asyncio.set_event_loop(self.loop)  # where grpc.aio looks for its loop
         self.server = grpc.aio.server(
             handlers=self.handlers,
+            interceptors=self.interceptors,
             options=rpc.channel_options(self.max_message_size) + [("grpc.so_reuseport", 0)],
             maximum_concurrent_rpcs=self.max_concurrent_rpcs,
         )
-        self.bound_port = rpc.listen(self.server, self.label, self.host, self.port)
+        self.bound_port = rpc.listen(self.server, self.label, self.host, self.port, self.credentials)
         self.started = Deferred.fromFuture(asyncio.ensure_future(self.server.start(), loop=self.loop))
         self.started.addErrback(lambda f: self.log.failure("{label} gRPC did not start", f, label=self.label))
         if self.timeouts is not None:

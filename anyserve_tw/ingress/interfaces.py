@@ -43,7 +43,8 @@ class GrpcFrontService(Service):
 
     log = Logger()
 
-    def __init__(self, label, host, port, handlers, max_message_size, max_concurrent_rpcs, grace):
+    def __init__(self, label, host, port, handlers, max_message_size, max_concurrent_rpcs, grace,
+                 credentials=None, interceptors=()):
         self.label = label
         self.host = host
         self.port = port
@@ -51,6 +52,10 @@ class GrpcFrontService(Service):
         self.max_message_size = max_message_size
         self.max_concurrent_rpcs = max_concurrent_rpcs
         self.grace = grace
+        #: grpc.ServerCredentials for TLS, None for plain TCP.
+        self.credentials = credentials
+        #: Server interceptors of this front's kind (sync or aio), e.g. authentication.
+        self.interceptors = list(interceptors)
         self.server = None
         self.bound_port = None
 

@@ -212,14 +212,14 @@ class InferenceBudget(grpc.ServerInterceptor):
 
 
 def build_server(handlers, threads=defaults.DEFAULT_FRONT_THREADS, max_message_size=defaults.MAX_MESSAGE_SIZE,
-                 max_concurrent_rpcs=defaults.DEFAULT_MAX_CONCURRENT_RPCS, label=""):
+                 max_concurrent_rpcs=defaults.DEFAULT_MAX_CONCURRENT_RPCS, label="", interceptors=()):
     """A grpcio thread-pool server, not yet bound or started: one thread per
     RPC in flight, inference calls admitted by an :class:`InferenceBudget`,
     the message caps both ways, no port sharing."""
     return grpc.server(
         futures.ThreadPoolExecutor(max_workers=threads, thread_name_prefix=label),
         handlers=handlers,
-        interceptors=[InferenceBudget(threads)],
+        interceptors=[*interceptors, InferenceBudget(threads)],
         options=channel_options(max_message_size) + [("grpc.so_reuseport", 0)],
         maximum_concurrent_rpcs=max_concurrent_rpcs,
     )
@@ -230,15 +230,17 @@ class GrpcServerService(GrpcFrontService):
     """Serves ``handlers`` on ``host:port`` from a pool of ``threads`` threads."""
 
     def __init__(self, reactor, label, host, port, handlers, threads=defaults.DEFAULT_FRONT_THREADS,
-                 max_message_size=defaults.MAX_MESSAGE_SIZE, max_concurrent_rpcs=None, grace=10.0):
-        super().__init__(label, host, port, handlers, max_message_size, max_concurrent_rpcs, grace)
+                 max_message_size=defaults.MAX_MESSAGE_SIZE, max_concurrent_rpcs=None, grace=10.0,
+                 credentials=None, interceptors=()):
+        super().__init__(label, host, port, handlers, max_message_size, max_concurrent_rpcs, grace,
+                         credentials, interceptors)
         self.reactor = reactor
         self.threads = threads
 
     def startService(self):
         self.server = build_server(self.handlers, self.threads, self.max_message_size,
-                                   self.max_concurrent_rpcs, self.label)
-        self.bound_port = rpc.listen(self.server, self.label, self.host, self.port)
+                                   self.max_concurrent_rpcs, self.label, self.interceptors)
+        self.bound_port = rpc.listen(self.server, self.label, self.host, self.port, self.credentials)
         self.server.start()
         super().startService()
         self.log.info("{label} gRPC listening on {host}:{port} (thread front, {threads} threads)",

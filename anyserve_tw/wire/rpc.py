@@ -33,12 +33,16 @@ def time_left(context, default):
     return remaining
 
 
-def listen(server, label, host, port):
-    """Bind grpc ``server`` (sync or aio) to ``host:port``; the port bound.
+def listen(server, label, host, port, credentials=None):
+    """Bind grpc ``server`` (sync or aio) to ``host:port``, with TLS when
+    ``credentials`` (grpc.ServerCredentials) are given; the port bound.
     Raises at once when it can't, so a busy port stops the process."""
     address = "%s:%d" % (host, port)
     try:
-        bound = server.add_insecure_port(address)
+        if credentials is not None:
+            bound = server.add_secure_port(address, credentials)
+        else:
+            bound = server.add_insecure_port(address)
     except RuntimeError:
         bound = 0
     if not bound:
