@@ -149,7 +149,8 @@ class WorkerSupervisor(ProcessMonitor):
     killTime = 10
 
     def __init__(self, reactor, scripts, copies, ingress_address, heartbeat_interval,
-                 socket_dir=None, max_message_size=None, python=sys.executable, metrics=None):
+                 socket_dir=None, max_message_size=None, python=sys.executable, metrics=None,
+                 environ=None):
         super().__init__(reactor)
         self.reactor = reactor
         self.scripts = list(scripts)
@@ -158,6 +159,8 @@ class WorkerSupervisor(ProcessMonitor):
         self.heartbeat_interval = heartbeat_interval
         self.max_message_size = max_message_size
         self.python = python
+        #: More environment for every worker (e.g. its management token).
+        self.environ = dict(environ or {})
         self._socket_dir = socket_dir
         self.socket_dir = None
         #: :class:`~anyserve_tw.ingress.metrics.Metrics` told of each restart.
@@ -200,6 +203,7 @@ class WorkerSupervisor(ProcessMonitor):
                 supervision.ENV_STATUS_FD: str(supervision.STATUS_FD),
                 "PYTHONUNBUFFERED": "1",
             })
+            env.update(self.environ)
             if self.max_message_size:
                 env[defaults.ENV_MAX_MESSAGE_SIZE] = str(self.max_message_size)
             env.pop(defaults.ENV_WORKER_ID, None)
