@@ -5,7 +5,7 @@ serves (:mod:`anyserve_tw.ingress.interfaces`); nothing here blocks.
 """
 import grpc
 from twisted.application.service import Service
-from twisted.internet.defer import CancelledError, TimeoutError, fail
+from twisted.internet.defer import CancelledError, TimeoutError, fail, succeed
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -34,6 +34,13 @@ class Router(Service):
     supervised worker has yet to register, a request for an unknown model
     gets UNAVAILABLE ("workers are registering", which clients retry)
     rather than NOT_FOUND (which looks permanent).
+
+    Each worker handle counts the requests routed to it (``requests``: one
+    increment on the request path).  When one reaches
+    ``max_requests_per_worker`` (0: never), ``on_request_limit(worker_id,
+    address, count)`` is told, once, so that the supervisor can recycle
+    it; :meth:`drain` then takes the worker out of routing while its
+    requests in flight finish.
     """
 
     log = Logger()
@@ -66,6 +73,11 @@ class Router(Service):
         self.workers_registered = None
         #: ``on_registered(worker_id)``: a worker's model was just routed.
         self.on_registered = None
+        #: Requests after which a worker is reported to ``on_request_limit``.
+        self.max_requests_per_worker = 0
+        #: ``on_request_limit(worker_id, address, count)``: see the class docstring.
+        self.on_request_limit = None
+        self._draining = set()  # ids of workers taken out of routing by drain()
         self._reaper = None
 
     def startService(self):
@@ -96,6 +108,9 @@ class Router(Service):
         to it; UNAVAILABLE if its socket can't be reached.
         """
         handle = self.workers.get(worker_id)
+        if handle is not None and worker_id in self._draining and not handle.closed:
+            # Being recycled: it withdraws and exits; never route to it again.
+            return succeed(True)
         if handle is not None and handle.closed:
             self._forget(handle, "re-registered")
             handle = None
@@ -113,6 +128,7 @@ class Router(Service):
                 connect_timeout=self.connect_timeout,
             )
             handle.shm_table = self.shm_table
+            handle.requests = 0  # routed to it so far (see the class docstring)
             self.workers[worker_id] = handle
             self.log.info("worker {worker} at {address}: connecting", worker=worker_id, address=address)
 
@@ -137,6 +153,8 @@ class Router(Service):
         return handle.connect().addCallbacks(connected, failed)
 
     def unregister_model(self, worker_id, name, version=""):
+        if worker_id in self._draining:
+            return True  # drain() withdrew it already
         removed = self.registry.unregister(worker_id, name, version)
         if removed:
             self.log.info("model {name}:{version} withdrawn by worker {worker}",
@@ -150,8 +168,39 @@ class Router(Service):
         if handle is None or handle.closed:
             return False
         handle.last_heartbeat = self.reactor.seconds()
+        if worker_id in self._draining:
+            return True  # withdrawn on purpose: it must not register again
         served = self.registry.names_served_by(worker_id)
         return all(name in served for name in model_names)
+
+    def drain(self, worker_id):
+        """Stop routing new requests to ``worker_id``, as if it had
+        withdrawn every model, while its requests in flight finish and its
+        heartbeats keep it from eviction; it is forgotten when its
+        connections close.  Its registrations from now on are ignored.
+        False if the worker is unknown here.
+
+        The supervisor calls it to recycle a worker once the replacement
+        has registered, so every model keeps a live worker throughout.
+        """
+        handle = self.workers.get(worker_id)
+        if handle is None or handle.closed:
+            return False
+        self._draining.add(worker_id)
+        for model in self.registry.models():
+            if handle in model.workers:
+                self.registry.unregister(worker_id, model.name, model.version)
+        self.log.info("worker {worker} draining: no new requests routed to it", worker=worker_id)
+        return True
+
+    def draining(self, worker_id):
+        """Whether ``worker_id`` was taken out of routing by :meth:`drain`."""
+        return worker_id in self._draining
+
+    def requests_served(self, worker_id):
+        """Requests routed to ``worker_id`` so far (0 if unknown)."""
+        handle = self.workers.get(worker_id)
+        return 0 if handle is None else handle.requests
 
     def evict_silent_workers(self):
         """Drop every worker whose last heartbeat is older than the timeout."""
@@ -170,13 +219,18 @@ class Router(Service):
     def _forget(self, handle, reason):
         if self.workers.get(handle.worker_id) is handle:
             del self.workers[handle.worker_id]
+            self._draining.discard(handle.worker_id)
         self.registry.remove_worker(handle.worker_id)
         handle.close(reason)
 
     def _worker_lost(self, handle):
         if self.workers.get(handle.worker_id) is handle:
-            self.log.warn("worker {worker} disconnected ({reason})",
-                          worker=handle.worker_id, reason=handle.lost_reason)
+            if handle.worker_id in self._draining:  # the end of a drain, as expected
+                self._draining.discard(handle.worker_id)
+                self.log.info("drained worker {worker} disconnected", worker=handle.worker_id)
+            else:
+                self.log.warn("worker {worker} disconnected ({reason})",
+                              worker=handle.worker_id, reason=handle.lost_reason)
             del self.workers[handle.worker_id]
             self.registry.remove_worker(handle.worker_id)
 
@@ -204,12 +258,22 @@ class Router(Service):
                     grpc.StatusCode.RESOURCE_EXHAUSTED,
                     "model '%s' has %d requests in flight" % (brief(model.name), model.outstanding))
             worker = self.registry.pick_worker(model)
+            worker.requests += 1
+            if worker.requests == self.max_requests_per_worker:
+                self._request_limit(worker)
             call = _Call(self, model, worker, on_partial, request_id)
             d = worker.forward(payload, timeout, kind, call)
         except Exception:
             return fail()
         model.outstanding += 1
         return d.addBoth(call.finished)
+
+    def _request_limit(self, worker):
+        """``worker`` just reached ``max_requests_per_worker``: tell the
+        supervisor (on the next turn: never inside a request)."""
+        if self.on_request_limit is not None:
+            self.reactor.callLater(0, self.on_request_limit, worker.worker_id, worker.address,
+                                   worker.requests)
 
     def shared_memory_changed(self, table):
         """Send the shared-memory regions (``{name: Region}``) to every worker,

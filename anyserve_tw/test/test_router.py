@@ -333,6 +333,99 @@ class RouterTests(FailsWithMixin, SynchronousTestCase):
         self.assertEqual([c for c in self.reactor.getDelayedCalls() if c.active()], [])
 
 
+class RecyclingTests(FailsWithMixin, SynchronousTestCase):
+    """What recycling asks of the router: a count per worker, a word when
+    one reaches the limit, and a drain that loses no request."""
+
+    accept = RouterTests.accept
+    register = RouterTests.register
+    infer_frames = RouterTests.infer_frames
+
+    def setUp(self):
+        RouterTests.setUp(self)
+        self.told = []
+        self.router.on_request_limit = lambda *args: self.told.append(args)
+
+    def test_requests_are_counted_per_worker(self):
+        self.register("w1", "m")
+        self.register("w2", "m")
+        for _ in range(5):
+            self.router.infer("m", "", b"x")
+        self.assertEqual(self.router.requests_served("w1") + self.router.requests_served("w2"), 5)
+        self.assertEqual(self.router.requests_served("nobody"), 0)
+
+    def test_the_limit_is_told_once_on_the_next_turn(self):
+        self.router.max_requests_per_worker = 3
+        self.register("w1", "m")
+        for _ in range(3):
+            self.router.infer("m", "", b"x")
+        self.assertEqual(self.told, [])  # never inside a request
+        self.reactor.advance(0)
+        self.assertEqual(self.told, [("w1", "unix:///tmp/w1.sock", 3)])
+        for _ in range(3):
+            self.router.infer("m", "", b"x")
+        self.reactor.advance(0)
+        self.assertEqual(len(self.told), 1)
+
+    def test_no_limit_by_default(self):
+        self.register("w1", "m")
+        for _ in range(3):
+            self.router.infer("m", "", b"x")
+        self.reactor.advance(0)
+        self.assertEqual(self.told, [])
+
+    def test_drain_stops_new_requests_and_finishes_those_in_flight(self):
+        old = self.register("w1", "m")
+        self.register("w1", "other")
+        new = self.register("w2", "m")
+        in_flight = self.router.infer("m", "", b"x")
+        [request] = self.infer_frames(old)
+        self.assertTrue(self.router.drain("w1"))
+        self.assertTrue(self.router.draining("w1"))
+        for _ in range(4):
+            self.router.infer("m", "", b"y")
+        self.assertEqual((len(self.infer_frames(old)), len(self.infer_frames(new))), (1, 4))
+        self.assertTrue(self.router.model_ready("m"))
+        # Withdrawn like an UnregisterModel: its last model leaves.
+        self.assertFailsWith(self.router.infer("other", "", b"x"), grpc.StatusCode.NOT_FOUND)
+        # Its request in flight is answered.
+        [link] = [link for link in old if link.frames()]
+        link.send(frame(framing.RESPONSE, request[1], b"answer"))
+        self.assertEqual(self.successResultOf(in_flight), b"answer")
+
+    def test_a_draining_worker_is_not_told_to_register_again(self):
+        old = self.register("w1", "m")
+        self.register("w2", "m")
+        self.router.drain("w1")
+        self.assertTrue(self.router.heartbeat("w1", ["m"]))  # else it would register again
+        self.assertTrue(self.router.unregister_model("w1", "m"))  # its own withdrawal: no error
+        d = self.router.register_model("w1", "unix:///tmp/w1.sock", "m")
+        self.assertIs(self.successResultOf(d), True)
+        for _ in range(3):
+            self.router.infer("m", "", b"y")
+        self.assertEqual(self.infer_frames(old), [])
+        self.assertTrue(self.router.model_ready("m"))
+
+    def test_a_drained_worker_is_forgotten_when_it_disconnects(self):
+        old = self.register("w1", "m")
+        self.register("w2", "m")
+        self.router.drain("w1")
+        for link in old:
+            link.transport.peer_closes()
+        self.assertNotIn("w1", self.router.workers)
+        self.assertFalse(self.router.draining("w1"))
+        self.assertTrue(self.router.model_ready("m"))
+        # The same id may come back as a new worker.
+        self.register("w1", "m")
+        self.router.infer("m", "", b"a")
+        self.router.infer("m", "", b"b")
+        self.assertEqual(self.router.requests_served("w1"), 1)
+
+    def test_drain_of_an_unknown_worker(self):
+        self.assertFalse(self.router.drain("nobody"))
+        self.assertFalse(self.router.draining("nobody"))
+
+
 class InflightCapTests(FailsWithMixin, SynchronousTestCase):
     """--max-inflight-per-model: past the cap, RESOURCE_EXHAUSTED at once,
     for that model only; a slot is freed by every outcome."""
