@@ -1,5 +1,6 @@
 """Tests for anyserve_tw.ingress.supervisor on a fake clock: exit logging,
-the crash-loop back-off, status pipe, output relay and ``replace``.  (Real
+the crash-loop back-off, status pipe, output relay, ``replace``, recycling,
+the interpreter, math threads and GPUs.  (Real
 processes: anyserve_tw.test.test_servicetree and tests/test_lifecycle.py.)"""
 import signal
 
@@ -9,7 +10,10 @@ from twisted.logger import Logger, formatEvent
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
-from anyserve_tw.ingress.supervisor import OutputLines, WorkerSupervisor, describe_exit
+from anyserve_tw.ingress.supervisor import (
+    MATH_THREAD_VARIABLES, SHEBANG, OutputLines, WorkerSupervisor, available_cores, describe_exit,
+    resident_bytes, shebang_of,
+)
 from anyserve_tw.wire import supervision
 
 
@@ -30,6 +34,7 @@ class FakeProcessReactor(Clock):
     def __init__(self):
         super().__init__()
         self.spawned = []  # (name, env, childFDs)
+        self.argvs = []  # (executable, args) of each spawn
         self.fail = False
         self._pid = 1000
 
@@ -39,6 +44,7 @@ class FakeProcessReactor(Clock):
             raise OSError("cannot fork")
         self._pid += 1
         self.spawned.append((protocol.name, env, childFDs))
+        self.argvs.append((executable, list(args)))
         transport = FakeProcess(self._pid)
         protocol.makeConnection(transport)
         return transport
@@ -326,3 +332,291 @@ class OutputLinesTests(SynchronousTestCase):
     def test_bytes_that_are_not_utf8(self):
         self.out.feed(b"caf\xc3\xa9 \xff\n")
         self.assertEqual(self.lines, ["caf\u00e9 \ufffd"])
+
+
+class RecycleTestCase(SupervisorTestCase):
+    """One worker, recycled after 100 requests or above 50 MB."""
+
+    def setUp(self):
+        self.reactor = FakeProcessReactor()
+        self.sup = WorkerSupervisor(self.reactor, ["/x/model.py"], 1, "127.0.0.1:1", 0.5,
+                                    socket_dir="/nonexistent", max_requests=100, max_rss_mb=50)
+        self.served = {}
+        self.drained = []
+        self.sup.requests_served = lambda worker_id: self.served.get(worker_id, 0)
+        self.sup.drain = self.drained.append
+        self.rss = {}
+        import anyserve_tw.ingress.supervisor as module
+        self.patch(module, "resident_bytes", lambda pid: self.rss.get(pid))
+        self.events = []
+        self.sup.log = Logger(namespace="supervisor", observer=self.events.append)
+        self.sup.startService()
+        self.addCleanup(self.sup.stopService)
+        self.old = self.proto()
+        self.status(supervision.RUNNING, supervision.REGISTERED)
+
+    def address(self, proto):
+        return "unix://" + proto.socket
+
+
+class RecycleTests(RecycleTestCase):
+    def test_replacement_first_then_drain_then_sigterm(self):
+        old = self.old
+        self.assertEqual(old.worker_id, "model-0-%d" % old.pid)
+        self.sup.request_limit(old.worker_id, self.address(old), 100)
+        self.assertIn("recycling worker model-0 (pid %d): served 100 requests (--worker-max-requests 100); "
+                      "starting its replacement" % old.pid, self.messages())
+        # The replacement runs beside it, on a socket of its own ...
+        new = self.proto()
+        self.assertIsNot(new, old)
+        self.assertEqual(new.socket, "/nonexistent/model-0-r1.sock")
+        self.assertEqual(self.reactor.spawned[-1][1]["ANYSERVE_SOCKET"], new.socket)
+        self.assertEqual(new.worker_id, "model-0-r1-%d" % new.pid)
+        # ... and until it has registered every model the old one serves on.
+        self.assertEqual((old.transport.signals, self.drained), ([], []))
+        self.assertTrue(self.sup.all_registered())  # no dip in readiness
+        self.sup.note_registered(new.worker_id)  # its first model: not enough
+        self.assertEqual(self.drained, [])
+        self.status(supervision.RUNNING, supervision.REGISTERED)
+        self.assertEqual(self.drained, [old.worker_id])
+        self.assertEqual(old.transport.signals, ["TERM"])
+        self.assertTrue(self.sup.all_registered())
+        old.processEnded(exited(0))
+        self.assertIn("recycled worker model-0 (pid %d) exited with code 0" % old.pid, self.last())
+        self.assertEqual(new.transport.signals, [])
+        self.assertIs(self.proto(), new)
+        self.assertEqual(len(self.starts()), 2)
+        self.reactor.advance(self.sup.killTime)
+        self.assertEqual(old.transport.signals, ["TERM"])  # no SIGKILL after a clean exit
+
+    def test_a_worker_that_does_not_drain_is_killed(self):
+        old = self.old
+        self.sup.recycle("model-0", "test")
+        self.status(supervision.REGISTERED)
+        self.reactor.advance(self.sup.killTime)
+        self.assertEqual(old.transport.signals, ["TERM", "KILL"])
+        old.processEnded(killed(signal.SIGKILL))
+        self.assertIn("killed by SIGKILL (still running 10s after SIGTERM)", self.last())
+        self.assertEqual(len(self.starts()), 2)  # the recycled one is not restarted
+
+    def test_the_periodic_check_counts_requests(self):
+        self.served[self.old.worker_id] = 99
+        self.reactor.advance(self.sup.check_interval)
+        self.assertEqual(len(self.starts()), 1)
+        self.served[self.old.worker_id] = 130
+        self.reactor.advance(self.sup.check_interval)
+        self.assertEqual(len(self.starts()), 2)
+        self.assertIn("served 130 requests", " ".join(self.messages()))
+
+    def test_the_periodic_check_reads_resident_memory(self):
+        self.rss[self.old.pid] = 50 * 1024 * 1024
+        self.reactor.advance(self.sup.check_interval)
+        self.assertEqual(len(self.starts()), 1)
+        self.rss[self.old.pid] = 80 * 1024 * 1024
+        self.reactor.advance(self.sup.check_interval)
+        self.assertEqual(len(self.starts()), 2)
+        self.assertIn("resident memory 80 MB is above --worker-max-rss 50 MB", " ".join(self.messages()))
+
+    def test_not_before_it_registered_nor_twice_at_once(self):
+        self.assertTrue(self.sup.recycle("model-0", "first"))
+        self.assertFalse(self.sup.recycle("model-0", "again"))  # its replacement is starting
+        self.assertFalse(self.sup.recycle("model-0", "again"))
+        self.assertEqual(len(self.starts()), 2)
+        self.status(supervision.REGISTERED)
+        self.assertTrue(self.sup.recycle("model-0", "the replacement's turn"))
+
+    def test_requests_of_strangers_or_under_the_limit_are_ignored(self):
+        old = self.old
+        self.sup.request_limit(old.worker_id, "unix:///elsewhere.sock", 100)
+        self.sup.request_limit("model-0-1", self.address(old), 100)
+        self.sup.request_limit(old.worker_id, self.address(old), 99)
+        self.assertEqual(len(self.starts()), 1)
+
+    def test_a_replacement_that_dies_leaves_the_old_one_serving(self):
+        old = self.old
+        self.sup.recycle("model-0", "test")
+        new = self.proto()
+        new.processEnded(exited(1))
+        self.assertIn("recycling worker model-0 (pid %d) abandoned: its replacement (pid %d) exited "
+                      "with code 1 before registering" % (old.pid, new.pid), self.last())
+        self.assertIs(self.proto(), old)
+        self.assertEqual(old.transport.signals, [])
+        self.reactor.advance(60)
+        self.assertEqual(len(self.starts()), 2)  # no restart of the replacement
+        self.assertTrue(self.sup.all_registered())
+        self.assertTrue(self.sup.recycle("model-0", "later"))  # tried again (back-off: 1 s)
+        self.assertEqual(self.proto().socket, "/nonexistent/model-0-r1.sock")
+
+    def test_a_failed_recycle_waits_out_the_back_off(self):
+        self.sup.recycle("model-0", "test")
+        self.proto().processEnded(exited(1))
+        self.assertFalse(self.sup.recycle("model-0", "at once"))
+        self.reactor.advance(1)
+        self.assertTrue(self.sup.recycle("model-0", "a second later"))
+
+    def test_the_old_one_dying_meanwhile(self):
+        old = self.old
+        self.sup.recycle("model-0", "test")
+        new = self.proto()
+        old.processEnded(killed(signal.SIGSEGV))
+        self.assertIn("killed by SIGSEGV while being recycled", self.last())
+        self.assertIs(self.proto(), new)
+        self.status(supervision.REGISTERED)
+        self.assertEqual(self.drained, [])  # nothing left to drain
+
+    def test_a_replacement_without_status_pipe_is_taken_at_the_routers_word(self):
+        old = self.old
+        self.sup.recycle("model-0", "test")
+        new = self.proto()
+        self.sup.note_registered(new.worker_id)
+        self.reactor.advance(self.sup.threshold)
+        self.assertEqual(self.drained, [old.worker_id])
+        self.assertEqual(old.transport.signals, ["TERM"])
+
+    def test_stopping_stops_old_and_new(self):
+        old = self.old
+        self.sup.recycle("model-0", "test")
+        new = self.proto()
+        d = self.sup.stopService()
+        self.assertEqual((old.transport.signals, new.transport.signals), (["TERM"], ["TERM"]))
+        new.processEnded(exited(0))
+        self.reactor.advance(0.1)
+        self.assertNoResult(d)  # the old one is still draining
+        old.processEnded(exited(0))
+        self.reactor.advance(0.1)
+        self.successResultOf(d)
+
+    def test_resident_bytes(self):
+        import os
+
+        self.assertGreater(resident_bytes(os.getpid()), 1024 * 1024)
+        self.assertIsNone(resident_bytes(2 ** 22 + 12345))
+
+
+class EnvironmentTestCase(SynchronousTestCase):
+    def supervisor(self, scripts=("/x/a.py",), copies=1, **kwargs):
+        reactor = FakeProcessReactor()
+        sup = WorkerSupervisor(reactor, list(scripts), copies, "127.0.0.1:1", 0.5,
+                               socket_dir="/nonexistent", **kwargs)
+        sup.log = Logger(observer=lambda e: None)
+        sup.startService()
+        self.addCleanup(sup.stopService)
+        return reactor, sup
+
+
+class MathThreadTests(EnvironmentTestCase):
+    def setUp(self):
+        import os
+
+        for var in MATH_THREAD_VARIABLES:
+            if var in os.environ:
+                self.patch(os, "environ", {k: v for k, v in os.environ.items()
+                                           if k not in MATH_THREAD_VARIABLES})
+                break
+
+    def threads(self, reactor):
+        return [{var: env.get(var) for var in MATH_THREAD_VARIABLES} for _, env, _ in reactor.spawned]
+
+    def test_cores_shared_among_every_worker(self):
+        reactor, _ = self.supervisor(["/x/a.py", "/x/b.py"], copies=2, cores=16)
+        self.assertEqual(self.threads(reactor), [dict.fromkeys(MATH_THREAD_VARIABLES, "4")] * 4)
+
+    def test_at_least_one(self):
+        reactor, _ = self.supervisor(["/x/a.py", "/x/b.py"], copies=3, cores=4)
+        self.assertEqual(self.threads(reactor), [dict.fromkeys(MATH_THREAD_VARIABLES, "1")] * 6)
+
+    def test_the_operators_variables_are_kept(self):
+        import os
+
+        self.patch(os, "environ", dict(os.environ, OMP_NUM_THREADS="7"))
+        reactor, _ = self.supervisor(copies=2, cores=8)
+        for threads in self.threads(reactor):
+            self.assertEqual(threads["OMP_NUM_THREADS"], "7")
+            self.assertEqual(threads["MKL_NUM_THREADS"], "4")
+
+    def test_the_option_overrides_everything(self):
+        import os
+
+        self.patch(os, "environ", dict(os.environ, OMP_NUM_THREADS="7"))
+        reactor, _ = self.supervisor(copies=2, cores=8, math_threads=3)
+        self.assertEqual(self.threads(reactor), [dict.fromkeys(MATH_THREAD_VARIABLES, "3")] * 2)
+
+    def test_available_cores(self):
+        import os
+
+        cores = available_cores()
+        self.assertGreaterEqual(cores, 1)
+        self.assertLessEqual(cores, os.cpu_count())
+
+
+class GpuTests(EnvironmentTestCase):
+    def devices(self, reactor):
+        return [(name, env.get("CUDA_VISIBLE_DEVICES")) for name, env, _ in reactor.spawned]
+
+    def test_round_robin_over_every_worker(self):
+        reactor, _ = self.supervisor(["/x/a.py", "/x/b.py"], copies=3, gpus=["0", "1"])
+        self.assertEqual(self.devices(reactor), [("a-0", "0"), ("a-1", "1"), ("a-2", "0"),
+                                                 ("b-0", "1"), ("b-1", "0"), ("b-2", "1")])
+
+    def test_none_given_leaves_it_inherited(self):
+        import os
+
+        self.patch(os, "environ", dict(os.environ, CUDA_VISIBLE_DEVICES="5"))
+        reactor, _ = self.supervisor(copies=2)
+        self.assertEqual(self.devices(reactor), [("a-0", "5"), ("a-1", "5")])
+
+    def test_a_restarted_or_recycled_worker_keeps_its_device(self):
+        reactor, sup = self.supervisor(copies=2, gpus=["GPU-aaaa", "GPU-bbbb"])
+        proto = sup.protocols["a-1"]
+        proto.childDataReceived(supervision.STATUS_FD, b"registered\n")
+        sup.recycle("a-1", "test")
+        sup.protocols["a-0"].processEnded(exited(1))
+        reactor.advance(1)
+        self.assertEqual(self.devices(reactor)[2:], [("a-1", "GPU-bbbb"), ("a-0", "GPU-aaaa")])
+
+
+class InterpreterTests(EnvironmentTestCase):
+    def test_the_ingress_interpreter_by_default(self):
+        import os
+        import sys
+
+        reactor, _ = self.supervisor()
+        self.assertEqual(reactor.argvs, [(sys.executable, [sys.executable, os.path.abspath("/x/a.py")])])
+
+    def test_an_interpreter_of_choice(self):
+        reactor, _ = self.supervisor(python="/opt/venv/bin/python")
+        self.assertEqual(reactor.argvs, [("/opt/venv/bin/python", ["/opt/venv/bin/python", "/x/a.py"])])
+
+    def test_shebang(self):
+        import os
+        import sys
+        import tempfile
+
+        folder = tempfile.mkdtemp()
+        self.addCleanup(__import__("shutil").rmtree, folder)
+        with_line, without, not_executable = (os.path.join(folder, n) for n in ("a.py", "b.py", "c.py"))
+        for path, text, mode in ((with_line, "#!/opt/venv/bin/python -X utf8\n", 0o755),
+                                 (without, "import os\n", 0o755),
+                                 (not_executable, "#!/opt/venv/bin/python\n", 0o644)):
+            with open(path, "w") as f:
+                f.write(text)
+            os.chmod(path, mode)
+        self.assertEqual(shebang_of(with_line), "/opt/venv/bin/python -X utf8")
+        self.assertIsNone(shebang_of(without))
+        self.assertIsNone(shebang_of(not_executable))
+        reactor, _ = self.supervisor([with_line, without, not_executable], python=SHEBANG)
+        self.assertEqual(reactor.argvs, [(with_line, [with_line]),
+                                         (sys.executable, [sys.executable, without]),
+                                         (sys.executable, [sys.executable, not_executable])])
+
+    def test_an_interpreter_without_the_sdk_is_named(self):
+        reactor, sup = self.supervisor(python="/usr/bin/python3")
+        messages = []
+        sup.log = Logger(observer=lambda e: messages.append(formatEvent(e)))
+        proto = sup.protocols["a-0"]
+        proto.childDataReceived(2, b"Traceback (most recent call last):\n"
+                                   b"ModuleNotFoundError: No module named 'anyserve_tw'\n")
+        proto.processEnded(exited(1))
+        self.assertIn("exited with code 1 before registering: its interpreter (/usr/bin/python3) cannot "
+                      "import anyserve_tw; install AnyServe there or choose another with --worker-python",
+                      messages[-1])
