@@ -1,4 +1,8 @@
 """The model author's API: ``app = AnyServe()``, ``@app.model(...)``, ``app.run()``."""
+import inspect
+
+from twisted.internet.defer import Deferred, ensureDeferred
+
 from anyserve_tw.wire.defaults import default_version
 from anyserve_tw.wire.errors import not_found
 from anyserve_tw.worker.model import Model
@@ -27,26 +31,61 @@ class AnyServe:
 
     def __init__(self):
         self.models = {}
+        #: Functions :meth:`load` runs, in the order they were declared.
+        self.load_hooks = []
 
     def model(self, name, version=None, inputs=None, outputs=None, platform="python",
-              asynchronous=None, labels=None):
+              asynchronous=None, labels=None, max_batch_size=0, max_queue_delay_ms=0,
+              preferred_batch_sizes=None):
         """Decorator registering a handler for (name, version).
 
         A generator (or async generator) handler is *decoupled*: it yields
         any number of responses per request, streamed through
         ModelStreamInfer.  ``labels`` (output name -> class labels by index)
         feed Triton's classification extension (``class_count``).
+
+        ``max_batch_size`` > 0 turns on dynamic batching, with Triton's
+        meanings: declared shapes leave out the batch dimension, a request
+        brings ``[n, *shape]`` tensors (1 <= n <= max_batch_size), and the
+        worker joins the requests that arrive together (up to
+        ``max_batch_size`` rows, waiting at most ``max_queue_delay_ms`` from
+        the first, at once on reaching one of ``preferred_batch_sizes``) into
+        one call of the handler, whose outputs must have one row per input
+        row.  See :mod:`anyserve_tw.worker.batching`.
         """
 
         def register(handler):
             model = Model(handler, name, version or "", inputs, outputs, platform, asynchronous,
-                          labels=labels)
+                          labels=labels, max_batch_size=max_batch_size,
+                          preferred_batch_sizes=preferred_batch_sizes,
+                          max_queue_delay_ms=max_queue_delay_ms)
             if model.key in self.models:
                 raise ValueError("model %s version %r registered twice" % (name, model.version))
             self.models[model.key] = model
             return handler
 
         return register
+
+    def on_load(self, hook):
+        """Decorator: ``hook()`` (plain or ``async def``) runs when the worker
+        starts, before it registers any model, so the ingress routes to a
+        model only once it is loaded.  If it raises, the worker exits with
+        a non-zero code without registering."""
+        self.load_hooks.append(hook)
+        return hook
+
+    def load(self):
+        """A Deferred firing once every :meth:`on_load` hook has run, one
+        after the other; failing with the first hook's exception."""
+        hooks = list(self.load_hooks)
+
+        async def run():
+            for hook in hooks:
+                result = hook()
+                if isinstance(result, Deferred) or inspect.isawaitable(result):
+                    await result
+
+        return ensureDeferred(run())
 
     def route(self, request):
         """The Model for a request: its bytes, or the ParsedRequest the worker

@@ -195,12 +195,22 @@ class Model:
     """A registered handler and its specs; turns request bytes into response bytes."""
 
     def __init__(self, handler, name, version="", inputs=None, outputs=None,
-                 platform="python", asynchronous=None, labels=None):
+                 platform="python", asynchronous=None, labels=None, max_batch_size=0,
+                 preferred_batch_sizes=None, max_queue_delay_ms=0):
         self.handler = handler
         self.name = name
         self.version = version or ""
-        self.inputs = [as_spec(s) for s in inputs] if inputs is not None else None
-        self.outputs = [as_spec(s) for s in outputs] if outputs is not None else None
+        #: Largest batch (rows) the handler takes; 0: it does not batch
+        #: (Triton's meaning).  See :mod:`anyserve_tw.worker.batching`.
+        self.max_batch_size, self.preferred_batch_sizes, self.max_queue_delay_us = _batching(
+            name, max_batch_size, preferred_batch_sizes, max_queue_delay_ms)
+        # A batching model's declared shapes leave out the batch dimension,
+        # as Triton's do; on the wire (and in ModelMetadata) it comes first.
+        batch = (-1,) if self.max_batch_size else ()
+        self.inputs = ([_batched(as_spec(s), batch) for s in inputs]
+                       if inputs is not None else None)
+        self.outputs = ([_batched(as_spec(s), batch) for s in outputs]
+                        if outputs is not None else None)
         # By name, for checking each request and result (None: anything goes).
         self._input_specs = {s.name: s for s in self.inputs} if inputs is not None else None
         self._output_specs = {s.name: s for s in self.outputs} if outputs is not None else None
@@ -219,8 +229,9 @@ class Model:
         #: handler yields any number of responses per request, which only
         #: ModelStreamInfer can carry.
         self.decoupled = inspect.isgeneratorfunction(handler) or inspect.isasyncgenfunction(handler)
-        #: Largest batch the handler takes (0: it does not batch, Triton's meaning).
-        self.max_batch_size = 0
+        if self.decoupled and self.max_batch_size:
+            raise ValueError("model %s streams its responses (a generator handler), so it can't "
+                             "batch: leave max_batch_size at 0" % name)
         #: Output name -> class labels by index, for classification results.
         self.labels = _labels(labels, self._output_specs)
 
@@ -500,6 +511,30 @@ class Model:
                     text += ":" + labels[index]
                 result[r, c] = text.encode("utf-8")
         return result if batched else result.reshape(k)
+
+
+def _batching(name, max_batch_size, preferred_batch_sizes, max_queue_delay_ms):
+    """The batching settings checked as Triton checks them: (max_batch_size,
+    preferred sizes as a sorted tuple, queue delay in whole microseconds)."""
+    if isinstance(max_batch_size, bool) or not isinstance(max_batch_size, int) or max_batch_size < 0:
+        raise ValueError("model %s: max_batch_size must be an int >= 0, not %r" % (name, max_batch_size))
+    preferred = list(preferred_batch_sizes or ())
+    if preferred and not max_batch_size:
+        raise ValueError("model %s: preferred_batch_sizes need max_batch_size > 0" % name)
+    for size in preferred:
+        if isinstance(size, bool) or not isinstance(size, int) or not 1 <= size <= max_batch_size:
+            raise ValueError("model %s: preferred batch size %r is not within 1..max_batch_size (%d)"
+                             % (name, size, max_batch_size))
+    if not max_queue_delay_ms >= 0:  # also refuses NaN
+        raise ValueError("model %s: max_queue_delay_ms must be >= 0, not %r" % (name, max_queue_delay_ms))
+    if max_queue_delay_ms and not max_batch_size:
+        raise ValueError("model %s: max_queue_delay_ms needs max_batch_size > 0" % name)
+    return max_batch_size, tuple(sorted(set(preferred))), int(round(max_queue_delay_ms * 1000))
+
+
+def _batched(spec, batch):
+    """``spec`` with the batch dimension (``batch``: () or (-1,)) in front."""
+    return spec._replace(shape=batch + spec.shape) if batch else spec
 
 
 def _check_classifiable(name, datatype):
