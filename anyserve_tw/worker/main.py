@@ -123,6 +123,28 @@ def report_registration(reactor, registration, supervised, interval=0.1):
     return loop
 
 
+class LoadFailed(Exception):
+    """An ``@app.on_load`` hook raised: the worker exits unregistered."""
+
+
+def load_then_start(app, top):
+    """Run ``app``'s on_load hooks, then start the service tree ``top`` (so
+    no model is registered, nor routed to, before it is loaded).  A Deferred
+    firing once the worker listens; failing with :class:`LoadFailed`, the
+    hook's error logged, if a hook raised (``top`` is then never started)."""
+
+    def load_failed(failure):
+        log.failure("an on_load hook failed, so this worker exits without registering "
+                    "{models}", failure, models=", ".join(sorted({n for n, _ in app.models})))
+        raise LoadFailed(failure.getErrorMessage())
+
+    def start(_):
+        d = maybeDeferred(top.startService)
+        return d.addCallback(lambda _: top.getServiceNamed("models").listening)
+
+    return app.load().addCallbacks(start, load_failed)
+
+
 def run(app, ingress=None, socket_path=None, worker_id=None, threads=None, heartbeat_interval=None):
     """Serve ``app`` until SIGTERM/SIGINT.  Unset options come from the
     environment (ANYSERVE_INGRESS, ANYSERVE_SOCKET, ANYSERVE_WORKER_ID,
@@ -155,13 +177,13 @@ def run(app, ingress=None, socket_path=None, worker_id=None, threads=None, heart
     shutdown = Shutdown(reactor)
 
     def failed(failure):
-        log.failure("worker failed to start", failure)
+        if not failure.check(LoadFailed):
+            log.failure("worker failed to start", failure)
         exit_code.append(1)
         shutdown.stop()
 
     def start():
-        d = maybeDeferred(top.startService)
-        d.addCallback(lambda _: top.getServiceNamed("models").listening)
+        d = load_then_start(app, top)
         d.addErrback(failed)
         if supervised is not None:
             report_registration(reactor, top.getServiceNamed("registration"), supervised)
