@@ -30,12 +30,21 @@ class FakeReactor(Clock):
 
 
 class QueuedPool:
-    """ThreadPool's interface; jobs wait in ``queue`` until :meth:`run`."""
+    """ThreadPool's interface; jobs wait in ``queue`` until :meth:`run`.
+    ``max`` is the worker's thread budget, grown by the stuck threads
+    replaced (``adjustPoolsize``)."""
 
-    def __init__(self):
+    def __init__(self, threads=4):
         self.queue = []
         self.running = False
         self.stopped = False
+        self.min, self.max = 1, threads
+
+    def adjustPoolsize(self, minthreads=None, maxthreads=None):
+        if minthreads is not None:
+            self.min = minthreads
+        if maxthreads is not None:
+            self.max = maxthreads
 
     def start(self):
         self.running = True
@@ -48,16 +57,18 @@ class QueuedPool:
         self.queue.append((on_result, f, args, kwargs))
 
     def run(self, count=None):
-        """Run the first ``count`` queued jobs (all by default), in order."""
-        jobs = self.queue[:count] if count is not None else list(self.queue)
-        del self.queue[:len(jobs)]
-        for on_result, f, args, kwargs in jobs:
+        """Run the first ``count`` queued jobs, in order; by default, until
+        none is left (those queued meanwhile included)."""
+        while self.queue and count != 0:
+            on_result, f, args, kwargs = self.queue.pop(0)
             try:
                 result = f(*args, **kwargs)
             except BaseException:
                 on_result(False, Failure())
             else:
                 on_result(True, result)
+            if count is not None:
+                count -= 1
 
 
 class FakeTimer:
@@ -429,18 +440,15 @@ class DrainTests(ExecutionTestCase):
         self.reactor.advance(0)
         self.assertIs(self.successResultOf(drained), True)
 
-    def test_drain_waits_for_a_cancelled_handler_still_running(self):
-        """A request answered CANCELLED still holds its thread: drain waits
-        for that, so stopping the pool does not block on it."""
+    def test_drain_does_not_wait_for_a_request_given_up(self):
+        """A request answered CANCELLED is owed nothing more: drain does not
+        wait for the thread that would have run it."""
         d = self.execute("add")
         d.cancel()
         self.successResultOf(d)
-        drained = self.execution.drain(10)
-        self.reactor.advance(0)
-        self.assertNoResult(drained)
+        self.assertIs(self.successResultOf(self.execution.drain(10)), True)
         self.pool.run()
-        self.reactor.advance(0)
-        self.assertIs(self.successResultOf(drained), True)
+        self.assertEqual(self.calls, [])
 
     def test_drain_gives_up_after_grace(self):
         d = self.execute("add")
@@ -469,6 +477,218 @@ class DrainTests(ExecutionTestCase):
         self.assertFalse(self.pool.stopped)
 
 
+class ThreadBudgetTests(ExecutionTestCase):
+    """Each model's share of the pool's threads (4 here), and threads stuck
+    in handlers whose requests were given up."""
+
+    def setUp(self):
+        super().setUp()
+        #: Called, in order, by the ``hang`` handler while it runs.
+        self.while_running = []
+
+        def pinned(name):
+            def handler(request):
+                self.calls.append(name)
+                return {"sum": request["a"]}
+
+            self.app.model(name, asynchronous=False)(handler)
+
+        for name in ("p1", "p2", "p3"):
+            pinned(name)
+
+        @self.app.model("hang", asynchronous=False)
+        def hang(request):
+            self.calls.append("hang")
+            if self.while_running:
+                self.while_running.pop(0)()
+            self.calls.append("hang returns")
+            return {"sum": request["a"]}
+
+    def queued(self):
+        """Names of the models whose handlers were handed to a thread."""
+        names = []
+        for _on_result, f, args, _kw in self.pool.queue:
+            names.append(args[0].model.name)
+        return names
+
+    def test_one_model_holds_at_most_all_threads_but_one(self):
+        requests = [self.execute("p1") for _ in range(6)]
+        self.assertEqual(self.queued(), ["p1"] * 3)
+        other = self.execute("p2")
+        self.assertEqual(self.queued(), ["p1"] * 3 + ["p2"])
+        self.pool.run(1)
+        self.successResultOf(requests[0])
+        # The free thread is kept for a model holding none: p1 holds two.
+        self.assertEqual(self.queued(), ["p1"] * 2 + ["p2"])
+        self.assertEqual(self.execution.threads.free, 1)
+        self.pool.run(1)
+        self.assertEqual(self.queued(), ["p1", "p2", "p1"])
+        self.pool.run()
+        for d in requests + [other]:
+            self.successResultOf(d)
+        self.assertEqual(self.execution.pending, 0)
+        self.assertEqual(self.execution.threads.busy, {})
+
+    def test_the_last_free_thread_is_kept_for_a_model_holding_none(self):
+        self.execute("p1"), self.execute("p1"), self.execute("p2")
+        self.execute("p1"), self.execute("p2")  # each holds one already
+        self.assertEqual(self.queued(), ["p1", "p1", "p2"])
+        self.execute("p3")
+        self.assertEqual(self.queued(), ["p1", "p1", "p2", "p3"])
+
+    def test_waiting_models_are_served_in_turn(self):
+        for name in ("p3", "p3", "p3", "p1", "p1", "p1", "p2", "p2"):
+            self.execute(name)
+        self.assertEqual(self.queued(), ["p3", "p3", "p3", "p1"])
+        self.pool.run(1)  # p2 holds none: its turn, though p1 waited first
+        self.assertEqual(self.queued(), ["p3", "p3", "p1", "p2"])
+        self.pool.run(2)
+        self.assertEqual(self.queued(), ["p1", "p2", "p1"])
+        self.pool.run(1)  # p2's turn again
+        self.assertEqual(self.queued(), ["p2", "p1", "p2"])
+        self.pool.run()
+        self.assertEqual(self.execution.pending, 0)
+
+    def test_a_deadline_passing_while_the_handler_runs_sticks_its_thread(self):
+        """The thread is no longer counted: the pool may start another in
+        its place, and the model's waiting requests get it."""
+        threads = self.execution.threads
+        stuck = self.execute("hang", timeout=1)
+        waiting = [self.execute("p1") for _ in range(3)]
+        self.assertEqual(self.queued(), ["hang", "p1", "p1"])
+
+        def deadline_passes():
+            self.reactor.advance(1)
+            self.assertAnswer(stuck, grpc.StatusCode.DEADLINE_EXCEEDED)
+            self.assertEqual((threads.stuck, threads.occupied, self.pool.max), (1, 4, 5))
+            self.assertEqual(self.queued(), ["p1", "p1", "p1"])  # its place taken
+            self.assertEqual(self.execution.pending, 3)  # owed: the three p1
+            self.assertTrue(self.execution.healthy())
+
+        self.while_running.append(deadline_passes)
+        self.pool.run(1)
+        self.assertEqual((threads.stuck, threads.occupied, self.pool.max), (0, 3, 4))
+        self.pool.run()
+        for d in waiting:
+            self.successResultOf(d)
+        self.assertEqual(self.calls, ["hang", "hang returns", "p1", "p1", "p1"])
+        self.assertEqual(len(self.flushLoggedErrors()), 0)
+
+    def test_cancel_while_the_handler_runs_sticks_its_thread(self):
+        d = self.execute("hang")
+
+        def cancelled():
+            d.cancel()
+            self.assertEqual(self.execution.threads.stuck, 1)
+            self.assertEqual(self.execution.pending, 0)
+
+        self.while_running.append(cancelled)
+        self.pool.run()
+        self.assertAnswer(d, grpc.StatusCode.CANCELLED)
+        self.assertEqual((self.execution.threads.stuck, self.pool.max), (0, 4))
+
+    def test_every_thread_stuck_is_unhealthy_and_refuses_at_once(self):
+        """One thread, one stuck thread replaced: the second stuck one
+        leaves none, so the worker is unhealthy and what needs a thread is
+        UNAVAILABLE (waiting or new); what runs on the loop still answers.
+        A stuck handler returning brings health back."""
+        self.pool = QueuedPool(threads=1)
+        self.execution = Execution(self.reactor, self.app, self.pool, timer=self.timer, max_stuck=1)
+        threads = self.execution.threads
+        first = self.execute("hang", timeout=1)
+        seen = {}
+
+        def first_stuck():
+            self.reactor.advance(1)
+            self.assertTrue(self.execution.healthy())
+            self.assertEqual((threads.stuck, self.pool.max), (1, 2))
+            seen["second"] = self.execute("hang", timeout=1)
+            seen["waiting"] = self.execute("p1")
+            self.assertEqual(self.queued(), ["hang"])
+            self.pool.run(1)  # the second hang, in the replacement thread
+            self.assertTrue(self.execution.healthy())  # its handler returned
+
+        def second_stuck():
+            self.reactor.advance(1)
+            self.assertAnswer(seen["second"], grpc.StatusCode.DEADLINE_EXCEEDED)
+            self.assertFalse(self.execution.healthy())
+            self.assertEqual(self.execution.reason(),
+                             "all 2 handler threads are stuck in handlers whose requests were "
+                             "given up (deadline or cancel): 'hang': 2")
+            self.assertEqual(self.pool.max, 2)  # not replaced
+            self.assertAnswer(seen["waiting"], grpc.StatusCode.UNAVAILABLE, "'hang': 2")
+            self.assertAnswer(self.execute("p2"), grpc.StatusCode.UNAVAILABLE, "stuck")
+            self.assertEqual(outputs_of(self.successResultOf(self.execute("mirror"))), {"sum": [11, 22]})
+            self.assertEqual(self.pool.queue, [])
+
+        self.while_running.extend([first_stuck, second_stuck])
+        self.pool.run(1)
+        self.assertAnswer(first, grpc.StatusCode.DEADLINE_EXCEEDED)
+        self.assertEqual((threads.stuck, threads.occupied, self.pool.max), (0, 0, 1))
+        self.assertEqual(self.calls, ["hang", "hang", "mirror", "hang returns", "hang returns"])
+        d = self.execute("p2")
+        self.pool.run()
+        self.assertEqual(outputs_of(self.successResultOf(d)), {"sum": [1, 2]})
+        self.assertEqual(self.execution.pending, 0)
+
+    def test_stuck_threads_past_the_cap_are_not_replaced(self):
+        self.execution = Execution(self.reactor, self.app, self.pool, timer=self.timer, max_stuck=1)
+        threads = self.execution.threads
+        outer = self.execute("hang", timeout=1)
+
+        def outer_stuck():
+            self.reactor.advance(1)
+            self.assertEqual((threads.stuck, threads.capacity, self.pool.max), (1, 4, 5))
+            self.execute("hang", timeout=1)
+            self.pool.run(1)
+
+        def inner_stuck():
+            self.reactor.advance(1)
+            self.assertEqual((threads.stuck, threads.capacity, self.pool.max), (2, 3, 5))
+            self.assertTrue(self.execution.healthy())
+
+        self.while_running.extend([outer_stuck, inner_stuck])
+        self.pool.run(1)
+        self.assertAnswer(outer, grpc.StatusCode.DEADLINE_EXCEEDED)
+        self.assertEqual((threads.stuck, threads.capacity, self.pool.max), (0, 4, 4))
+
+    def test_drain_and_stop_leave_stuck_threads_behind(self):
+        d = self.execute("hang", timeout=1)
+        results = {}
+
+        def stuck():
+            self.reactor.advance(1)
+            results["stopped"] = self.execution.stop(10)
+            self.assertIs(self.successResultOf(results["stopped"]), True)
+            self.assertFalse(self.pool.stopped)  # stopping would join the stuck thread
+
+        self.while_running.append(stuck)
+        self.pool.run()
+        self.assertAnswer(d, grpc.StatusCode.DEADLINE_EXCEEDED)
+
+    def test_a_stuck_stream_handler_counts_too(self):
+        @self.app.model("trickle")
+        def trickle(request):
+            self.calls.append("trickle")
+            yield {"sum": np.array([1], dtype=np.int32)}
+            self.while_running.pop(0)()
+            yield {"sum": np.array([2], dtype=np.int32)}
+
+        emitted = []
+        d = self.execution.execute(infer_request("trickle", a=np.array([1]), b=np.array([1])), 1,
+                                   framing.STREAM_REQUEST, emitted.append)
+
+        def stuck():
+            self.reactor.advance(1)
+            self.assertEqual(self.execution.threads.stuck, 1)
+
+        self.while_running.append(stuck)
+        self.pool.run()
+        self.assertAnswer(d, grpc.StatusCode.DEADLINE_EXCEEDED)
+        self.assertEqual(len(emitted), 1)
+        self.assertEqual((self.execution.threads.stuck, self.execution.pending), (0, 0))
+
+
 class RealPoolTests(SynchronousTestCase):
     """make_pool's threads are daemons, so a stuck handler cannot hold the
     process at exit."""
@@ -477,6 +697,55 @@ class RealPoolTests(SynchronousTestCase):
         pool = execution.make_pool(2)
         self.assertTrue(pool.threadFactory(target=lambda: None).daemon)
         self.assertEqual(pool.max, 2)
+
+    def test_a_stuck_thread_is_replaced(self):
+        """With real threads: one thread, its handler blocked and its
+        request given up, and the next request still runs in the thread
+        started in its place."""
+        import threading
+        import time
+
+        class Reactor(Clock):
+            def callFromThread(self, f, *args):
+                done.append((f, args))
+
+        def finish(count):
+            """Run the next ``count`` reports the threads sent the loop."""
+            deadline = time.monotonic() + 10
+            while len(done) < count and time.monotonic() < deadline:
+                time.sleep(0.01)
+            for _ in range(count):
+                f, args = done.pop(0)
+                f(*args)
+
+        done, results = [], []
+        started, release = threading.Event(), threading.Event()
+        self.addCleanup(release.set)
+        pool = execution.make_pool(1)
+        pool.start()
+        threads = execution.HandlerThreads(Reactor(), pool, max_stuck=1)
+
+        def hang():
+            started.set()
+            release.wait(10)
+            return "late"
+
+        class Model:
+            def __init__(self, name):
+                self.name = name
+
+        blocked = threads.submit(Model("hang"), hang, lambda ok, r: results.append(("hang", r)))
+        self.assertTrue(started.wait(10))
+        threads.cancel(blocked)
+        self.assertEqual((threads.stuck, pool.max), (1, 2))
+        threads.submit(Model("quick"), lambda: "quick result", lambda ok, r: results.append(("quick", r)))
+        finish(1)
+        self.assertEqual(results, [("hang", None), ("quick", "quick result")])
+        release.set()
+        finish(1)
+        self.assertEqual(results, [("hang", None), ("quick", "quick result")])
+        self.assertEqual((threads.stuck, threads.occupied, pool.max), (0, 0, 1))
+        pool.stop()
 
 
 class AnswerTests(SynchronousTestCase):

@@ -9,12 +9,15 @@ decode, call and encode (:meth:`Model.serve`), in one of three places:
   100 us of CPU per request, several times what a handler like ``add``
   takes, and queues it behind slow requests holding the pool's threads;
 - in the thread pool: every other plain handler, so a slow model never
-  stalls the loop that answers frames and sends heartbeats.
+  stalls the loop that answers frames and sends heartbeats.  Which model
+  gets the next thread, each model's budget, and stuck threads are
+  :mod:`anyserve_tw.worker.handlerthreads`' concern.
 
 Cancelling a request (a CANCEL frame, the deadline in its REQUEST frame)
 answers it at once and drops it if no thread has picked it up yet; a handler
-already running finishes unheard.  :meth:`Execution.drain` waits for what
-is in flight, threads included, for a bounded time.
+already running finishes unheard, in a thread then counted as stuck.
+:meth:`Execution.drain` waits, for a bounded time, for the requests still
+owed an answer, not for handlers whose requests were given up.
 """
 import functools
 import inspect
@@ -34,6 +37,7 @@ from anyserve_tw.wire import defaults, framing, protos
 from anyserve_tw.wire.errors import InferenceError, as_inference_error
 from anyserve_tw.wire.payloads import Timing
 from anyserve_tw.worker import restcodec
+from anyserve_tw.worker.handlerthreads import HandlerThreads
 from anyserve_tw.worker.model import InferResponse, handler_error
 from anyserve_tw.worker.parsing import parse_request
 from anyserve_tw.worker.sharedmemory import SharedMemoryTable
@@ -136,13 +140,16 @@ def make_pool(threads):
 class Execution:
     """Runs requests for an app's models; see the module docstring.
 
-    ``reactor`` needs ``callLater`` and ``callFromThread``; ``pool`` is a
-    ThreadPool (``start``, ``stop``, ``callInThreadWithCallback``); ``timer``
+    ``reactor`` needs ``callLater``, ``seconds`` and ``callFromThread``;
+    ``pool`` is a ThreadPool (``start``, ``stop``, ``callInThreadWithCallback``,
+    ``adjustPoolsize``) whose ``max`` is the handlers' thread budget;
+    ``max_stuck`` caps the stuck threads replaced (see
+    :class:`~anyserve_tw.worker.handlerthreads.HandlerThreads`); ``timer``
     measures handler run times.
     """
 
     def __init__(self, reactor, app, pool, max_payload=defaults.MAX_MESSAGE_SIZE,
-                 inline_budget=INLINE_BUDGET, timer=time.perf_counter, worker_id=""):
+                 inline_budget=INLINE_BUDGET, timer=time.perf_counter, worker_id="", max_stuck=None):
         self.reactor = reactor
         #: Appended to every response: serialized protobuf concatenates, so
         #: these bytes add the ``anyserve_worker`` parameter (which worker
@@ -153,6 +160,8 @@ class Execution:
         self.shared_memory = SharedMemoryTable()
         self.app = app
         self.pool = pool
+        #: Hands the pool's threads to models' handlers.
+        self.threads = HandlerThreads(reactor, pool, max_stuck=max_stuck)
         self.max_payload = max_payload
         self.inline_budget = inline_budget
         self.timer = timer
@@ -168,6 +177,16 @@ class Execution:
 
     def start(self):
         self.pool.start()
+
+    def healthy(self):
+        """False while every handler thread is stuck in a handler whose
+        request was given up: requests needing a thread are then refused
+        with UNAVAILABLE, and the worker should be replaced."""
+        return self.threads.healthy()
+
+    def reason(self):
+        """Why :meth:`healthy` is False ("" while it is True)."""
+        return self.threads.reason()
 
     def execute(self, payload, timeout=None, kind=framing.REQUEST, emit=None, shared_memory=None):
         """A Deferred firing with the :class:`Answer` to a request of ``kind``
@@ -362,7 +381,6 @@ class Execution:
             return ensureDeferred(run()).addBoth(self._end).addCallback(last)
 
         cancelled = []
-        d = Deferred(lambda _: cancelled.append(True))
         reactor = self.reactor
         # Responses handed to the loop and not yet sent: a generator faster
         # than the loop waits here rather than flood it (heartbeats and
@@ -377,7 +395,7 @@ class Execution:
                     try:
                         result = next(generator)
                     except StopIteration:
-                        return None
+                        return True
                     except InferenceError:
                         raise
                     except Exception as e:
@@ -400,27 +418,31 @@ class Execution:
 
         def done(succeeded, result):
             self._end()
+            if succeeded and result is None:
+                return  # given up before or while it ran: d answered then
             if not d.called:
                 if succeeded:
                     d.callback(None)
                 else:
                     d.errback(result)
 
+        tasks = []
+
+        def cancel(_):
+            cancelled.append(True)
+            self.threads.cancel(tasks[0])
+
+        d = Deferred(cancel)
         self._begin()
-        self.pool.callInThreadWithCallback(
-            lambda succeeded, result: reactor.callFromThread(done, succeeded, result), work)
+        tasks.append(self.threads.submit(model, work, done))
         return d.addCallback(last)
 
     def _in_pool(self, model, parsed, job, timed):
         """Serve in a thread.  Cancelling fires the Deferred at once; the
         thread then skips the handler if it has not started it."""
-        cancelled = []
-        d = Deferred(lambda _: cancelled.append(True))
         timer = self.timer
 
         def work():
-            if cancelled:
-                return None
             started = timer()
             try:
                 outcome = self._serve(model, parsed, job)
@@ -433,7 +455,7 @@ class Execution:
             if not succeeded:  # work() itself failed, not the handler
                 outcome = result
             elif result is None:
-                return  # never started: d answered when it was cancelled
+                return  # given up before or while it ran: d answered then
             else:
                 outcome, elapsed = result
                 if timed:
@@ -441,9 +463,10 @@ class Execution:
             if not d.called:
                 (d.errback if isinstance(outcome, Failure) else d.callback)(outcome)
 
+        tasks = []
+        d = Deferred(lambda _: self.threads.cancel(tasks[0]))
         self._begin()
-        self.pool.callInThreadWithCallback(
-            lambda succeeded, result: self.reactor.callFromThread(done, succeeded, result), work)
+        tasks.append(self.threads.submit(model, work, done))
         return d
 
     # -- drain ---------------------------------------------------------------
@@ -467,7 +490,9 @@ class Execution:
                 d.callback(True)
 
     def drain(self, grace):
-        """Fires True once nothing is in flight, or False after ``grace`` seconds."""
+        """Fires True once no request is owed an answer, or False after
+        ``grace`` seconds.  Handlers whose requests were given up (stuck
+        threads) are not waited for: nobody wants what they return."""
         if not self._pending:
             return succeed(True)
         d = Deferred()
@@ -476,11 +501,15 @@ class Execution:
 
     def stop(self, grace):
         """Drain, then stop the pool; after ``grace`` leave the stragglers'
-        (daemon) threads behind rather than wait for them."""
+        (daemon) threads behind rather than wait for them, and so for stuck
+        threads at once (stopping the pool would join them)."""
 
         def drained(done):
-            if done:
+            if done and not self.threads.occupied:
                 self.pool.stop()
+            elif done:
+                log.warn("leaving {count} handler thread(s) whose requests were given up "
+                         "still running", count=self.threads.occupied)
             else:
                 log.warn("{count} request(s) still running after {grace}s: exiting without them",
                          count=self._pending, grace=grace)
