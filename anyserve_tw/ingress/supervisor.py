@@ -475,8 +475,11 @@ class WorkerSupervisor(ProcessMonitor):
             if self.max_rss_mb:
                 rss = resident_bytes(proto.pid)
                 if rss is not None and rss > self.max_rss_mb * 1024 * 1024:
-                    self.recycle(name, "resident memory %d MB is above --worker-max-rss %d MB"
-                                 % (rss // (1024 * 1024), self.max_rss_mb))
+                    why = "resident memory %d MB is above --worker-max-rss %d MB" % (
+                        rss // (1024 * 1024), self.max_rss_mb)
+                    if self.requests_served is not None and not self.requests_served(proto.worker_id):
+                        why += " before serving any request (is the limit below a fresh worker's size?)"
+                    self.recycle(name, why)
 
     def recycle(self, name, why):
         """Replace worker ``name`` gracefully: start its replacement now; the

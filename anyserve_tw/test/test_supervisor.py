@@ -415,7 +415,16 @@ class RecycleTests(RecycleTestCase):
         self.rss[self.old.pid] = 80 * 1024 * 1024
         self.reactor.advance(self.sup.check_interval)
         self.assertEqual(len(self.starts()), 2)
-        self.assertIn("resident memory 80 MB is above --worker-max-rss 50 MB", " ".join(self.messages()))
+        self.assertIn("resident memory 80 MB is above --worker-max-rss 50 MB before serving any request "
+                      "(is the limit below a fresh worker's size?)", " ".join(self.messages()))
+        # Once it has served, no such hint.
+        self.status(supervision.REGISTERED)
+        new = self.proto()
+        self.served[new.worker_id] = 5
+        self.rss[new.pid] = 60 * 1024 * 1024
+        self.reactor.advance(self.sup.check_interval)
+        self.assertTrue(self.messages()[-1].endswith("above --worker-max-rss 50 MB; starting its replacement"),
+                        self.messages()[-1])
 
     def test_not_before_it_registered_nor_twice_at_once(self):
         self.assertTrue(self.sup.recycle("model-0", "first"))
