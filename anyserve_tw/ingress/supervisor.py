@@ -485,9 +485,12 @@ class WorkerSupervisor(ProcessMonitor):
         """Replace worker ``name`` gracefully: start its replacement now; the
         old one is drained and stopped once the replacement has registered
         (:meth:`worker_registered`).  False if it is not running, has not
-        registered, is being recycled, or a recent recycle of it failed."""
+        registered, or a recent recycle of it failed, or another worker's
+        replacement is still starting: one at a time, so that workers that
+        reach the limit together (as least-outstanding routing makes them)
+        are not all replaced at once; the periodic check takes the next."""
         proto = self.protocols.get(name)
-        if (not self.running or proto is None or not proto.registered or name in self._retiring
+        if (not self.running or proto is None or not proto.registered or self._retiring
                 or self._recycle_after.get(name, 0) > self._clock.seconds()):
             return False
         self.log.info("recycling worker {name} (pid {pid}): {why}; starting its replacement",

@@ -434,6 +434,24 @@ class RecycleTests(RecycleTestCase):
         self.status(supervision.REGISTERED)
         self.assertTrue(self.sup.recycle("model-0", "the replacement's turn"))
 
+    def test_one_recycle_at_a_time(self):
+        sup = WorkerSupervisor(self.reactor, ["/x/two.py"], 2, "127.0.0.1:1", 0.5,
+                               socket_dir="/nonexistent", max_requests=100)
+        sup.log = Logger(observer=lambda e: None)
+        sup.requests_served = lambda worker_id: 0 if "-r1-" in worker_id else 100  # replacements: 0
+        sup.startService()
+        self.addCleanup(sup.stopService)
+        for name in ("two-0", "two-1"):
+            sup.protocols[name].childDataReceived(supervision.STATUS_FD, b"registered\n")
+        started = lambda: [s[0] for s in self.reactor.spawned if s[0].startswith("two")]
+        self.reactor.advance(sup.check_interval)
+        self.assertEqual(started(), ["two-0", "two-1", "two-0"])
+        self.reactor.advance(sup.check_interval)
+        self.assertEqual(len(started()), 3)  # two-1 waits for two-0's replacement
+        sup.protocols["two-0"].childDataReceived(supervision.STATUS_FD, b"registered\n")
+        self.reactor.advance(sup.check_interval)
+        self.assertEqual(started(), ["two-0", "two-1", "two-0", "two-1"])
+
     def test_requests_of_strangers_or_under_the_limit_are_ignored(self):
         old = self.old
         self.sup.request_limit(old.worker_id, "unix:///elsewhere.sock", 100)
