@@ -170,6 +170,13 @@ class Mutator:
         """A ModelInferRequest that is well-formed protobuf but mostly wrong
         for the model: datatypes, shapes, contents, raw lengths, parameters."""
         rng = self.rng
+        if rng.random() < 0.15:  # a correct request for add, for the paths that follow decoding
+            message = _v2.ModelInferRequest(model_name="add", id=self.text())
+            n = rng.randrange(1, 64)
+            for name in ("a", "b"):
+                message.inputs.add(name=name, datatype="INT32", shape=[n])
+                message.raw_input_contents.append(rng.randbytes(4 * n))
+            return message.SerializeToString()
         message = _v2.ModelInferRequest(model_name=self.name(models), id=self.text())
         if rng.random() < 0.1:
             message.model_version = rng.choice(("1", "v1", self.text()))
