@@ -38,7 +38,6 @@ import shutil
 import signal
 import sys
 import tempfile
-from itertools import count
 
 from twisted.internet import error
 from twisted.internet.protocol import ProcessProtocol
