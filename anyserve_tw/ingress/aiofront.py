@@ -20,6 +20,7 @@ from twisted.internet.task import LoopingCall
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from anyserve_tw.ingress.backpressure import COUNTED_METHODS, UnreadBytes, keepalive_options
 from anyserve_tw.ingress.interfaces import GrpcFrontService, IGrpcFront
 from anyserve_tw.wire import defaults, rpc
 from anyserve_tw.wire.errors import InferenceError, as_inference_error
@@ -99,15 +100,23 @@ async def settle(d, timeouts=None, timeout=None):
     return result
 
 
-def aio_servicer(api, timeouts):
+def aio_servicer(api, timeouts, unread=None):
     """An object with one coroutine ``Method(request, context)`` per RPC of
     ``api``, for a grpc.aio server on the reactor's loop; requests without a
-    client deadline are bounded through ``timeouts``."""
+    client deadline are bounded through ``timeouts``.  The responses of
+    ModelInfer and ModelStreamInfer are counted in ``unread``
+    (:class:`~anyserve_tw.ingress.backpressure.UnreadBytes`, one on the
+    timeouts' clock if None) until gRPC has delivered them."""
     servicer = type("AioServicer", (), {})()
     streams = getattr(api, "stream_methods", ())
-    for name in rpc.method_names(api.service_name, api):
+    names = rpc.method_names(api.service_name, api)
+    if unread is None and timeouts is not None and set(COUNTED_METHODS) & set(names):
+        unread = UnreadBytes(timeouts.clock)
+    servicer.unread = unread
+    for name in names:
         make = _stream if name in streams else _coroutine
-        setattr(servicer, name, make(getattr(api, name), api.default_timeout(name), timeouts))
+        counted = unread if name in COUNTED_METHODS else None
+        setattr(servicer, name, make(getattr(api, name), api.default_timeout(name), timeouts, counted))
     return servicer
 
 
@@ -116,14 +125,35 @@ def aio_servicer(api, timeouts):
 STREAM_BACKOFF = 0.01
 
 
-def _stream(method, default, timeouts):
+def _stream(method, default, timeouts, unread=None):
     """A bidirectional stream: ``method(send, timeout)`` opens it on the
     reactor (which runs this loop); a task feeds it the client's requests
     while this generator yields what it sends.  The task stops reading
-    while the stream is full (:meth:`InferStream.full`)."""
+    while the stream is full (:meth:`InferStream.full`).  What waits in
+    the queue or in gRPC counts in ``unread``; past its cap the stream ends
+    with RESOURCE_EXHAUSTED, and the sweep cancels it when nothing it sent
+    has been read for a while."""
     async def handle(request_iterator, context):
         sent = asyncio.Queue()
-        stream = method(sent.put_nowait, rpc.time_left(context, default))
+        hold = None
+        if unread is not None:
+            peer = context.peer()  # never after the RPC ended: grpc.aio crashes
+            try:
+                unread.admit(peer)
+            except InferenceError as e:
+                await context.abort(e.code, e.message)
+            hold = unread.open(peer, asyncio.current_task().cancel)
+
+            def send(response):
+                if response is not None:
+                    try:
+                        unread.take(hold, len(response))
+                    except InferenceError as e:
+                        response = e
+                sent.put_nowait(response)
+        else:
+            send = sent.put_nowait
+        stream = method(send, rpc.time_left(context, default))
 
         async def feed():
             async for request in request_iterator:
@@ -138,17 +168,26 @@ def _stream(method, default, timeouts):
                 response = await sent.get()
                 if response is None:
                     break
+                if isinstance(response, InferenceError):
+                    await context.abort(response.code, response.message)
                 yield response
+                if hold is not None:
+                    unread.give(hold, len(response))
         finally:
             feeding.cancel()
             stream.cancel()
+            if hold is not None:
+                unread.close(hold)
     return handle
 
 
-def _coroutine(method, default, timeouts):
+def _coroutine(method, default, timeouts, unread=None):
     async def handle(request, context):
-        timeout = rpc.time_left(context, None)
         try:
+            if unread is not None:
+                peer = context.peer()  # never after the RPC ended: grpc.aio crashes
+                unread.admit(peer)
+            timeout = rpc.time_left(context, None)
             if timeout is not None:
                 result = method(request, timeout)
                 if isinstance(result, Deferred):  # grpc.aio cancels this task at the deadline
@@ -157,6 +196,12 @@ def _coroutine(method, default, timeouts):
                 result = method(request, default)
                 if isinstance(result, Deferred):
                     result = await settle(result, timeouts, default)
+            if unread is not None and isinstance(result, bytes):
+                # Held by gRPC until delivered; grpc.aio cannot cancel one
+                # call, so no sweep: keepalive ends a client that reads nothing.
+                hold = unread.open(peer)
+                unread.take(hold, len(result))
+                context.add_done_callback(lambda _: unread.close(hold))
             return result
         except InferenceError as e:
             error = e
@@ -186,7 +231,7 @@ class AioGrpcService(GrpcFrontService):
         self.server = grpc.aio.server(
             handlers=self.handlers,
             interceptors=self.interceptors,
-            options=rpc.channel_options(self.max_message_size) + [("grpc.so_reuseport", 0)],
+            options=rpc.channel_options(self.max_message_size) + keepalive_options() + [("grpc.so_reuseport", 0)],
             maximum_concurrent_rpcs=self.max_concurrent_rpcs,
         )
         self.bound_port = rpc.listen(self.server, self.label, self.host, self.port, self.credentials)

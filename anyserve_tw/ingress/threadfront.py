@@ -34,6 +34,7 @@ import grpc
 from twisted.internet.threads import deferToThreadPool
 from zope.interface import implementer
 
+from anyserve_tw.ingress.backpressure import COUNTED_METHODS, UnreadBytes, keepalive_options
 from anyserve_tw.ingress.interfaces import GrpcFrontService, IGrpcFront
 from anyserve_tw.wire import defaults, rpc
 from anyserve_tw.wire.errors import InferenceError
@@ -41,21 +42,29 @@ from anyserve_tw.wire.protowire import peek_request
 from anyserve_tw.wire.rpc import channel_options
 
 
-def threaded_servicer(api, bridge):
+def threaded_servicer(api, bridge, unread=None):
     """An object with one ``Method(request, context)`` per RPC of ``api``,
     run in gRPC threads: each hops to the reactor through ``bridge``, bounded
-    by the RPC's deadline, and aborts the RPC with the failure's status."""
+    by the RPC's deadline, and aborts the RPC with the failure's status.
+    The responses of ModelInfer and ModelStreamInfer are counted in
+    ``unread`` (:class:`~anyserve_tw.ingress.backpressure.UnreadBytes`, one
+    on the reactor's clock if None) until gRPC has delivered them."""
     servicer = type("ThreadedServicer", (), {})()
     streams = getattr(api, "stream_methods", ())
-    for name in rpc.method_names(api.service_name, api):
+    names = rpc.method_names(api.service_name, api)
+    if unread is None and set(COUNTED_METHODS) & set(names):
+        unread = UnreadBytes(bridge.reactor)
+    servicer.unread = unread
+    for name in names:
         method = getattr(api, name)
         default = api.default_timeout(name)
+        counted = unread if name in COUNTED_METHODS else None
         if name in streams:
-            setattr(servicer, name, _stream_via_reactor(bridge, method, default))
+            setattr(servicer, name, _stream_via_reactor(bridge, method, default, counted))
         elif name in api.reactor_free:
             setattr(servicer, name, _in_thread(method, default))
         else:
-            setattr(servicer, name, _via_reactor(bridge, method, default))
+            setattr(servicer, name, _via_reactor(bridge, method, default, counted))
     return servicer
 
 
@@ -68,10 +77,32 @@ def _in_thread(method, default):
     return handle
 
 
-def _via_reactor(bridge, method, default):
+def _admit(unread, context):
+    """The client's peer, once :meth:`UnreadBytes.admit` let it in (else the RPC is aborted)."""
+    peer = context.peer()
+    try:
+        unread.admit(peer)
+    except InferenceError as e:
+        context.abort(e.code, e.message)
+    return peer
+
+
+def _via_reactor(bridge, method, default, unread=None):
     def handle(request, context):
+        if unread is not None:
+            peer = _admit(unread, context)
         timeout = rpc.time_left(context, default)
-        return bridge.call_for_rpc(context, timeout, method, request, timeout)
+        result = bridge.call_for_rpc(context, timeout, method, request, timeout)
+        if unread is not None and isinstance(result, bytes):
+            # Held by gRPC until delivered; cancelling the call frees it.
+            hold = unread.open(peer, context.cancel)
+            try:
+                unread.take(hold, len(result))
+            except InferenceError as e:
+                context.abort(e.code, e.message)
+            if not context.add_callback(lambda: unread.close(hold)):
+                unread.close(hold)
+        return result
     return handle
 
 
@@ -80,16 +111,32 @@ def _via_reactor(bridge, method, default):
 STREAM_BACKOFF = 0.01
 
 
-def _stream_via_reactor(bridge, method, default):
+def _stream_via_reactor(bridge, method, default, unread=None):
     """A bidirectional stream served from gRPC threads: ``method(send,
     timeout)`` opens it on the reactor; this RPC's thread yields what it
     sends, and one more thread reads the client's requests into it, since a
-    blocking iterator cannot be read and written from one thread."""
+    blocking iterator cannot be read and written from one thread.  What
+    waits in the queue or in gRPC counts in ``unread``; past its cap the
+    stream ends with RESOURCE_EXHAUSTED, and the sweep cancels it when
+    nothing it sent has been read for a while."""
     def handle(request_iterator, context):
         reactor = bridge.reactor
         sent = queue.SimpleQueue()
+        hold = None
+        if unread is not None:
+            hold = unread.open(_admit(unread, context), context.cancel)
+
+            def send(response):
+                if response is not None:
+                    try:
+                        unread.take(hold, len(response))
+                    except InferenceError as e:
+                        response = e
+                sent.put(response)
+        else:
+            send = sent.put
         timeout = rpc.time_left(context, default)
-        stream = bridge.call(bridge.grace + 5, method, sent.put, timeout)
+        stream = bridge.call(bridge.grace + 5, method, send, timeout)
 
         def feed():
             try:
@@ -104,6 +151,8 @@ def _stream_via_reactor(bridge, method, default):
         def ended():
             reactor.callFromThread(stream.cancel)
             sent.put(None)
+            if hold is not None:
+                unread.close(hold)
 
         if not context.add_callback(ended):
             ended()  # the client left while the stream was opening
@@ -112,7 +161,11 @@ def _stream_via_reactor(bridge, method, default):
             response = sent.get()
             if response is None:
                 return
+            if isinstance(response, InferenceError):
+                context.abort(response.code, response.message)
             yield response
+            if hold is not None:
+                unread.give(hold, len(response))
     return handle
 
 
@@ -220,7 +273,7 @@ def build_server(handlers, threads=defaults.DEFAULT_FRONT_THREADS, max_message_s
         futures.ThreadPoolExecutor(max_workers=threads, thread_name_prefix=label),
         handlers=handlers,
         interceptors=[*interceptors, InferenceBudget(threads)],
-        options=channel_options(max_message_size) + [("grpc.so_reuseport", 0)],
+        options=channel_options(max_message_size) + keepalive_options() + [("grpc.so_reuseport", 0)],
         maximum_concurrent_rpcs=max_concurrent_rpcs,
     )
 

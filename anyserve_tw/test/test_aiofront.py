@@ -23,11 +23,24 @@ class Aborted(Exception):
 class FakeAioContext:
     """The part of grpc.aio.ServicerContext the front uses."""
 
-    def __init__(self, remaining=None):
+    def __init__(self, remaining=None, peer="ipv4:127.0.0.1:5000"):
         self.remaining = remaining
+        self._peer = peer
+        self.done_callbacks = []
 
     def time_remaining(self):
         return self.remaining
+
+    def peer(self):
+        return self._peer
+
+    def add_done_callback(self, callback):
+        self.done_callbacks.append(callback)
+
+    def finish(self):
+        """gRPC delivered the response (or the call ended)."""
+        for callback in self.done_callbacks:
+            callback(self)
 
     async def abort(self, code, message):
         raise Aborted(code, message)
