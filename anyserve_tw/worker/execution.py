@@ -37,6 +37,7 @@ from anyserve_tw.wire import defaults, framing, protos
 from anyserve_tw.wire.errors import InferenceError, as_inference_error
 from anyserve_tw.wire.payloads import Timing
 from anyserve_tw.worker import restcodec
+from anyserve_tw.worker.batching import Batcher
 from anyserve_tw.worker.handlerthreads import HandlerThreads
 from anyserve_tw.worker.model import InferResponse, handler_error
 from anyserve_tw.worker.parsing import parse_request
@@ -87,7 +88,7 @@ class Job:
     """One request's passage through the worker: what kind it came as, where
     its stream's responses go, and the times Triton's statistics want."""
 
-    __slots__ = ("kind", "emit", "received", "times", "rest", "shared_memory")
+    __slots__ = ("kind", "emit", "received", "times", "rest", "shared_memory", "batch_size")
 
     def __init__(self, kind, emit, received, shared_memory):
         self.kind = kind
@@ -100,12 +101,15 @@ class Job:
         self.times = None
         #: What the REST codec needs to answer an HTTP_REQUEST.
         self.rest = None
+        #: Requests its execution served (0: it rode along in another's batch).
+        self.batch_size = 1
 
     def timing(self):
         if self.times is None:
             return None
         queue, decode, infer, encode = self.times
-        return Timing(max(0, int(queue * 1e9)), int(decode * 1e9), int(infer * 1e9), int(encode * 1e9), 1)
+        return Timing(max(0, int(queue * 1e9)), int(decode * 1e9), int(infer * 1e9), int(encode * 1e9),
+                      self.batch_size)
 
 
 def error_answer(error):
@@ -168,6 +172,8 @@ class Execution:
         #: Model -> moving estimate of its run time (seconds), from requests
         #: small enough to run inline.
         self.estimates = {}
+        #: Model -> its Batcher, for models that batch (max_batch_size > 0).
+        self.batchers = {}
         self._pending = 0  # requests not finished, pool threads included
         self._idle = []  # drain() Deferreds waiting for _pending == 0
 
@@ -253,6 +259,8 @@ class Execution:
                 return self._stream(model, parsed, job)
         except Exception:
             return fail()
+        if model.max_batch_size:
+            return self._batched(model, parsed, job)
         if model.asynchronous:
             return self._on_loop(model, parsed, job)
         if model.may_run_inline and len(payload) <= INLINE_MAX_BYTES:
@@ -324,6 +332,47 @@ class Execution:
         result.addErrback(failed)
         result.addCallback(respond)
         return result.addBoth(self._end)
+
+    # -- batching models ---------------------------------------------------------
+
+    def _batched(self, model, parsed, job):
+        """Decode on the loop (a malformed request fails alone, before it
+        joins a batch), then wait for a batch of the model's
+        :class:`~anyserve_tw.worker.batching.Batcher`."""
+        timer = self.timer
+        started = timer()
+        try:
+            request = model.decode(parsed, shared_memory=job.shared_memory)
+        except Exception:
+            return fail()
+        decoded = timer()
+        batcher = self.batchers.get(model)
+        if batcher is None:
+            batcher = self.batchers[model] = Batcher(
+                model, self.reactor, functools.partial(self._in_thread, model), timer=timer)
+
+        def served(answer):
+            job.times = (started - job.received + answer.queue, decoded - started,
+                         answer.infer, answer.encode)
+            job.batch_size = answer.batch_size
+            return answer.parts
+
+        self._begin()
+        return batcher.submit(request).addCallback(served).addBoth(self._end)
+
+    def _in_thread(self, model, work):
+        """A Deferred of ``work()`` run in one of ``model``'s threads;
+        cancelling it gives the work up (see HandlerThreads.cancel)."""
+        tasks = []
+        d = Deferred(lambda _: self.threads.cancel(tasks[0]))
+
+        def done(succeeded, result):
+            if d.called or (succeeded and result is None):
+                return  # given up: d answered then
+            (d.callback if succeeded else d.errback)(result)
+
+        tasks.append(self.threads.submit(model, work, done))
+        return d
 
     # -- decoupled models: several responses per request -----------------------
 
