@@ -6,7 +6,7 @@ from twisted.internet.defer import CancelledError, Deferred, succeed
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
-from anyserve_tw.wire import protos
+from anyserve_tw.wire import framing, protos
 from anyserve_tw.wire.errors import InferenceError
 from anyserve_tw.worker import AnyServe, tensors
 from anyserve_tw.worker.batching import Batcher, Served, join, signature
@@ -440,3 +440,72 @@ class ModelSettingsTests(SynchronousTestCase):
         self.assertIs(InferResponse, model_response)
         self.assertIs(top_error, InferenceError)
         self.assertIs(top_app, AnyServe)
+
+
+class ExecutionTests(SynchronousTestCase):
+    """A batching model through the worker's Execution: decoded on the loop,
+    batched, run in one pool job, answered per request with its timing."""
+
+    def setUp(self):
+        from anyserve_tw.test.test_execution import FakeReactor, FakeTimer, QueuedPool
+        from anyserve_tw.worker.execution import Execution
+
+        self.reactor = FakeReactor()
+        self.pool = QueuedPool()
+        self.timer = FakeTimer()
+        self.app = AnyServe()
+        self.calls = []
+
+        @self.app.model("scale", inputs=[("x", "FP32", [2])], outputs=[("y", "FP32", [2])],
+                        max_batch_size=8, max_queue_delay_ms=10)
+        def double(request):
+            self.calls.append(len(request["x"]))
+            self.timer.now += 0.003
+            return {"y": request["x"] * 2}
+
+        self.execution = Execution(self.reactor, self.app, self.pool, timer=self.timer)
+        self.execution.start()
+
+    def execute(self, data, timeout=None):
+        answers = []
+        self.execution.execute(data, timeout=timeout).addCallback(answers.append)
+        return answers
+
+    def test_requests_share_one_pool_job(self):
+        first = self.execute(payload(x=rows(1)))
+        self.timer.now += 0.002
+        second = self.execute(payload(x=rows(2, 3)))
+        self.reactor.advance(0.01)
+        self.assertEqual(len(self.pool.queue), 1)
+        self.pool.run()
+        self.assertEqual(self.calls, [3])
+        response = _v2.ModelInferResponse.FromString(b"".join(bytes(p) for p in second[0].payload))
+        np.testing.assert_array_equal(
+            tensors.from_raw("FP32", tuple(response.outputs[0].shape), response.raw_output_contents[0]),
+            rows(4, 6))
+        self.assertEqual([a[0].timing.batch_size for a in (first, second)], [2, 0])
+        self.assertEqual([a[0].timing.infer_ns for a in (first, second)], [3000000] * 2)
+        self.assertEqual([a[0].timing.queue_ns for a in (first, second)], [2000000, 0])
+        self.assertEqual(self.execution.pending, 0)
+
+    def test_a_malformed_request_fails_at_once_and_alone(self):
+        bad = self.execute(payload(x=np.ones((1, 3), np.float32)))
+        good = self.execute(payload(x=rows(1)))
+        self.assertEqual(bad[0].kind, framing.ERROR)
+        self.assertEqual(bad[0].code, grpc.StatusCode.INVALID_ARGUMENT.value[0])
+        self.assertIn(b"expects [-1, 2]", bad[0].payload)
+        self.reactor.advance(0.01)
+        self.pool.run()
+        self.assertEqual((self.calls, good[0].kind), ([1], framing.RESPONSE))
+
+    def test_a_request_past_its_deadline_is_dropped_before_its_batch_runs(self):
+        late = self.execute(payload(x=rows(1)), timeout=0.005)
+        self.reactor.advance(0.004)
+        kept = self.execute(payload(x=rows(2)))
+        self.reactor.advance(0.001)
+        self.assertEqual(late[0].code, grpc.StatusCode.DEADLINE_EXCEEDED.value[0])
+        self.reactor.advance(0.01)
+        self.pool.run()
+        self.assertEqual(self.calls, [1])
+        self.assertEqual(kept[0].kind, framing.RESPONSE)
+        self.assertEqual(self.execution.pending, 0)
