@@ -88,7 +88,7 @@ setup(
     extras_require={
         # tests/test_install.py builds this project without build isolation
         # (offline), so the build requirements of pyproject.toml come along.
-        "test": ["tritonclient[grpc,http]>=2.40", "setuptools>=68", "wheel", "grpcio-tools>=1.60"],
+        "test": ["tritonclient[grpc,http]>=2.40", "setuptools>=68", "wheel", "grpcio-tools>=1.60", "trustme>=1.0"],
         "bench": ["kserve"],
     },
 )

@@ -130,6 +130,21 @@ class Ingress:
         return "127.0.0.1:%d" % self.mgmt
 
     @property
+    def token_path(self):
+        """Where the ingress keeps its management token (the default file
+        for its port, which standalone workers find by themselves)."""
+        from anyserve_tw.wire import credentials
+
+        return credentials.default_token_path(self.mgmt)
+
+    def mgmt_metadata(self):
+        """Call metadata carrying the ingress's token, as a worker's calls do."""
+        from anyserve_tw.wire import credentials
+
+        wait_for(lambda: os.path.exists(self.token_path), what="the management token file")
+        return credentials.metadata(credentials.read_token(self.token_path))
+
+    @property
     def http_address(self):
         """``127.0.0.1:PORT`` of the HTTP server (None without ``http=True``)."""
         return None if self.http_port is None else "127.0.0.1:%d" % self.http_port
@@ -204,6 +219,10 @@ class Ingress:
                 if pid_alive(pid):
                     os.kill(pid, signal.SIGKILL)
             shutil.rmtree(self.tmp, ignore_errors=True)
+            try:
+                os.unlink(self.token_path)
+            except FileNotFoundError:
+                pass
 
 
 class Worker:

@@ -1,6 +1,8 @@
 """A rogue process on the ingress's host against the management API (issue 8,
 point 2): it cannot take over a served model's signature, and oversized
-registrations are refused without costing the ingress memory.
+registrations are refused without costing the ingress memory, even when it
+holds the management token (an insider: tests/test_management_security.py
+has the outsider).
 
 Real processes: the ingress under twistd serving examples/kserve_server.py,
 and this test as the rogue, calling WorkerManagement with the same stub the
@@ -49,9 +51,9 @@ class RogueRegistrationTests(SynchronousTestCase):
     def rogue(self, name="add", worker_id="rogue", **fields):
         request = _m.RegisterModelRequest(
             model_name=name, worker_id=worker_id,
-            worker_address="unix://" + self.rogue_path, **fields)
+            worker_address="unix://" + self.rogue_path, worker_key="rogue-key", **fields)
         with self.assertRaises(grpc.RpcError) as caught:
-            self.stub.RegisterModel(request, timeout=10)
+            self.stub.RegisterModel(request, timeout=10, metadata=self.ingress.mgmt_metadata())
         return caught.exception
 
     def add(self):

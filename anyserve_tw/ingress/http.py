@@ -454,8 +454,10 @@ class HttpService(Service):
     log = Logger()
 
     def __init__(self, reactor, host, port, router, api, metrics_resource=None,
-                 max_message_size=defaults.MAX_MESSAGE_SIZE, grace=10.0):
+                 max_message_size=defaults.MAX_MESSAGE_SIZE, grace=10.0, tls_options=None):
         self.reactor = reactor
+        #: An IOpenSSLServerConnectionCreator to serve HTTPS, or None.
+        self.tls_options = tls_options
         self.host = host
         self.port = port
         self.router = router
@@ -475,8 +477,13 @@ class HttpService(Service):
         host = self.host.strip("[]")  # "[::]", as gRPC writes it, is "::"
         endpoint_class = TCP6ServerEndpoint if ":" in host else TCP4ServerEndpoint
         endpoint = endpoint_class(self.reactor, self.port, interface=host)
+        factory = self.site
+        if self.tls_options is not None:
+            from twisted.protocols.tls import TLSMemoryBIOFactory  # pyOpenSSL: only when asked for
+
+            factory = TLSMemoryBIOFactory(self.tls_options, False, self.site)
         outcome = []
-        endpoint.listen(self.site).addBoth(outcome.append)
+        endpoint.listen(factory).addBoth(outcome.append)
         if not outcome:
             raise RuntimeError("http: listening on %s:%d did not complete at once" % (self.host, self.port))
         if isinstance(outcome[0], Failure):
@@ -485,7 +492,8 @@ class HttpService(Service):
         self.bound_port = self._listening.getHost().port
         self.draining = False
         super().startService()
-        self.log.info("KServe v2 REST listening on {host}:{port}", host=self.host, port=self.bound_port)
+        self.log.info("KServe v2 REST listening on {host}:{port}{tls}", host=self.host, port=self.bound_port,
+                      tls=" (TLS)" if self.tls_options is not None else "")
 
     def stopService(self):
         super().stopService()

@@ -6,8 +6,17 @@ malformed or oversized registration (checked before anything reaches the
 router: names, datatypes, batch sizes, the size caps below),
 RESOURCE_EXHAUSTED past the worker, per-worker and rate caps,
 FAILED_PRECONDITION for a signature that conflicts with the live workers of
-the same (name, version), UNAVAILABLE when the worker's socket can't be
-reached.
+the same (name, version), PERMISSION_DENIED for a call about a worker id
+bound to another worker's key, UNAVAILABLE when the worker's socket can't be
+reached.  (UNAUTHENTICATED, without the token, comes earlier:
+:mod:`anyserve_tw.ingress.authentication`.)
+
+Scoping: each worker process draws a random key at start and sends it with
+every call.  The first registration of a worker id binds the id to that key
+for as long as the worker is known here; registering, withdrawing or
+heartbeating for that id with another key is PERMISSION_DENIED.  So even a
+process holding the token cannot withdraw, take over or keep alive another
+worker's models, and worker ids no longer need to be unguessable.
 
 Any local process can reach the management port, so a registration is not
 trusted to be sane: the caps below bound what one can cost the ingress
@@ -20,6 +29,7 @@ refused registration is logged once per (worker id, reason), since workers
 retry it on every tick.
 """
 import collections
+import hmac
 
 import grpc
 from twisted.logger import Logger
@@ -161,6 +171,8 @@ class ManagementAPI:
         #: worker_id -> registrations in flight, counted against its cap.
         self._pending_per_worker = collections.Counter()
         self._refusals = collections.OrderedDict()
+        #: worker_id -> the worker key its first registration bound.
+        self._keys = {}
 
     def default_timeout(self, method):
         return self.timeout
@@ -197,6 +209,7 @@ class ManagementAPI:
         except InferenceError as e:
             raise self._refuse(worker_id, "invalid", e)
         name, version = request.model_name, request.model_version
+        self._claim(worker_id, request.worker_key)
         self._admit(worker_id, name, version)
         signature = _signature(request.platform, inputs, outputs, config)
         self._check_signature(worker_id, name, version, signature)
@@ -227,6 +240,34 @@ class ManagementAPI:
             raise
         d.addBoth(done)
         return d.addCallback(lambda _: _m.RegisterModelResponse(success=True, message="registered"))
+
+    def _live(self, worker_id):
+        handle = self.router.workers.get(worker_id)
+        return (handle is not None and not handle.closed) or self._pending_per_worker[worker_id] > 0
+
+    def _check_key(self, worker_id, key):
+        """PERMISSION_DENIED unless ``key`` is the one bound to the live
+        worker ``worker_id``; True if such a binding exists."""
+        bound = self._keys.get(worker_id)
+        if bound is None or not self._live(worker_id):
+            return False
+        if not hmac.compare_digest(bound.encode("utf-8"), key.encode("utf-8")):
+            raise self._refuse(worker_id, "key", InferenceError(
+                grpc.StatusCode.PERMISSION_DENIED,
+                "worker id %s belongs to another live worker process (its worker_key differs); "
+                "give each worker its own ANYSERVE_WORKER_ID" % brief(worker_id)))
+        return True
+
+    def _claim(self, worker_id, key):
+        """Bind ``worker_id`` to ``key``, unless a live worker holds it with another."""
+        if not key:
+            raise self._refuse(worker_id, "invalid", invalid_argument("worker_key is required"))
+        _check_length("worker_key", key)
+        if not self._check_key(worker_id, key):
+            if len(self._keys) >= 2 * MAX_WORKERS:
+                for stale in [w for w in self._keys if not self._live(w)]:
+                    del self._keys[stale]
+            self._keys[worker_id] = key
 
     def _admit(self, worker_id, name, version):
         """The rate, worker-count and per-worker caps."""
@@ -275,6 +316,7 @@ class ManagementAPI:
                    ", ".join(differs), "s" if len(differs) == 1 else "")))
 
     def UnregisterModel(self, request, timeout):
+        self._check_key(request.worker_id, request.worker_key)
         if not self.router.unregister_model(request.worker_id, request.model_name, request.model_version):
             raise InferenceError(
                 grpc.StatusCode.NOT_FOUND,
@@ -284,5 +326,7 @@ class ManagementAPI:
         return _m.UnregisterModelResponse(success=True, message="unregistered")
 
     def Heartbeat(self, request, timeout):
+        if not self._check_key(request.worker_id, request.worker_key):
+            return _m.HeartbeatResponse(healthy=False)  # unknown here: register again
         healthy = self.router.heartbeat(request.worker_id, list(request.model_names))
         return _m.HeartbeatResponse(healthy=healthy)

@@ -4,7 +4,8 @@ Started in this order:
 
 1. ``access-log``, if asked for (opens its file);
 2. ``router``: registry, worker connections, heartbeat eviction;
-3. ``management``: the WorkerManagement gRPC server (loopback by default);
+3. ``management``: the WorkerManagement gRPC server (loopback by default;
+   only callers with the token, :mod:`anyserve_tw.ingress.authentication`);
 4. ``inference``: the KServe v2 gRPC server, with gRPC's health service;
 5. ``health``: keeps the health statuses in step with the router;
 6. ``http``: the KServe v2 REST server and ``/metrics``, unless
@@ -26,6 +27,7 @@ thread pools bridged into the reactor.
 """
 from anyserve_tw import __version__
 from anyserve_tw.ingress.accesslog import AccessLog
+from anyserve_tw.ingress.authentication import INTERCEPTORS, TokenCheck
 from anyserve_tw.ingress.health import HealthReporter
 from anyserve_tw.ingress.http import HttpService
 from anyserve_tw.ingress.inference import InferenceAPI
@@ -78,13 +80,17 @@ def make_ingress_service(reactor, port=8000, host="0.0.0.0", mgmt_port=9000,
                          max_message_size=defaults.MAX_MESSAGE_SIZE, threads=defaults.DEFAULT_FRONT_THREADS,
                          max_concurrent_rpcs=defaults.DEFAULT_MAX_CONCURRENT_RPCS, request_timeout=600.0,
                          socket_dir=None, front="aio", http_port=8080, http_host=None, access_log=None,
-                         forget_after=60.0, max_inflight_per_model=1024, startup_window=10.0):
+                         forget_after=60.0, max_inflight_per_model=1024, startup_window=10.0,
+                         mgmt_token=None, tls=None):
     """The ingress (see the module's docstring).  ``http_port``: the REST and
     ``/metrics`` port, 0 for none (and then no metrics are kept, since
     nothing could read them); ``http_host``: its address, ``host`` if None;
     ``access_log``: a path, ``"-"`` for the twistd log, or None for none;
     ``forget_after``, ``max_inflight_per_model``, ``startup_window``: see
-    :class:`~anyserve_tw.ingress.router.Router`."""
+    :class:`~anyserve_tw.ingress.router.Router`; ``mgmt_token``: the token
+    management calls must carry (None: any local process may call it);
+    ``tls``: a :class:`~anyserve_tw.ingress.tls.ServerTls` to serve the
+    inference ports (gRPC and REST) with TLS, or None."""
     build, health = _front_factory(reactor, front)
     top = SequentialMultiService(stop_order=["health", "inference", "http", "workers", "management",
                                              "router", "access-log"])
@@ -100,15 +106,20 @@ def make_ingress_service(reactor, port=8000, host="0.0.0.0", mgmt_port=9000,
     router.setName("router")
     router.setServiceParent(top)
 
+    interceptors = []
+    if mgmt_token is not None:
+        interceptors.append(INTERCEPTORS[front](TokenCheck(mgmt_token, reactor)))
     management = build("management", mgmt_host, mgmt_port, ManagementAPI(router), threads=8,
-                       max_message_size=defaults.MAX_MANAGEMENT_MESSAGE_SIZE, grace=1.0)
+                       max_message_size=defaults.MAX_MANAGEMENT_MESSAGE_SIZE, grace=1.0,
+                       interceptors=interceptors)
     management.setName("management")
     management.setServiceParent(top)
 
     shared_memory = SharedMemoryRegistry(on_change=router.shared_memory_changed)
     api = InferenceAPI(router, request_timeout, __version__, shared_memory=shared_memory)
     inference = build("inference", host, port, api, threads=threads, handlers=[health.handler],
-                      max_message_size=max_message_size, max_concurrent_rpcs=max_concurrent_rpcs, grace=grace)
+                      max_message_size=max_message_size, max_concurrent_rpcs=max_concurrent_rpcs, grace=grace,
+                      credentials=None if tls is None else tls.grpc_credentials())
     inference.setName("inference")
     inference.setServiceParent(top)
 
@@ -119,7 +130,7 @@ def make_ingress_service(reactor, port=8000, host="0.0.0.0", mgmt_port=9000,
     if http_port:
         http = HttpService(reactor, host if http_host is None else http_host, http_port, router, api,
                            metrics_resource=metrics.resource(), max_message_size=max_message_size,
-                           grace=grace)
+                           grace=grace, tls_options=None if tls is None else tls.twisted_options())
         http.setName("http")
         http.setServiceParent(top)
 
@@ -129,6 +140,7 @@ def make_ingress_service(reactor, port=8000, host="0.0.0.0", mgmt_port=9000,
             reactor, worker_scripts, copies, "%s:%d" % (client_host, mgmt_port),
             heartbeat_interval=min(2.0, heartbeat_timeout / 4.0), socket_dir=socket_dir,
             max_message_size=max_message_size, metrics=metrics,
+            environ={} if mgmt_token is None else {defaults.ENV_TOKEN: mgmt_token},
         )
         supervisor.setName("workers")
         supervisor.setServiceParent(top)

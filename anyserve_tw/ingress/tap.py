@@ -45,8 +45,17 @@ class Options(usage.Options):
          "(0: no cap).", int],
         ["startup-window", None, 10.0, "Seconds after start, while supervised workers are still registering, "
          "in which an unknown model is UNAVAILABLE rather than NOT_FOUND.", float],
+        ["mgmt-token-file", None, None, "File holding the token management calls must carry; created with a "
+         "random token if missing (default: $XDG_RUNTIME_DIR/anyserve/mgmt-PORT.token, else "
+         "/tmp/anyserve-UID/mgmt-PORT.token). Must be readable by its owner only."],
+        ["tls-cert", None, None, "PEM certificate chain: serve the inference ports (gRPC and REST) over TLS."],
+        ["tls-key", None, None, "PEM private key of --tls-cert."],
         ["front", None, "aio", "How gRPC is served: aio (grpc.aio on the reactor's asyncio loop, one thread) "
          "or threads (a grpcio thread pool bridged into the reactor; always so under a non-asyncio --reactor)."],
+    ]
+
+    optFlags = [
+        ["insecure-mgmt", None, "Let any local process call the management API without the token."],
     ]
 
     def __init__(self):
@@ -71,6 +80,28 @@ class Options(usage.Options):
             raise usage.UsageError("--http-port must be a port number, or 0 for none")
         if self["front"] not in FRONTS:
             raise usage.UsageError("--front must be one of: %s" % ", ".join(FRONTS))
+        if bool(self["tls-cert"]) != bool(self["tls-key"]):
+            raise usage.UsageError("--tls-cert and --tls-key go together")
+        if self["insecure-mgmt"] and self["mgmt-token-file"]:
+            raise usage.UsageError("--insecure-mgmt and --mgmt-token-file contradict each other")
+        self["tls"] = None
+        if self["tls-cert"]:
+            from anyserve_tw.ingress.tls import ServerTls, TlsError
+
+            try:
+                self["tls"] = ServerTls.from_files(self["tls-cert"], self["tls-key"])
+            except TlsError as e:
+                raise usage.UsageError("--tls-cert/--tls-key: %s" % (e,))
+        self["mgmt-token"] = None
+        if not self["insecure-mgmt"]:
+            from anyserve_tw.wire import credentials
+
+            path = self["mgmt-token-file"] or credentials.default_token_path(self["mgmt"])
+            try:
+                self["mgmt-token"] = credentials.load_or_create_token(path)
+            except credentials.TokenFileError as e:
+                raise usage.UsageError("--mgmt-token-file: %s" % (e,))
+            self["mgmt-token-file"] = path
 
 
 log = Logger()
@@ -113,6 +144,10 @@ def choose_front(reactor, asked):
 
 def makeService(options):
     reactor = install_reactor()
+    if options["mgmt-token"] is None:
+        log.warn("--insecure-mgmt: any local process may register, withdraw and heartbeat workers")
+    else:
+        log.info("management calls need the token in {path}", path=options["mgmt-token-file"])
 
     from anyserve_tw.allocator import keep_freed_memory
     from anyserve_tw.ingress.service import make_ingress_service
@@ -142,4 +177,6 @@ def makeService(options):
         forget_after=options["forget-after"],
         max_inflight_per_model=options["max-inflight-per-model"],
         startup_window=options["startup-window"],
+        mgmt_token=options["mgmt-token"],
+        tls=options["tls"],
     )

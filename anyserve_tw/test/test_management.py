@@ -86,7 +86,7 @@ class RegisterModelTests(SynchronousTestCase):
         router = RecordingRouter()
         request = _m.RegisterModelRequest(
             model_name="cls", model_version="v1", worker_id="w1", worker_address="unix:///tmp/w.sock",
-            platform="python", inputs=[_m.TensorSpec(name="x", datatype="FP32", shape=[-1, 4])], **fields)
+            worker_key="key-w1", platform="python", inputs=[_m.TensorSpec(name="x", datatype="FP32", shape=[-1, 4])], **fields)
         response = self.successResultOf(ManagementAPI(router).RegisterModel(request, 10.0))
         self.assertTrue(response.success)
         [(args, config)] = router.calls
@@ -135,6 +135,7 @@ class RouterBackedTestCase(FailsWithMixin, SynchronousTestCase):
 
     def request(self, worker_id, name="add", version="", **fields):
         fields = dict(ADD, **fields)
+        fields.setdefault("worker_key", "key-" + worker_id[:40])
         return _m.RegisterModelRequest(
             model_name=name, model_version=version, worker_id=worker_id,
             worker_address="unix:///tmp/%s.sock" % worker_id[:50], **fields)
@@ -248,6 +249,47 @@ class SignatureConflictTests(RouterBackedTestCase):
             self.refused("w%d" % i, "x" * 300)
         self.assertEqual(len(self.api._refusals), 3)
         self.assertEqual(len(self.events), 10)
+
+
+class ScopingTests(RouterBackedTestCase):
+    """A worker id is bound to the key of the process that registered it."""
+
+    def heartbeat(self, worker_id, key):
+        return self.api.Heartbeat(_m.HeartbeatRequest(worker_id=worker_id, model_names=["add"],
+                                                      worker_key=key), 10.0).healthy
+
+    def unregister(self, worker_id, key):
+        return self.api.UnregisterModel(_m.UnregisterModelRequest(model_name="add", worker_id=worker_id,
+                                                                  worker_key=key), 10.0)
+
+    def test_key_required(self):
+        e = self.refused("w1", worker_key="")
+        self.assertEqual((e.code, e.message), (grpc.StatusCode.INVALID_ARGUMENT, "worker_key is required"))
+
+    def test_other_key_cannot_withdraw_heartbeat_or_take_over(self):
+        self.register("w1")
+        for call in (lambda: self.unregister("w1", "stolen"), lambda: self.heartbeat("w1", "stolen"),
+                     lambda: self.start("w1", worker_key="stolen")):
+            with self.assertRaises(InferenceError) as caught:
+                call()
+            self.assertEqual(caught.exception.code, grpc.StatusCode.PERMISSION_DENIED)
+            self.assertIn("belongs to another live worker process", caught.exception.message)
+        self.assertEqual([w.worker_id for w in self.router.registry.resolve("add").workers], ["w1"])
+        self.assertTrue(self.heartbeat("w1", "key-w1"))
+        self.assertTrue(self.unregister("w1", "key-w1").success)
+
+    def test_key_released_when_the_worker_is_gone(self):
+        """Once its worker is lost, a worker id may be registered by a new
+        process (a restarted standalone worker with a fixed id); the old
+        key then no longer counts."""
+        [link] = self.register("w1")
+        link.transport.peer_closes()
+        self.assertFalse(self.heartbeat("w1", "key-w1"))
+        self.register("w1", worker_key="new")
+        self.assertTrue(self.heartbeat("w1", "new"))
+        with self.assertRaises(InferenceError) as caught:
+            self.heartbeat("w1", "key-w1")
+        self.assertEqual(caught.exception.code, grpc.StatusCode.PERMISSION_DENIED)
 
 
 class CapTests(RouterBackedTestCase):

@@ -43,6 +43,11 @@ ENV_HEARTBEAT_INTERVAL = "ANYSERVE_HEARTBEAT_INTERVAL"
 ENV_THREADS = "ANYSERVE_THREADS"
 ENV_MAX_MESSAGE_SIZE = "ANYSERVE_MAX_MESSAGE_SIZE"
 ENV_SUPERVISED = "ANYSERVE_SUPERVISED"
+#: The management token itself (how a supervising ingress hands it over) ...
+ENV_TOKEN = "ANYSERVE_TOKEN"
+#: ... or the file a standalone worker reads it from (default: see
+#: :func:`anyserve_tw.wire.credentials.default_token_path`).
+ENV_TOKEN_FILE = "ANYSERVE_TOKEN_FILE"
 
 #: The KServe v2 datatype names (the worker maps each to a numpy dtype).
 DATATYPE_NAMES = frozenset([

@@ -10,14 +10,22 @@ back-off (1 s doubling up to 120 s, so 3-52 s measured): it reconnects at
 most :data:`MAX_RECONNECT_BACKOFF_MS` apart, and while the ingress cannot
 be reached the worker tries again every :data:`RETRY_INTERVAL` seconds
 instead of waiting for its next heartbeat.
+
+Every call carries the ingress's token (:mod:`anyserve_tw.wire.credentials`;
+read again before each registration, so a restarted ingress with a new token
+is joined again) and this process's worker key, drawn at random here, which
+binds our worker id to us at the ingress.
 """
+import os
+import secrets
+
 import grpc
 from twisted.application.service import Service
 from twisted.internet.defer import gatherResults
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 
-from anyserve_tw.wire import protos, rpc
+from anyserve_tw.wire import credentials, protos, rpc
 from anyserve_tw.wire.rpc import channel_options
 
 log = Logger()
@@ -76,8 +84,14 @@ class Registration(Service):
     """
 
     def __init__(self, reactor, app, ingress, worker_address, worker_id, interval=2.0,
-                 rpc_timeout=5.0):
+                 rpc_timeout=5.0, environ=None):
         self.reactor = reactor
+        #: Where the token comes from (ANYSERVE_TOKEN, ANYSERVE_TOKEN_FILE).
+        self.environ = os.environ if environ is None else environ
+        #: Binds our worker id to this process at the ingress.
+        self.worker_key = secrets.token_urlsafe(24)
+        self._metadata = ()
+        self._auth_said = None  # the last authentication problem logged
         self.app = app
         self.ingress = ingress
         self.worker_address = worker_address
@@ -117,8 +131,18 @@ class Registration(Service):
 
     def _blocking(self, method, request):
         return deferToThreadPool(
-            self.reactor, self.reactor.getThreadPool(), method, request, timeout=self.rpc_timeout
+            self.reactor, self.reactor.getThreadPool(), method, request, timeout=self.rpc_timeout,
+            metadata=self._metadata,
         )
+
+    def _read_token(self):
+        """Read the token again (it may have changed with the ingress)."""
+        try:
+            token = credentials.worker_token(self.environ, self.ingress)
+        except credentials.TokenFileError as e:
+            self._say_auth(str(e))
+            token = None
+        self._metadata = credentials.metadata(token)
 
     def _tick(self):
         if self.registered or self.withdrawn:
@@ -133,6 +157,7 @@ class Registration(Service):
         self._unreachable = False
 
     def _register(self):
+        self._read_token()
         m = protos.management
         requests = [
             m.RegisterModelRequest(
@@ -143,6 +168,7 @@ class Registration(Service):
                 outputs=[m.TensorSpec(**spec._asdict()) for spec in model.outputs or ()],
                 decoupled=model.decoupled,
                 max_batch_size=model.max_batch_size,
+                worker_key=self.worker_key,
             )
             for model in self.app.models.values()
         ]
@@ -152,6 +178,7 @@ class Registration(Service):
         def registered(_):
             self.registered = True
             self._warned = self._misdirected = False
+            self._auth_said = None
             self._backoff = self._next_register = 0.0
             log.info("registered {models} with the ingress at {ingress} as {worker}",
                      models=", ".join("%s:%s" % k if k[1] else k[0] for k in self.app.models),
@@ -161,7 +188,8 @@ class Registration(Service):
 
     def _heartbeat(self):
         request = protos.management.HeartbeatRequest(
-            worker_id=self.worker_id, model_names=sorted({m.name for m in self.app.models.values()})
+            worker_id=self.worker_id, model_names=sorted({m.name for m in self.app.models.values()}),
+            worker_key=self.worker_key,
         )
 
         def answered(response):
@@ -179,12 +207,24 @@ class Registration(Service):
         self._unreachable = code in UNREACHABLE
         if not self.registered and code == grpc.StatusCode.UNIMPLEMENTED:
             self._misdirected_failure()
+        elif code in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
+            if not self.withdrawn:
+                self.registered = False  # register again, with the token read anew
+            self._say_auth("%s: %s" % (code.name, error.details() if hasattr(error, "details") else error))
         elif self.registered:
             log.warn("heartbeat to {ingress} failed: {error}", ingress=self.ingress, error=error)
         elif not self._warned:
             self._warned = True
             log.warn("cannot register with the ingress at {ingress} yet (retrying): {error}",
                      ingress=self.ingress, error=error)
+
+    def _say_auth(self, problem):
+        """Log an authentication problem once (until it changes): the
+        worker retries every tick, and the ingress logs its side too."""
+        if problem != self._auth_said:
+            self._auth_said = problem
+            log.error("the ingress at {ingress} refuses this worker: {problem}",
+                      ingress=self.ingress, problem=problem)
 
     def _misdirected_failure(self):
         if not self._misdirected:
@@ -205,7 +245,7 @@ class Registration(Service):
         d = gatherResults(
             [self._blocking(self._stub.UnregisterModel,
                             m.UnregisterModelRequest(model_name=model.name, model_version=model.version,
-                                                     worker_id=self.worker_id))
+                                                     worker_id=self.worker_id, worker_key=self.worker_key))
              for model in self.app.models.values()] if self.registered else [],
             consumeErrors=True,
         )
