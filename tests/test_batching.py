@@ -11,8 +11,11 @@ worker (tests/workers/batching_server.py) and a real gRPC client.
 """
 import functools
 import os
+import shutil
+import signal
 import subprocess
 import sys
+import tempfile
 import threading
 
 import numpy as np
@@ -20,7 +23,7 @@ import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 from twisted.trial.unittest import SynchronousTestCase
 
-from tests.harness import ROOT, Ingress, free_port, infer_inputs
+from tests.harness import ROOT, Ingress, free_port, infer_inputs, wait_for
 
 BATCHING_SERVER = os.path.join(ROOT, "tests", "workers", "batching_server.py")
 
@@ -90,10 +93,13 @@ class LoadHookTests(SynchronousTestCase):
         result = client.infer("double", infer_inputs(x=np.ones((1, 4), dtype=np.float32)))
         np.testing.assert_array_equal(result.as_numpy("y"), [[2, 2, 2, 2]])
 
+    def environ(self, **extra):
+        """A standalone worker's environment, its ingress address unused."""
+        return dict(os.environ, ANYSERVE_INGRESS="127.0.0.1:%d" % free_port(),
+                    ANYSERVE_SOCKET="/tmp/as-load-%d.sock" % os.getpid(), **extra)
+
     def test_a_failing_hook_exits_the_worker_with_a_clear_line(self):
-        env = dict(os.environ, BATCHING_SERVER_FAIL_LOAD="1",
-                   ANYSERVE_INGRESS="127.0.0.1:%d" % free_port(),
-                   ANYSERVE_SOCKET="/tmp/as-load-%d.sock" % os.getpid())
+        env = self.environ(BATCHING_SERVER_FAIL_LOAD="1")
         worker = subprocess.run([sys.executable, BATCHING_SERVER], env=env, stdin=subprocess.DEVNULL,
                                 capture_output=True, timeout=60)
         err = worker.stderr.decode()
@@ -102,3 +108,17 @@ class LoadHookTests(SynchronousTestCase):
                       "batch_sizes, double", err)
         self.assertIn("RuntimeError: no weights at /nowhere", err)
         self.assertNotIn("registered", err.replace("without registering", ""))
+
+    def test_sigterm_while_loading_exits_without_registering(self):
+        mark = os.path.join(tempfile.mkdtemp(prefix="as-load-"), "loading")
+        self.addCleanup(shutil.rmtree, os.path.dirname(mark), True)
+        worker = subprocess.Popen([sys.executable, BATCHING_SERVER], env=self.environ(
+            BATCHING_SERVER_LOAD_MARK=mark), stdin=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        self.addCleanup(worker.kill)
+        wait_for(lambda: os.path.exists(mark), 60, interval=0.01, what="the load hook to start")
+        worker.send_signal(signal.SIGTERM)
+        _, err = worker.communicate(timeout=30)
+        err = err.decode()
+        self.assertEqual(worker.returncode, 0, err)
+        self.assertIn("stopped while loading: not registering", err)
+        self.assertNotIn("with the ingress", err)  # neither registered nor trying to

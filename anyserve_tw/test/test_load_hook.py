@@ -3,6 +3,7 @@ services start (so before any model is registered); a failing hook keeps
 them from starting."""
 from twisted.application.service import MultiService, Service
 from twisted.internet.defer import Deferred, succeed
+from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
 from anyserve_tw.worker import AnyServe
@@ -89,3 +90,32 @@ class LoadHookTests(SynchronousTestCase):
         self.assertEqual(self.events, [])
         self.assertFalse(top.running)
         self.assertEqual(len(self.flushLoggedErrors(OSError)), 1)
+
+    def test_a_stop_requested_during_loading_starts_nothing(self):
+        """A SIGTERM that arrived while a plain hook held the loop is handled
+        in the turn after the hooks: the services then never start."""
+        clock = Clock()
+        stopping = []
+
+        @self.app.on_load
+        def slow():
+            self.events.append("loaded")
+
+        top = tree(self.events)
+        d = load_then_start(self.app, top, clock, lambda: bool(stopping))
+        self.assertEqual(self.events, ["loaded"])
+        stopping.append(True)  # the signal, handled in the next turn
+        clock.advance(0)
+        self.assertIsNone(self.successResultOf(d))
+        self.assertEqual(self.events, ["loaded"])
+        self.assertFalse(top.running)
+
+    def test_with_a_clock_the_services_start_a_turn_after_the_hooks(self):
+        clock = Clock()
+        self.app.on_load(lambda: self.events.append("loaded"))
+        top = tree(self.events)
+        d = load_then_start(self.app, top, clock, lambda: False)
+        self.assertEqual(self.events, ["loaded"])
+        clock.advance(0)
+        self.assertEqual(self.events, ["loaded", "started"])
+        self.successResultOf(d)

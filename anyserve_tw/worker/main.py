@@ -6,7 +6,7 @@ import uuid
 
 from twisted.internet.defer import maybeDeferred
 from twisted.internet.error import ReactorNotRunning
-from twisted.internet.task import LoopingCall
+from twisted.internet.task import LoopingCall, deferLater
 from twisted.logger import FileLogObserver, Logger, eventAsText, textFileLogObserver
 
 from anyserve_tw.allocator import keep_freed_memory
@@ -127,11 +127,15 @@ class LoadFailed(Exception):
     """An ``@app.on_load`` hook raised: the worker exits unregistered."""
 
 
-def load_then_start(app, top):
+def load_then_start(app, top, clock=None, stopping=lambda: False):
     """Run ``app``'s on_load hooks, then start the service tree ``top`` (so
     no model is registered, nor routed to, before it is loaded).  A Deferred
     firing once the worker listens; failing with :class:`LoadFailed`, the
-    hook's error logged, if a hook raised (``top`` is then never started)."""
+    hook's error logged, if a hook raised (``top`` is then never started).
+
+    After the hooks, with a ``clock``, one turn of the loop passes first: a
+    SIGTERM that came during a long plain hook (the loop was blocked) is
+    handled then, and if ``stopping()`` the worker never registers."""
 
     def load_failed(failure):
         log.failure("an on_load hook failed, so this worker exits without registering "
@@ -139,10 +143,16 @@ def load_then_start(app, top):
         raise LoadFailed(failure.getErrorMessage())
 
     def start(_):
+        if stopping():
+            log.info("stopped while loading: not registering")
+            return None
         d = maybeDeferred(top.startService)
         return d.addCallback(lambda _: top.getServiceNamed("models").listening)
 
-    return app.load().addCallbacks(start, load_failed)
+    d = app.load().addErrback(load_failed)
+    if clock is not None and app.load_hooks:
+        d.addCallback(lambda _: deferLater(clock, 0, lambda: None))
+    return d.addCallback(start)
 
 
 def run(app, ingress=None, socket_path=None, worker_id=None, threads=None, heartbeat_interval=None):
@@ -183,7 +193,7 @@ def run(app, ingress=None, socket_path=None, worker_id=None, threads=None, heart
         shutdown.stop()
 
     def start():
-        d = load_then_start(app, top)
+        d = load_then_start(app, top, reactor, lambda: shutdown.requested)
         d.addErrback(failed)
         if supervised is not None:
             report_registration(reactor, top.getServiceNamed("registration"), supervised)

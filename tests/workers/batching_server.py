@@ -5,7 +5,8 @@ the batch sizes it is called with, and a load hook it depends on.
   call takes 20 ms, so requests arriving meanwhile gather;
 - ``batch_sizes``: the rows of every call of ``double`` so far, in order;
 - the on_load hook takes 0.5 s; ``double`` fails if called before it ended.
-  With BATCHING_SERVER_FAIL_LOAD set, the hook raises instead.
+  With BATCHING_SERVER_FAIL_LOAD set, the hook raises instead; with
+  BATCHING_SERVER_LOAD_MARK set, it first creates that file.
 """
 import os
 import time
@@ -21,6 +22,9 @@ loaded = []
 
 @app.on_load
 def load():
+    mark = os.environ.get("BATCHING_SERVER_LOAD_MARK")
+    if mark:  # tells a test the hook has started
+        open(mark, "w").close()
     time.sleep(0.5)
     if os.environ.get("BATCHING_SERVER_FAIL_LOAD"):
         raise RuntimeError("no weights at /nowhere")
