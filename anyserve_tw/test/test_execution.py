@@ -294,6 +294,21 @@ class AsynchronousTests(ExecutionTestCase):
         self.assertAnswer(d, grpc.StatusCode.INTERNAL, "ValueError: no n")
         self.assertEqual(len(self.flushLoggedErrors(ValueError)), 1)  # its traceback is logged
 
+    def test_a_failing_models_traceback_is_logged_once_a_second(self):
+        from anyserve_tw.worker.failurelog import FailureLog
+
+        self.execution.failures = FailureLog(every=1.0, clock=self.timer)
+        for _ in range(3):
+            d = self.execute("coro")
+            self.pending["coro"].callback(None)
+            self.assertAnswer(d, grpc.StatusCode.INTERNAL, "ValueError: no n")
+        self.assertEqual(len(self.flushLoggedErrors(ValueError)), 1)
+        self.timer.now += 1
+        d = self.execute("coro")
+        self.pending["coro"].callback(None)
+        self.assertAnswer(d, grpc.StatusCode.INTERNAL, "ValueError: no n")
+        self.assertEqual(len(self.flushLoggedErrors(ValueError)), 1)
+
     def test_deferred_failure_keeps_an_inference_error(self):
         d = self.execute("later")
         self.pending["later"].errback(InferenceError(grpc.StatusCode.ABORTED, "stop"))

@@ -38,6 +38,7 @@ from anyserve_tw.wire.errors import InferenceError, as_inference_error
 from anyserve_tw.wire.payloads import Timing
 from anyserve_tw.worker import restcodec
 from anyserve_tw.worker.batching import Batcher
+from anyserve_tw.worker.failurelog import FailureLog
 from anyserve_tw.worker.handlerthreads import HandlerThreads
 from anyserve_tw.worker.model import InferResponse, handler_error
 from anyserve_tw.worker.parsing import parse_request
@@ -166,6 +167,9 @@ class Execution:
         self.pool = pool
         #: Hands the pool's threads to models' handlers.
         self.threads = HandlerThreads(reactor, pool, max_stuck=max_stuck)
+        #: Tracebacks of asynchronous and generator handlers, paced per
+        #: model (plain handlers' are logged by Model.call).
+        self.failures = FailureLog()
         self.max_payload = max_payload
         self.inline_budget = inline_budget
         self.timer = timer
@@ -319,7 +323,7 @@ class Execution:
         def failed(failure):
             if failure.check(InferenceError, CancelledError, TimeoutError):
                 return failure
-            log.failure("model {model} failed", failure, model=model.name)
+            self.failures.failure(model.name, failure)
             raise handler_error(model, failure.value)
 
         def respond(value):
@@ -418,7 +422,7 @@ class Execution:
                         except (InferenceError, CancelledError):
                             raise
                         except Exception as e:
-                            log.failure("model {model} failed", model=model.name)
+                            self.failures.failure(model.name)
                             raise handler_error(model, e) from e
                         finally:
                             spent[0] += timer() - started
@@ -448,7 +452,7 @@ class Execution:
                     except InferenceError:
                         raise
                     except Exception as e:
-                        log.failure("model {model} failed", model=model.name)
+                        self.failures.failure(model.name)
                         raise handler_error(model, e) from e
                     finally:
                         spent[0] += timer() - started
