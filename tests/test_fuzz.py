@@ -23,7 +23,7 @@ import grpc
 import numpy as np
 from twisted.trial.unittest import SynchronousTestCase
 
-from anyserve_tw.test.test_fuzz_frames import FuzzLoop, Mutator
+from anyserve_tw.test.test_fuzz_frames import FuzzLoop, Mutator, shared_memory_region
 from anyserve_tw.wire import protos
 from tests.harness import ROOT, Ingress, infer_inputs
 
@@ -99,7 +99,11 @@ class FuzzTarget:
     ingress_args = ()
 
     def start(self, http=False):
-        self.ingress = Ingress([FUZZ_SERVER], http=http, args=self.ingress_args)
+        # Two malloc arenas instead of glibc's eight per core: a thread of
+        # the front that first handles a large request late in the run
+        # would otherwise get an arena of its own, which reads as growth.
+        env = dict(os.environ, MALLOC_ARENA_MAX="2")
+        self.ingress = Ingress([FUZZ_SERVER], http=http, args=self.ingress_args, env=env)
         self.addCleanup(self.ingress.cleanup)
         self.ingress.wait_ready(*MODELS)
         [self.worker_pid] = self.ingress.worker_pids(FUZZ_SERVER)
@@ -141,6 +145,9 @@ class ModelInferFuzz(FuzzTarget, SynchronousTestCase):
         self.addCleanup(self.channel.close)
         self.infer = self.channel.unary_unary("/inference.GRPCInferenceService/ModelInfer")
         self.stream = self.channel.stream_stream("/inference.GRPCInferenceService/ModelStreamInfer")
+        # A registered region that requests name, in range and out of it.
+        self.region = shared_memory_region(self, 4096)
+        self.ingress.client().register_system_shared_memory("fuzz", "/" + self.region.name, self.region.size)
 
     def request(self, mutator, rng):
         if rng.random() < 0.05:
@@ -162,7 +169,7 @@ class ModelInferFuzz(FuzzTarget, SynchronousTestCase):
 
     def test_mutated_model_infer_bytes(self):
         loop = FuzzLoop("grpc ModelInfer (%s front)" % self.front, self.seconds, minimum=WARMUP + 100)
-        mutator = Mutator(loop.rng)
+        mutator = Mutator(loop.rng, regions=("fuzz",), region_size=self.region.size)
         rng = loop.rng
         outcomes = collections.Counter()
         hangs = []
@@ -396,3 +403,103 @@ class ManagementFuzz(FuzzTarget, SynchronousTestCase):
         self.assertLess(grown, RSS_GROWTH_LIMIT, "ingress RSS grew by %d bytes; %s" % (grown, loop.context()))
         self.assertUnharmed(loop)
         report(loop, outcomes, rss_growth_bytes=grown)
+
+
+def repeated(field):
+    """Whether a protobuf field is repeated (``label`` is gone from newer protobufs)."""
+    flag = getattr(field, "is_repeated", None)
+    if flag is None:
+        from google.protobuf.descriptor import FieldDescriptor
+
+        return field.label == FieldDescriptor.LABEL_REPEATED
+    return flag() if callable(flag) else flag
+
+
+class InferenceApiFuzz(FuzzTarget, SynchronousTestCase):
+    """Mutated requests for every other unary RPC of the inference port
+    (metadata, config, statistics, repository, shared memory, trace and
+    log settings): each field filled from its type, then bytes mutated."""
+
+    def setUp(self):
+        from google.protobuf import message_factory
+
+        self.start()
+        self.channel = grpc.insecure_channel(self.ingress.address)
+        self.addCleanup(self.channel.close)
+        self.region = shared_memory_region(self, 4096)
+        self.methods = []
+        for method in protos.service_descriptor(protos.INFERENCE_SERVICE).methods:
+            if method.client_streaming or method.name == "ModelInfer":
+                continue
+            call = self.channel.unary_unary("/%s/%s" % (protos.INFERENCE_SERVICE, method.name))
+            self.methods.append((method.name, call, message_factory.GetMessageClass(method.input_type)))
+
+    def fill(self, mutator, message, depth=0):
+        """Every field of ``message`` set, mostly to something it could mean."""
+        from google.protobuf.descriptor import FieldDescriptor as F
+
+        rng = mutator.rng
+        for field in message.DESCRIPTOR.fields:
+            if rng.random() < 0.3:
+                continue
+            if field.type == F.TYPE_MESSAGE:
+                if depth < 2 and not field.message_type.GetOptions().map_entry:
+                    if repeated(field):
+                        self.fill(mutator, getattr(message, field.name).add(), depth + 1)
+                    else:
+                        self.fill(mutator, getattr(message, field.name), depth + 1)
+                elif field.message_type.GetOptions().map_entry:
+                    value_field = field.message_type.fields_by_name["value"]
+                    target = getattr(message, field.name)
+                    key = rng.choice(("log_verbose_level", "trace_rate", "unload_dependents", mutator.text()))
+                    if value_field.type == F.TYPE_MESSAGE:
+                        self.fill(mutator, target[key], depth + 1)
+                    elif value_field.type == F.TYPE_STRING:
+                        target[key] = mutator.text()
+                continue
+            if repeated(field):
+                continue
+            if field.type == F.TYPE_STRING:
+                value = rng.choice((mutator.name(MODELS + ("fuzz",)), "/" + self.region.name, ""))
+            elif field.type == F.TYPE_BOOL:
+                value = rng.random() < 0.5
+            elif field.type in (F.TYPE_UINT64, F.TYPE_UINT32, F.TYPE_FIXED64):
+                value = rng.choice((0, 1, 4096, 4097, 2 ** 32 - 1 if field.type == F.TYPE_UINT32 else 2 ** 64 - 1))
+            elif field.type in (F.TYPE_INT64, F.TYPE_INT32, F.TYPE_SINT64):
+                value = rng.choice((0, 1, -1, 4096, 2 ** 31 - 1))
+            elif field.type in (F.TYPE_DOUBLE, F.TYPE_FLOAT):
+                value = rng.choice((0.0, -1.0, 1e300))
+            elif field.type == F.TYPE_BYTES:
+                value = mutator.blob()
+            else:
+                continue
+            try:
+                setattr(message, field.name, value)
+            except (ValueError, TypeError):
+                pass
+
+    def test_mutated_api_requests(self):
+        loop = FuzzLoop("inference API", 3.0, minimum=WARMUP)
+        mutator = Mutator(loop.rng)
+        rng = loop.rng
+        outcomes = collections.Counter()
+        for _ in loop:
+            name, call, request_class = rng.choice(self.methods)
+            message = request_class()
+            self.fill(mutator, message)
+            data = message.SerializeToString()
+            if rng.random() < 0.5:
+                data = mutator.mutate(data)
+            try:
+                call(data, timeout=DEADLINE)
+                outcomes[name + " OK"] += 1
+            except grpc.RpcError as e:
+                self.assertNotEqual(e.code(), grpc.StatusCode.DEADLINE_EXCEEDED,
+                                    "%s hung; %s" % (name, loop.context()))
+                outcomes[name + " " + e.code().name] += 1
+        # RepositoryModelUnload may have unloaded them, as Triton's explicit mode allows.
+        client = self.ingress.client()
+        for model in MODELS:
+            client.load_model(model)
+        self.assertUnharmed(loop)
+        report(loop, outcomes)

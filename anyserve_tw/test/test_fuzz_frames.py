@@ -91,10 +91,14 @@ HUGE_DIMS = (2 ** 63 - 1, 2 ** 62, 2 ** 32, 2 ** 31 - 1, 2 ** 31, -1, -2, -(2 **
 
 
 class Mutator:
-    """Seeded mutations of bytes and of ModelInferRequests."""
+    """Seeded mutations of bytes and of ModelInferRequests.  ``regions``:
+    names of registered shared-memory regions of ``region_size`` bytes that
+    requests name, with offsets and sizes in and out of range."""
 
-    def __init__(self, rng):
+    def __init__(self, rng, regions=(), region_size=0):
         self.rng = rng
+        self.regions = tuple(regions)
+        self.region_size = region_size
 
     def text(self, limit=12):
         rng = self.rng
@@ -145,6 +149,13 @@ class Mutator:
         for _ in range(rng.choice((0, 0, 0, 1, 2, 3))):
             key = rng.choice(keys) if rng.random() < 0.7 else self.text()
             self.parameter(mapping[key])
+        if self.regions and rng.random() < 0.2:  # a window of a registered region
+            size = self.region_size
+            mapping["shared_memory_region"].string_param = rng.choice(self.regions)
+            for key in ("shared_memory_offset", "shared_memory_byte_size"):
+                if rng.random() < 0.8:
+                    mapping[key].int64_param = rng.choice(
+                        (0, 4, 8, size - 4, size, size + 1, -1, 2 ** 62, rng.randrange(size + 8)))
 
     def contents(self, contents, datatype, count):
         rng = self.rng
@@ -359,7 +370,7 @@ class FrameDecoderFuzz(SynchronousTestCase):
     def test_any_split_gives_the_same_frames(self):
         """Frames cut anywhere decode as whole ones, oversize ones are
         skipped, and the decoder never holds more than one frame."""
-        loop = FuzzLoop("frame decoder", 1.5)
+        loop = FuzzLoop("frame decoder", 1.0)
         mutator = Mutator(loop.rng)
         max_payload, large = 2048, 256
         for _ in loop:
@@ -398,7 +409,7 @@ class ProtowireFuzz(SynchronousTestCase):
         """The ingress's ``peek_request`` and the worker's
         ``split_raw_inputs`` raise nothing but INVALID_ARGUMENT, and agree
         with protobuf on every request protobuf itself accepts."""
-        loop = FuzzLoop("protowire", 1.5)
+        loop = FuzzLoop("protowire", 1.0)
         mutator = Mutator(loop.rng)
         for _ in loop:
             data = mutator.infer_bytes()
@@ -429,6 +440,20 @@ class ProtowireFuzz(SynchronousTestCase):
 
 
 # -- the worker's end -------------------------------------------------------------
+
+
+def shared_memory_region(testcase, size):
+    """A POSIX shared-memory object of ``size`` bytes, gone after the test."""
+    from multiprocessing import shared_memory
+
+    region = shared_memory.SharedMemory(create=True, size=size)
+
+    def remove():
+        region.close()
+        region.unlink()
+
+    testcase.addCleanup(remove)
+    return region
 
 
 def fuzz_app():
@@ -527,11 +552,14 @@ class WorkerProtocolFuzz(SynchronousTestCase):
         tables among them: each request is answered exactly once (RESPONSE
         or ERROR with a known status) unless cancelled first, nothing stays
         in flight, and nothing raises out of the protocol."""
-        loop = FuzzLoop("worker protocol", 3.0)
-        mutator = Mutator(loop.rng)
+        loop = FuzzLoop("worker protocol", 2.5)
+        region = shared_memory_region(self, 4096)
+        table = payloads.encode_shm_table({"fuzz": payloads.Region("/" + region.name, 0, region.size)})
+        mutator = Mutator(loop.rng, regions=("fuzz",), region_size=region.size)
         rng = loop.rng
         connection = WorkerConnectionUnderTest(self.execution)
         protocol = connection.protocol
+        protocol.dataReceived(framing.encode_frame(framing.SHM_TABLE, 0, table))
         codes = {code.value[0] for code in grpc.StatusCode}
         next_id = 1
         cancelled, sent = set(), set()
@@ -545,11 +573,13 @@ class WorkerProtocolFuzz(SynchronousTestCase):
                     frames.append(framing.encode_frame(framing.CANCEL, victim))
                 elif roll < 0.13:
                     frames.append(framing.encode_frame(framing.CANCEL, rng.randrange(2 ** 64)))
-                elif roll < 0.18:
-                    table = payloads.encode_shm_table({mutator.text(): payloads.Region(
+                elif roll < 0.16:  # another table, or a broken one: the region may be gone
+                    other = payloads.encode_shm_table({mutator.text(): payloads.Region(
                         "/anyserve-fuzz-none", rng.randrange(100), rng.randrange(100))})
-                    frames.append(framing.encode_frame(framing.SHM_TABLE, 0, mutator.mutate(table)
-                                                       if rng.random() < 0.5 else table))
+                    frames.append(framing.encode_frame(framing.SHM_TABLE, 0, mutator.mutate(other)
+                                                       if rng.random() < 0.5 else other))
+                elif roll < 0.2:  # the real region back
+                    frames.append(framing.encode_frame(framing.SHM_TABLE, 0, table))
                 else:
                     frames.append(self.request_frame(loop, mutator, next_id))
                     sent.add(next_id)
@@ -667,7 +697,7 @@ class IngressWorkerLinkFuzz(SynchronousTestCase):
     def test_hostile_worker_frames(self):
         from anyserve_tw.test.test_workerlink import ClosingTransport, FakeHandle
 
-        loop = FuzzLoop("ingress worker link", 2.0)
+        loop = FuzzLoop("ingress worker link", 1.5)
         mutator = Mutator(loop.rng)
         rng = loop.rng
         max_payload = 8192
