@@ -544,6 +544,16 @@ class ThreadBudgetTests(ExecutionTestCase):
         self.assertEqual(self.execution.pending, 0)
         self.assertEqual(self.execution.threads.busy, {})
 
+    def test_a_single_models_worker_keeps_no_thread_in_reserve(self):
+        app = AnyServe()
+        app.model("only", asynchronous=False)(lambda request: {"sum": request["a"]})
+        self.execution = Execution(self.reactor, app, self.pool, timer=self.timer)
+        requests = [self.execute("only") for _ in range(5)]
+        self.assertEqual(self.queued(), ["only"] * 4)
+        self.pool.run()
+        for d in requests:
+            self.successResultOf(d)
+
     def test_the_last_free_thread_is_kept_for_a_model_holding_none(self):
         self.execute("p1"), self.execute("p1"), self.execute("p2")
         self.execute("p1"), self.execute("p2")  # each holds one already

@@ -166,7 +166,8 @@ class Execution:
         self.app = app
         self.pool = pool
         #: Hands the pool's threads to models' handlers.
-        self.threads = HandlerThreads(reactor, pool, max_stuck=max_stuck)
+        self.threads = HandlerThreads(reactor, pool, max_stuck=max_stuck,
+                                      shared=lambda: len(app.models) > 1)
         #: Tracebacks of asynchronous and generator handlers, paced per
         #: model (plain handlers' are logged by Model.call).
         self.failures = FailureLog()

@@ -5,7 +5,7 @@ A budget per model: a model may take a free thread only if another free
 thread is left for the models holding none, unless it holds none itself.
 So one model alone holds at most ``threads - 1`` threads, and a model that
 holds none finds a thread as long as the busy models are fewer than the
-threads.  Waiting requests are served model by model in turn (round robin),
+threads.  A worker of a single model keeps no thread in reserve.  Waiting requests are served model by model in turn (round robin),
 each model's in arrival order.
 
 A request whose deadline passes (or that is cancelled) while its handler
@@ -63,11 +63,13 @@ class HandlerThreads:
     ``pool`` is a ThreadPool (``callInThreadWithCallback``,
     ``adjustPoolsize``, ``max``): ``threads`` defaults to its ``max`` and
     its ``max`` grows by one per stuck thread replaced.  ``reactor`` needs
-    ``callFromThread`` and ``seconds``.
+    ``callFromThread`` and ``seconds``.  ``shared()`` says whether several
+    models share the threads (else none is kept in reserve).
     """
 
-    def __init__(self, reactor, pool, threads=None, max_stuck=None):
+    def __init__(self, reactor, pool, threads=None, max_stuck=None, shared=lambda: True):
         self.reactor = reactor
+        self.shared = shared
         self.pool = pool
         self.threads = pool.max if threads is None else threads
         self.max_stuck = STUCK_PER_THREAD * self.threads if max_stuck is None else max_stuck
@@ -113,8 +115,7 @@ class HandlerThreads:
         return Failure(InferenceError(grpc.StatusCode.UNAVAILABLE, "worker unavailable: " + self.reason()))
 
     def _may_take(self, model, free):
-        busy = self.busy.get(model, 0)
-        return free >= 2 or (free >= 1 and busy == 0)
+        return free >= 2 or (free >= 1 and (model not in self.busy or not self.shared()))
 
     # -- tasks ------------------------------------------------------------------
 
