@@ -9,6 +9,7 @@ taken from a library so the tests need nothing more than the socket module.
 """
 import socket
 import struct
+import threading
 
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 DATA, HEADERS, RST_STREAM, SETTINGS, PING = 0x0, 0x1, 0x3, 0x4, 0x6
@@ -53,20 +54,57 @@ def grpc_message(body):
 
 
 class UnreadingClient:
-    """One HTTP/2 connection to ``host:port`` that sends and never reads."""
+    """One HTTP/2 connection to ``host:port`` that sends and never reads.
 
-    def __init__(self, host, port):
+    With ``answer_pings``, a thread reads the socket only to answer the
+    server's PINGs and drops everything else: still no window is granted,
+    so the server still cannot send more than 65,535 bytes, but its
+    keepalive sees a live client (one that stalls only some calls looks
+    like this to the server)."""
+
+    def __init__(self, host, port, answer_pings=False):
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         # A small receive buffer: what the kernel holds for us stays small too.
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
         self.sock.settimeout(10)
         self.sock.connect((host, port))
+        self._lock = threading.Lock()
+        #: Streams the server reset (RST_STREAM), seen with ``answer_pings``.
+        self.reset = set()
         self.authority = "%s:%d" % (host, port)
         self.next_id = 1
         # Our SETTINGS (defaults: 65,535-byte windows); then, like any
         # client before it stalls, the ACK of the server's SETTINGS.
         self.sock.sendall(PREFACE + frame(SETTINGS, 0, 0))
         self._handshake()
+        if answer_pings:
+            threading.Thread(target=self._answer_pings, name="rawh2-pings", daemon=True).start()
+
+    def _answer_pings(self):
+        buffered = b""
+        self.sock.settimeout(None)
+        while True:
+            try:
+                chunk = self.sock.recv(65536)
+            except OSError:
+                return
+            if not chunk:
+                return
+            buffered += chunk
+            while len(buffered) >= 9:
+                length = int.from_bytes(buffered[:3], "big")
+                if len(buffered) < 9 + length:
+                    break
+                kind, flags, buffered_id = buffered[3], buffered[4], buffered[5:9]
+                payload, buffered = buffered[9:9 + length], buffered[9 + length:]
+                if kind == PING and not flags & ACK:
+                    self._send(frame(PING, ACK, 0, payload))
+                elif kind == RST_STREAM:
+                    self.reset.add(int.from_bytes(buffered_id, "big") & 0x7FFFFFFF)
+
+    def _send(self, data):
+        with self._lock:
+            self.sock.sendall(data)
 
     def _handshake(self):
         """Read the server's first frames until its SETTINGS (ACKed), and
@@ -106,7 +144,7 @@ class UnreadingClient:
             out += frame(DATA, END_STREAM if last else 0, stream_id, grpc_message(body))
         if end and not bodies:
             out += frame(DATA, END_STREAM, stream_id)
-        self.sock.sendall(out)
+        self._send(out)
         return stream_id
 
     def unary(self, method, body):
@@ -114,7 +152,11 @@ class UnreadingClient:
 
     def send(self, stream_id, body):
         """One more request on an open stream."""
-        self.sock.sendall(frame(DATA, 0, stream_id, grpc_message(body)))
+        self._send(frame(DATA, 0, stream_id, grpc_message(body)))
 
     def close(self):
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
         self.sock.close()

@@ -136,3 +136,32 @@ class UnreadResponsesTests(IngressTestCase):
 
 
 on_the_thread_front(globals())
+
+
+class StalledStreamsTests(IngressTestCase):
+    """A client that answers pings (so keepalive keeps it) but reads none
+    of its streams' responses: on the thread front each such stream holds
+    an inference thread, and enough of them refuse everyone else's
+    ModelInfer; the sweep cancels them after UNREAD_TIMEOUT, which frees
+    their threads and bytes."""
+
+    workers = (PROBE_SERVER,)
+    ready = ("big",)
+    front = "threads"
+
+    def test_stalled_streams_are_cancelled(self):
+        attacker = UnreadingClient("127.0.0.1", self.ingress.port, answer_pings=True)
+        self.addCleanup(attacker.close)
+        streams = [attacker.open("ModelStreamInfer", [big_request()]) for _ in range(64)]
+
+        def refused():
+            try:
+                self.client.infer("big", infer_inputs(n=np.array([16], dtype=np.int64)), timeout=20)
+            except InferenceServerException as e:
+                return e.status() == "StatusCode.RESOURCE_EXHAUSTED" and "threads" in e.message()
+            return False
+        wait_for(refused, timeout=20, what="the stalled streams to hold every inference thread")
+        wait_for(lambda: not refused(), timeout=UNREAD_TIMEOUT + 15, interval=0.5,
+                 what="the sweep to cancel the stalled streams")
+        self.assertTrue(attacker.reset & set(streams), "no stream was reset")
+        self.assertTrue(self.client.is_server_live())

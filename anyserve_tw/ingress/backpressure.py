@@ -20,9 +20,11 @@ So the bound is kept in three parts:
   a stream is closed with it: the ingress holds at most the cap plus one
   response per connection.
 * A call whose responses have made no progress for :data:`UNREAD_TIMEOUT`
-  seconds is cancelled by a sweep that runs at most once a second, on the
-  next inference call to arrive (no timer per request, none at all when
-  idle).
+  seconds is cancelled by a sweep once a second (one LoopingCall, started
+  by the first inference call; no timer per request).  On the thread front
+  that frees its bytes and its thread; on grpc.aio it ends a stream (and
+  frees what waits in its queue) but cannot end a unary call: keepalive
+  does, for a client that reads nothing.
 * HTTP/2 keepalive (:func:`keepalive_options`): a client that reads
   nothing at all cannot answer the server's pings either, and gRPC closes
   its connection within :data:`UNREAD_TIMEOUT`, ending every call on it and
@@ -31,6 +33,7 @@ So the bound is kept in three parts:
 import threading
 
 import grpc
+from twisted.internet.task import LoopingCall
 
 from anyserve_tw.wire.errors import InferenceError
 
@@ -100,7 +103,8 @@ class UnreadBytes:
         self.total = 0
         self.by_peer = {}
         self._holds = set()  # holds with bytes unread
-        self._next_sweep = 0.0
+        self._sweeper = None
+        self._starting = False
         self._lock = threading.Lock()
 
     def unread(self, peer):
@@ -117,15 +121,27 @@ class UnreadBytes:
         return None
 
     def admit(self, peer):
-        """Raise RESOURCE_EXHAUSTED if ``peer`` (or everyone) is over the cap;
-        sweep for stuck calls if the last sweep was long enough ago."""
-        now = self.clock.seconds()
-        if now >= self._next_sweep:
-            self._next_sweep = now + self.interval
-            self.sweep(now)
+        """Raise RESOURCE_EXHAUSTED if ``peer`` (or everyone) is over the cap.
+        The first call starts the sweep (from any thread)."""
+        if not self._starting:
+            self._starting = True
+            # On the reactor thread, whichever thread we are on (a fake clock has no threads).
+            getattr(self.clock, "callFromThread", lambda f: f())(self.start)
         error = self._refusal(peer)
         if error is not None:
             raise error
+
+    def start(self):
+        """Sweep every ``interval`` seconds (on the reactor thread)."""
+        self._starting = True
+        if self._sweeper is None:
+            self._sweeper = LoopingCall(self.sweep)
+            self._sweeper.clock = self.clock
+            self._sweeper.start(self.interval, now=False)
+
+    def stop(self):
+        if self._sweeper is not None and self._sweeper.running:
+            self._sweeper.stop()
 
     def open(self, peer, cancel=None):
         """A :class:`Hold` for one call of ``peer``."""

@@ -66,15 +66,20 @@ class UnreadBytesTests(SynchronousTestCase):
         self.assertEqual(cancelled, ["stuck"])
         self.assertEqual(self.unread.sweep(), 0)  # cancelled once only
 
-    def test_sweep_runs_on_admission_at_most_once_per_interval(self):
+    def test_first_admission_starts_one_sweep_a_second(self):
         cancelled = []
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+        self.unread.admit(B)
+        self.addCleanup(self.unread.stop)
         hold = self.unread.open(A, lambda: cancelled.append(1))
-        self.unread.admit(B)
         self.unread.take(hold, 10)
-        self.clock.advance(30)
         self.unread.admit(B)
+        self.unread.take(self.unread.open(B), 10)
+        self.assertEqual(len(self.clock.getDelayedCalls()), 1)  # the sweep's, nothing per call
+        self.clock.pump([1] * 29)
+        self.assertEqual(cancelled, [])
+        self.clock.advance(1)
         self.assertEqual(cancelled, [1])
-        self.assertEqual(self.clock.getDelayedCalls(), [])  # no timer of its own
 
     def test_keepalive_within_the_timeout(self):
         options = dict(keepalive_options(30))
