@@ -18,6 +18,7 @@ import json
 import os
 import socket
 import urllib.parse
+import zlib
 
 import grpc
 import numpy as np
@@ -75,22 +76,6 @@ def report(loop, outcomes, **figures):
         import sys
 
         sys.stderr.write("  %s%s\n" % (loop.name, extra))
-
-
-def management_metadata(ingress):
-    """Call metadata with the ingress's management token, or None when
-    management takes no token."""
-    token = getattr(ingress, "token", None)
-    if token is None:
-        try:
-            from anyserve_tw.wire import credentials
-        except ImportError:  # an ingress from before management tokens
-            return None
-        try:
-            token = credentials.read_token(credentials.default_token_path(ingress.mgmt))
-        except (credentials.TokenFileError, OSError):
-            return None
-    return [("authorization", "Bearer " + token)]
 
 
 class FuzzTarget:
@@ -247,6 +232,21 @@ class ModelInferFuzzThreadFront(ModelInferFuzz):
     seconds = 4.0
 
 
+def compressed(data, encoding):
+    compress = zlib.compressobj(wbits=31 if encoding == "gzip" else 15)
+    return compress.compress(data) + compress.flush()
+
+
+_bombs = {}
+
+
+def bomb(encoding):
+    """A body of about 80 KB that inflates past the ingress's 64 MiB limit."""
+    if encoding not in _bombs:
+        _bombs[encoding] = compressed(bytes(80 * 1024 * 1024), encoding)
+    return _bombs[encoding]
+
+
 class RestFuzz(FuzzTarget, SynchronousTestCase):
     """Mutated JSON bodies, binary-data headers and paths over HTTP."""
 
@@ -301,8 +301,13 @@ class RestFuzz(FuzzTarget, SynchronousTestCase):
                 body += tail
             elif roll < 0.25:
                 headers["Inference-Header-Content-Length"] = rng.choice(("x", "", "1e3", " 5"))
-            elif roll < 0.3:
-                headers["Content-Encoding"] = rng.choice(("gzip", "deflate", "br"))
+            elif roll < 0.35:  # compressed, or said to be: whole, mutated, or a bomb
+                encoding = rng.choice(("gzip", "deflate", "br"))
+                headers["Content-Encoding"] = encoding
+                if encoding != "br" and rng.random() < 0.7:
+                    body = bomb(encoding) if rng.random() < 0.02 else compressed(body, encoding)
+                    if rng.random() < 0.4:
+                        body = mutator.mutate(body)
             try:
                 status, data = self.post(path, body, headers)
             except socket.timeout:
@@ -320,9 +325,9 @@ class RestFuzz(FuzzTarget, SynchronousTestCase):
 
 class ManagementFuzz(FuzzTarget, SynchronousTestCase):
     """Mutated RegisterModel, Heartbeat and UnregisterModel bytes to the
-    management port, from a process that is not the worker (with the
-    ingress's token where the harness gives one): the real worker's ``add``
-    is still served by it, with the same metadata."""
+    management port, from a process that is not the worker, mostly with the
+    ingress's token (else none or a wrong one): the real worker's ``add`` is
+    still served by it, with the same metadata."""
 
     def setUp(self):
         self.start()
@@ -338,7 +343,7 @@ class ManagementFuzz(FuzzTarget, SynchronousTestCase):
         self.rogue_path = os.path.join(self.ingress.tmp, "fuzz.sock")
         self.rogue_socket.bind(self.rogue_path)
         self.rogue_socket.listen(1024)
-        self.metadata = management_metadata(self.ingress)
+        self.metadata = list(self.ingress.mgmt_metadata())
 
     def message(self, mutator, rng, method):
         worker = "fuzz-%d" % rng.randrange(8) if rng.random() < 0.8 else mutator.text()
