@@ -5,8 +5,9 @@ A budget per model: a model may take a free thread only if another free
 thread is left for the models holding none, unless it holds none itself.
 So one model alone holds at most ``threads - 1`` threads, and a model that
 holds none finds a thread as long as the busy models are fewer than the
-threads.  A worker of a single model keeps no thread in reserve.  Waiting requests are served model by model in turn (round robin),
-each model's in arrival order.
+threads.  A worker of a single model keeps no thread in reserve.  Waiting
+requests are served model by model in turn (round robin), each model's in
+arrival order.
 
 A request whose deadline passes (or that is cancelled) while its handler
 runs is answered at once, but Python cannot stop a thread: the handler runs
@@ -16,9 +17,10 @@ for up to ``max_stuck`` stuck threads (default twice ``threads``).  Past that,
 each further stuck thread takes one of the ``threads`` away; once every
 thread is stuck the worker is unhealthy (:meth:`HandlerThreads.healthy`),
 requests that need a thread are refused with UNAVAILABLE at once instead of
-queued behind handlers that may never return, and the ingress, told by the
-heartbeat, stops routing here (and replaces a supervised worker).  As stuck
-handlers return their threads come back, and so does health.
+queued behind handlers that may never return (those on the loop are still
+served), and the worker's heartbeat should say so, for the ingress to stop
+routing here and replace a supervised worker.  As stuck handlers return
+their threads come back, and so does health.
 
 Stuck threads are left behind at shutdown: the pool's threads are daemons.
 """
