@@ -561,6 +561,18 @@ class ThreadBudgetTests(ExecutionTestCase):
         self.execute("p3")
         self.assertEqual(self.queued(), ["p1", "p1", "p2", "p3"])
 
+    def test_a_request_waiting_for_a_thread_leaves_at_its_deadline(self):
+        for _ in range(3):
+            self.execute("p1")
+        late = self.execute("p1", timeout=1)
+        self.assertEqual(self.queued(), ["p1"] * 3)
+        self.reactor.advance(1)
+        self.assertAnswer(late, grpc.StatusCode.DEADLINE_EXCEEDED)
+        self.assertEqual(self.execution.threads.waiting, {})
+        self.pool.run()
+        self.assertEqual(self.calls, ["p1"] * 3)
+        self.assertEqual(self.execution.pending, 0)
+
     def test_waiting_models_are_served_in_turn(self):
         for name in ("p3", "p3", "p3", "p1", "p1", "p1", "p2", "p2"):
             self.execute(name)
