@@ -57,7 +57,8 @@ class UnreadingClient:
     """One HTTP/2 connection to ``host:port`` that sends and never reads.
 
     With ``answer_pings``, a thread reads the socket only to answer the
-    server's PINGs and drops everything else: still no window is granted,
+    server's PINGs and note which calls ended, and drops everything else
+    (the DATA of responses included): still no window is granted,
     so the server still cannot send more than 65,535 bytes, but its
     keepalive sees a live client (one that stalls only some calls looks
     like this to the server)."""
@@ -69,8 +70,10 @@ class UnreadingClient:
         self.sock.settimeout(10)
         self.sock.connect((host, port))
         self._lock = threading.Lock()
-        #: Streams the server reset (RST_STREAM), seen with ``answer_pings``.
+        #: Streams the server reset (RST_STREAM), and those it ended with
+        #: trailers (a status), seen with ``answer_pings``.
         self.reset = set()
+        self.ended = set()
         self.authority = "%s:%d" % (host, port)
         self.next_id = 1
         # Our SETTINGS (defaults: 65,535-byte windows); then, like any
@@ -101,6 +104,8 @@ class UnreadingClient:
                     self._send(frame(PING, ACK, 0, payload))
                 elif kind == RST_STREAM:
                     self.reset.add(int.from_bytes(buffered_id, "big") & 0x7FFFFFFF)
+                elif kind == HEADERS and flags & END_STREAM:
+                    self.ended.add(int.from_bytes(buffered_id, "big") & 0x7FFFFFFF)
 
     def _send(self, data):
         with self._lock:
