@@ -8,6 +8,9 @@ of CPU per request on the thread front, 388 us on this one.)  Nothing holds a th
 while a model is slow, so ServerLive and other models keep answering however
 many requests wait on one model; ``--max-concurrent-rpcs`` is what bounds them.
 
+Responses handed to grpc.aio and not yet read by their client are counted
+per connection and capped (:mod:`anyserve_tw.ingress.backpressure`).
+
 The server is created in ``startService`` (grpc objects do not survive a fork;
 twistd may daemonize after ``makeService``), binds its port there at once so a
 busy port stops twistd, and starts serving as soon as the loop runs.
@@ -20,7 +23,7 @@ from twisted.internet.task import LoopingCall
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from anyserve_tw.ingress.backpressure import COUNTED_METHODS, UnreadBytes, keepalive_options
+from anyserve_tw.ingress.backpressure import COUNTED_METHODS, UNREAD_TIMEOUT, UnreadBytes, keepalive_options
 from anyserve_tw.ingress.interfaces import GrpcFrontService, IGrpcFront
 from anyserve_tw.wire import defaults, rpc
 from anyserve_tw.wire.errors import InferenceError, as_inference_error
@@ -214,15 +217,18 @@ def _coroutine(method, default, timeouts, unread=None):
 @implementer(IGrpcFront)
 class AioGrpcService(GrpcFrontService):
     """Serves ``handlers`` on ``host:port`` with grpc.aio on ``loop``, the
-    asyncio loop the reactor runs on."""
+    asyncio loop the reactor runs on.  A client that answers no ping for
+    about ``unread_timeout`` seconds is disconnected
+    (:func:`~anyserve_tw.ingress.backpressure.keepalive_options`)."""
 
     def __init__(self, loop, label, host, port, handlers, timeouts=None,
                  max_message_size=defaults.MAX_MESSAGE_SIZE, max_concurrent_rpcs=None, grace=10.0,
-                 credentials=None, interceptors=()):
+                 credentials=None, interceptors=(), unread_timeout=UNREAD_TIMEOUT):
         super().__init__(label, host, port, handlers, max_message_size, max_concurrent_rpcs, grace,
                          credentials, interceptors)
         self.loop = loop
         self.timeouts = timeouts
+        self.unread_timeout = unread_timeout
         #: Fires once the server serves; fails if it could not start.
         self.started = None
 
@@ -231,7 +237,8 @@ class AioGrpcService(GrpcFrontService):
         self.server = grpc.aio.server(
             handlers=self.handlers,
             interceptors=self.interceptors,
-            options=rpc.channel_options(self.max_message_size) + keepalive_options() + [("grpc.so_reuseport", 0)],
+            options=rpc.channel_options(self.max_message_size) + keepalive_options(self.unread_timeout)
+            + [("grpc.so_reuseport", 0)],
             maximum_concurrent_rpcs=self.max_concurrent_rpcs,
         )
         self.bound_port = rpc.listen(self.server, self.label, self.host, self.port, self.credentials)

@@ -157,7 +157,7 @@ class UnreadBytes:
                 raise error
             if hold.closed:
                 return
-            if not hold.size:
+            if not hold.size and hold.cancel is not None:  # only those the sweep can end
                 hold.since = self.clock.seconds()
                 self._holds.add(hold)
             hold.size += size
@@ -168,7 +168,8 @@ class UnreadBytes:
         """``size`` of ``hold``'s bytes were delivered (or dropped): progress."""
         with self._lock:
             self._give(hold, min(size, hold.size))
-            hold.since = self.clock.seconds()
+            if hold.size and hold.cancel is not None:
+                hold.since = self.clock.seconds()
 
     def close(self, hold):
         """The call ended: whatever it held is released."""
@@ -186,15 +187,19 @@ class UnreadBytes:
             self.by_peer[hold.peer] = left
         else:
             del self.by_peer[hold.peer]
-        if not hold.size:
+        if not hold.size and hold.cancel is not None:
             self._holds.discard(hold)
 
     def sweep(self, now=None):
         """Cancel every call whose bytes have gone unread for ``timeout``."""
         now = self.clock.seconds() if now is None else now
         with self._lock:
-            stuck = [h for h in self._holds if h.cancel is not None and now - h.since >= self.timeout]
-        for hold in stuck:
-            cancel, hold.cancel = hold.cancel, None
+            stuck = [h for h in self._holds if now - h.since >= self.timeout]
+            cancels = []
+            for hold in stuck:  # cancelled once: the sweep forgets them
+                self._holds.discard(hold)
+                cancels.append(hold.cancel)
+                hold.cancel = None
+        for cancel in cancels:
             cancel()
         return len(stuck)

@@ -18,6 +18,10 @@ microseconds instead of waiting behind the slow ones.  Two slow models can
 still fill the inference share between them: then a third gets
 RESOURCE_EXHAUSTED, an answer, never a hang.
 
+Responses handed to gRPC and not yet read by their client are counted per
+connection and capped, and a call whose responses go unread is cancelled
+(:mod:`anyserve_tw.ingress.backpressure`), which frees its thread too.
+
 The server is created in ``startService``, never earlier: grpc objects do not
 survive a fork, and twistd may daemonize between ``makeService`` and
 ``startService``.  ``stopService`` stops taking new RPCs at once (new ones get
@@ -34,7 +38,7 @@ import grpc
 from twisted.internet.threads import deferToThreadPool
 from zope.interface import implementer
 
-from anyserve_tw.ingress.backpressure import COUNTED_METHODS, UnreadBytes, keepalive_options
+from anyserve_tw.ingress.backpressure import COUNTED_METHODS, UNREAD_TIMEOUT, UnreadBytes, keepalive_options
 from anyserve_tw.ingress.interfaces import GrpcFrontService, IGrpcFront
 from anyserve_tw.wire import defaults, rpc
 from anyserve_tw.wire.errors import InferenceError
@@ -265,34 +269,40 @@ class InferenceBudget(grpc.ServerInterceptor):
 
 
 def build_server(handlers, threads=defaults.DEFAULT_FRONT_THREADS, max_message_size=defaults.MAX_MESSAGE_SIZE,
-                 max_concurrent_rpcs=defaults.DEFAULT_MAX_CONCURRENT_RPCS, label="", interceptors=()):
+                 max_concurrent_rpcs=defaults.DEFAULT_MAX_CONCURRENT_RPCS, label="", interceptors=(),
+                 unread_timeout=UNREAD_TIMEOUT):
     """A grpcio thread-pool server, not yet bound or started: one thread per
     RPC in flight, inference calls admitted by an :class:`InferenceBudget`,
-    the message caps both ways, no port sharing."""
+    the message caps both ways, keepalive within ``unread_timeout``, no
+    port sharing."""
     return grpc.server(
         futures.ThreadPoolExecutor(max_workers=threads, thread_name_prefix=label),
         handlers=handlers,
         interceptors=[*interceptors, InferenceBudget(threads)],
-        options=channel_options(max_message_size) + keepalive_options() + [("grpc.so_reuseport", 0)],
+        options=channel_options(max_message_size) + keepalive_options(unread_timeout)
+        + [("grpc.so_reuseport", 0)],
         maximum_concurrent_rpcs=max_concurrent_rpcs,
     )
 
 
 @implementer(IGrpcFront)
 class GrpcServerService(GrpcFrontService):
-    """Serves ``handlers`` on ``host:port`` from a pool of ``threads`` threads."""
+    """Serves ``handlers`` on ``host:port`` from a pool of ``threads``
+    threads; a client that answers no ping for about ``unread_timeout``
+    seconds is disconnected."""
 
     def __init__(self, reactor, label, host, port, handlers, threads=defaults.DEFAULT_FRONT_THREADS,
                  max_message_size=defaults.MAX_MESSAGE_SIZE, max_concurrent_rpcs=None, grace=10.0,
-                 credentials=None, interceptors=()):
+                 credentials=None, interceptors=(), unread_timeout=UNREAD_TIMEOUT):
         super().__init__(label, host, port, handlers, max_message_size, max_concurrent_rpcs, grace,
                          credentials, interceptors)
         self.reactor = reactor
         self.threads = threads
+        self.unread_timeout = unread_timeout
 
     def startService(self):
         self.server = build_server(self.handlers, self.threads, self.max_message_size,
-                                   self.max_concurrent_rpcs, self.label, self.interceptors)
+                                   self.max_concurrent_rpcs, self.label, self.interceptors, self.unread_timeout)
         self.bound_port = rpc.listen(self.server, self.label, self.host, self.port, self.credentials)
         self.server.start()
         super().startService()

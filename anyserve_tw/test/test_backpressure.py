@@ -65,6 +65,9 @@ class UnreadBytesTests(SynchronousTestCase):
         self.assertEqual(self.unread.sweep(), 1)
         self.assertEqual(cancelled, ["stuck"])
         self.assertEqual(self.unread.sweep(), 0)  # cancelled once only
+        self.unread.close(stuck)  # what the cancelled call's end does
+        self.unread.close(moving)
+        self.assertEqual((self.unread.total, self.unread.by_peer, self.unread._holds), (0, {}, set()))
 
     def test_first_admission_starts_one_sweep_a_second(self):
         cancelled = []
