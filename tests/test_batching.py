@@ -78,6 +78,8 @@ class BatchingTests(SynchronousTestCase):
         self.assertEqual(config.max_batch_size, 8)
         self.assertEqual([list(i.dims) for i in config.input], [[4]])
         self.assertTrue(config.HasField("dynamic_batching"))
+        self.assertEqual(list(config.dynamic_batching.preferred_batch_size), [4, 8])
+        self.assertEqual(config.dynamic_batching.max_queue_delay_microseconds, 20000)
         metadata = self.client.get_model_metadata("double")
         self.assertEqual([list(i.shape) for i in metadata.inputs], [[-1, 4]])
 

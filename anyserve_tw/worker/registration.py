@@ -168,6 +168,8 @@ class Registration(Service):
                 outputs=[m.TensorSpec(**spec._asdict()) for spec in model.outputs or ()],
                 decoupled=model.decoupled,
                 max_batch_size=model.max_batch_size,
+                preferred_batch_sizes=model.preferred_batch_sizes,
+                max_queue_delay_us=model.max_queue_delay_us,
                 worker_key=self.worker_key,
             )
             for model in self.app.models.values()
