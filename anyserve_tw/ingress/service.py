@@ -81,7 +81,7 @@ def make_ingress_service(reactor, port=8000, host="0.0.0.0", mgmt_port=9000,
                          max_concurrent_rpcs=defaults.DEFAULT_MAX_CONCURRENT_RPCS, request_timeout=600.0,
                          socket_dir=None, front="aio", http_port=8080, http_host=None, access_log=None,
                          forget_after=60.0, max_inflight_per_model=1024, startup_window=10.0,
-                         mgmt_token=None, tls=None):
+                         mgmt_token=None, tls=None, worker_tls=None, insecure_workers=False):
     """The ingress (see the module's docstring).  ``http_port``: the REST and
     ``/metrics`` port, 0 for none (and then no metrics are kept, since
     nothing could read them); ``http_host``: its address, ``host`` if None;
@@ -90,7 +90,10 @@ def make_ingress_service(reactor, port=8000, host="0.0.0.0", mgmt_port=9000,
     :class:`~anyserve_tw.ingress.router.Router`; ``mgmt_token``: the token
     management calls must carry (None: any local process may call it);
     ``tls``: a :class:`~anyserve_tw.ingress.tls.ServerTls` to serve the
-    inference ports (gRPC and REST) with TLS, or None."""
+    inference ports (gRPC and REST) with TLS, or None; ``worker_tls``: a
+    :class:`~anyserve_tw.wire.tlsconfig.MutualTls` (--tls-ca): the management
+    server requires client certificates its CA signed, and ``tls://`` workers
+    are reached with it; ``insecure_workers``: accept ``tcp://`` workers."""
     build, health = _front_factory(reactor, front)
     top = SequentialMultiService(stop_order=["health", "inference", "http", "workers", "management",
                                              "router", "access-log"])
@@ -103,6 +106,8 @@ def make_ingress_service(reactor, port=8000, host="0.0.0.0", mgmt_port=9000,
         router.access_log = AccessLog(access_log, reactor)
         router.access_log.setName("access-log")
         router.access_log.setServiceParent(top)
+    router.worker_tls = worker_tls
+    router.insecure_workers = insecure_workers
     router.setName("router")
     router.setServiceParent(top)
 
@@ -111,7 +116,8 @@ def make_ingress_service(reactor, port=8000, host="0.0.0.0", mgmt_port=9000,
         interceptors.append(INTERCEPTORS[front](TokenCheck(mgmt_token, reactor)))
     management = build("management", mgmt_host, mgmt_port, ManagementAPI(router), threads=8,
                        max_message_size=defaults.MAX_MANAGEMENT_MESSAGE_SIZE, grace=1.0,
-                       interceptors=interceptors)
+                       interceptors=interceptors,
+                       credentials=None if worker_tls is None else worker_tls.grpc_server_credentials())
     management.setName("management")
     management.setServiceParent(top)
 
@@ -140,7 +146,8 @@ def make_ingress_service(reactor, port=8000, host="0.0.0.0", mgmt_port=9000,
             reactor, worker_scripts, copies, "%s:%d" % (client_host, mgmt_port),
             heartbeat_interval=min(2.0, heartbeat_timeout / 4.0), socket_dir=socket_dir,
             max_message_size=max_message_size, metrics=metrics,
-            environ={} if mgmt_token is None else {defaults.ENV_TOKEN: mgmt_token},
+            environ=dict({} if mgmt_token is None else {defaults.ENV_TOKEN: mgmt_token},
+                         **({} if worker_tls is None else worker_tls.environ())),
         )
         supervisor.setName("workers")
         supervisor.setServiceParent(top)

@@ -50,12 +50,16 @@ class Options(usage.Options):
          "/tmp/anyserve-UID/mgmt-PORT.token). Must be readable by its owner only."],
         ["tls-cert", None, None, "PEM certificate chain: serve the inference ports (gRPC and REST) over TLS."],
         ["tls-key", None, None, "PEM private key of --tls-cert."],
+        ["tls-ca", None, None, "PEM CA for workers on other hosts (with --tls-cert/--tls-key, the ingress's "
+         "identity): the management server requires client certificates it signed, and tls:// workers "
+         "are connected to with mutual TLS."],
         ["front", None, "aio", "How gRPC is served: aio (grpc.aio on the reactor's asyncio loop, one thread) "
          "or threads (a grpcio thread pool bridged into the reactor; always so under a non-asyncio --reactor)."],
     ]
 
     optFlags = [
         ["insecure-mgmt", None, "Let any local process call the management API without the token."],
+        ["insecure-workers", None, "Accept workers at plain tcp://host:port addresses (no TLS)."],
     ]
 
     def __init__(self):
@@ -84,6 +88,16 @@ class Options(usage.Options):
             raise usage.UsageError("--tls-cert and --tls-key go together")
         if self["insecure-mgmt"] and self["mgmt-token-file"]:
             raise usage.UsageError("--insecure-mgmt and --mgmt-token-file contradict each other")
+        if self["tls-ca"] and not self["tls-cert"]:
+            raise usage.UsageError("--tls-ca needs --tls-cert and --tls-key (the ingress's identity)")
+        self["worker-tls"] = None
+        if self["tls-ca"]:
+            from anyserve_tw.wire.tlsconfig import MutualTls, TlsError
+
+            try:
+                self["worker-tls"] = MutualTls.from_files(self["tls-ca"], self["tls-cert"], self["tls-key"])
+            except TlsError as e:
+                raise usage.UsageError("--tls-ca/--tls-cert/--tls-key: %s" % (e,))
         self["tls"] = None
         if self["tls-cert"]:
             from anyserve_tw.ingress.tls import ServerTls, TlsError
@@ -179,4 +193,6 @@ def makeService(options):
         startup_window=options["startup-window"],
         mgmt_token=options["mgmt-token"],
         tls=options["tls"],
+        worker_tls=options["worker-tls"],
+        insecure_workers=options["insecure-workers"],
     )

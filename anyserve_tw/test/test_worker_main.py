@@ -18,9 +18,39 @@ class ServiceTreeTests(SynchronousTestCase):
                                   "/tmp/w.sock", "w-1", threads=3, max_payload=1234)
         self.assertEqual([s.name for s in top.stopping_order()],
                          ["withdrawal", "models", "registration"])
-        server, registration = top.getServiceNamed("models"), top.getServiceNamed("registration")
+        server, registrations = top.getServiceNamed("models"), top.getServiceNamed("registration")
+        [registration] = registrations.registrations
         self.assertEqual(registration.worker_address, "unix:///tmp/w.sock")
+        self.assertEqual(registration.ingress, "127.0.0.1:9000")
         self.assertEqual((server.execution.pool.max, server.execution.max_payload), (3, 1234))
+
+
+    def test_one_registration_per_ingress(self):
+        """ANYSERVE_INGRESS=a,b: a registration for each, each with its own
+        schedule; the worker counts as registered once any has taken it."""
+        top = make_worker_service(MemoryReactorClock(), AnyServe(), "10.0.0.1:9000, 10.0.0.2:9000,10.0.0.1:9000",
+                                  "/tmp/w.sock", "w-1")
+        registrations = top.getServiceNamed("registration")
+        self.assertEqual([r.ingress for r in registrations.registrations], ["10.0.0.1:9000", "10.0.0.2:9000"])
+        self.assertFalse(registrations.registered)
+        registrations.registrations[1].registered = True
+        self.assertTrue(registrations.registered)
+
+    def test_network_listener_registers_its_advertised_address(self):
+        top = make_worker_service(MemoryReactorClock(), AnyServe(), "10.0.0.1:9000", "/tmp/w.sock", "w-1",
+                                  listen="tcp://0.0.0.0:7001", advertise="tcp://10.0.0.5:7001")
+        [registration] = top.getServiceNamed("registration").registrations
+        self.assertEqual(registration.worker_address, "tcp://10.0.0.5:7001")
+
+    def test_network_listener_on_every_interface_needs_an_advertised_address(self):
+        e = self.assertRaises(ValueError, make_worker_service, MemoryReactorClock(), AnyServe(),
+                              "10.0.0.1:9000", "/tmp/w.sock", "w-1", listen="tcp://0.0.0.0:7001")
+        self.assertIn("ANYSERVE_ADVERTISE", str(e))
+
+    def test_tls_listener_needs_certificates(self):
+        e = self.assertRaises(ValueError, make_worker_service, MemoryReactorClock(), AnyServe(),
+                              "10.0.0.1:9000", "/tmp/w.sock", "w-1", listen="tls://10.0.0.5:7001")
+        self.assertIn("ANYSERVE_TLS_CA", str(e))
 
 
 def module_level_imports(path):

@@ -11,25 +11,32 @@ from twisted.logger import FileLogObserver, Logger, eventAsText, textFileLogObse
 
 from anyserve_tw.allocator import keep_freed_memory
 from anyserve_tw.servicetree import SequentialMultiService
-from anyserve_tw.wire import defaults, supervision
+from anyserve_tw.wire import defaults, supervision, tlsconfig
 from anyserve_tw.worker.execution import Execution, make_pool
 from anyserve_tw.worker.protocol import ModelServer
-from anyserve_tw.worker.registration import Registration, Withdrawal
+from anyserve_tw.worker.registration import Registrations, Withdrawal, ingress_addresses
 from anyserve_tw.worker.supervised import tie_to_supervisor
 
 log = Logger()
 
 
 def make_worker_service(reactor, app, ingress, socket_path, worker_id, threads=4,
-                        heartbeat_interval=2.0, max_payload=defaults.MAX_MESSAGE_SIZE):
+                        heartbeat_interval=2.0, max_payload=defaults.MAX_MESSAGE_SIZE,
+                        listen=None, advertise=None, tls=None):
     """The worker's service tree: serve, then register.  Shutdown withdraws the
-    models, drains the requests in flight (heartbeats going on), then stops."""
+    models, drains the requests in flight (heartbeats going on), then stops.
+
+    ``ingress``: one ``host:port`` or several separated by commas (one
+    registration each); ``listen``/``advertise``/``tls``: a worker on
+    another host (see :class:`~anyserve_tw.worker.protocol.ModelServer`),
+    ``tls`` also securing the management channels."""
     top = SequentialMultiService(stop_order=["withdrawal", "models", "registration"])
     execution = Execution(reactor, app, make_pool(threads), max_payload=max_payload, worker_id=worker_id)
-    server = ModelServer(reactor, execution, socket_path)
+    server = ModelServer(reactor, execution, socket_path, listen=listen, tls=tls, advertise=advertise)
     server.setName("models")
     server.setServiceParent(top)
-    registration = Registration(reactor, app, ingress, server.address, worker_id, heartbeat_interval)
+    registration = Registrations(reactor, app, ingress_addresses(ingress), server.address, worker_id,
+                                 heartbeat_interval, tls=tls)
     registration.setName("registration")
     registration.setServiceParent(top)
     withdrawal = Withdrawal(registration)
@@ -159,7 +166,9 @@ def run(app, ingress=None, socket_path=None, worker_id=None, threads=None, heart
     """Serve ``app`` until SIGTERM/SIGINT.  Unset options come from the
     environment (ANYSERVE_INGRESS, ANYSERVE_SOCKET, ANYSERVE_WORKER_ID,
     ANYSERVE_THREADS, ANYSERVE_HEARTBEAT_INTERVAL, ANYSERVE_MAX_MESSAGE_SIZE), which is how a supervising
-    ingress configures the workers it starts."""
+    ingress configures the workers it starts; a worker on another host also
+    reads ANYSERVE_LISTEN, ANYSERVE_ADVERTISE and ANYSERVE_TLS_CA/CERT/KEY
+    (:mod:`anyserve_tw.wire.tlsconfig`)."""
     env = os.environ
     # First, before anything slow: a worker whose ingress is already gone
     # must exit now, not register with whatever listens there next.
@@ -181,8 +190,15 @@ def run(app, ingress=None, socket_path=None, worker_id=None, threads=None, heart
     globalLogBeginner.beginLoggingTo([log_observer(sys.stderr, env)])
     keep_freed_memory()
     max_payload = int(env.get(defaults.ENV_MAX_MESSAGE_SIZE, defaults.MAX_MESSAGE_SIZE))
-    top = make_worker_service(reactor, app, ingress, socket_path, worker_id, threads,
-                              heartbeat_interval, max_payload)
+    listen = env.get(tlsconfig.ENV_LISTEN) or None
+    try:
+        tls = tlsconfig.MutualTls.from_environ(env)
+        top = make_worker_service(reactor, app, ingress, socket_path, worker_id, threads,
+                                  heartbeat_interval, max_payload, listen=listen,
+                                  advertise=env.get(tlsconfig.ENV_ADVERTISE) or None, tls=tls)
+    except (tlsconfig.TlsError, ValueError) as e:
+        log.error("worker not started: {error}", error=e)
+        sys.exit(2)
     exit_code = []
     shutdown = Shutdown(reactor)
 

@@ -15,12 +15,20 @@ Every call carries the ingress's token (:mod:`anyserve_tw.wire.credentials`;
 read again before each registration, so a restarted ingress with a new token
 is joined again) and this process's worker key, drawn at random here, which
 binds our worker id to us at the ingress.
+
+With ``tls`` (ANYSERVE_TLS_CA/CERT/KEY) the management channel is mutual
+TLS: the ingress's certificate must chain to the CA and name the host in
+ANYSERVE_INGRESS, and the worker presents its own.  A worker given several
+ingresses (``ANYSERVE_INGRESS=a:9000,b:9000``) keeps one
+:class:`Registration` per ingress under :class:`Registrations`, each with its
+own channel, schedule and retries, so losing one ingress leaves the others'
+registrations untouched.
 """
 import os
 import secrets
 
 import grpc
-from twisted.application.service import Service
+from twisted.application.service import MultiService, Service
 from twisted.internet.defer import gatherResults
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
@@ -84,8 +92,10 @@ class Registration(Service):
     """
 
     def __init__(self, reactor, app, ingress, worker_address, worker_id, interval=2.0,
-                 rpc_timeout=5.0, environ=None):
+                 rpc_timeout=5.0, environ=None, tls=None):
         self.reactor = reactor
+        #: A :class:`~anyserve_tw.wire.tlsconfig.MutualTls` for the channel, or None.
+        self.tls = tls
         #: Where the token comes from (ANYSERVE_TOKEN, ANYSERVE_TOKEN_FILE).
         self.environ = os.environ if environ is None else environ
         #: Binds our worker id to this process at the ingress.
@@ -111,7 +121,11 @@ class Registration(Service):
 
     def startService(self):
         super().startService()
-        self._channel = grpc.insecure_channel(self.ingress, options=management_channel_options())
+        if self.tls is None:
+            self._channel = grpc.insecure_channel(self.ingress, options=management_channel_options())
+        else:
+            self._channel = grpc.secure_channel(self.ingress, self.tls.grpc_channel_credentials(),
+                                                options=management_channel_options())
         self._stub = rpc.Stub(self._channel, protos.MANAGEMENT_SERVICE)
         self._loop()
 
@@ -260,6 +274,44 @@ class Registration(Service):
             self._next_tick.cancel()
         self._next_tick = None
         self._channel.close()
+
+
+def ingress_addresses(value):
+    """The ingresses in ANYSERVE_INGRESS: ``host:port`` entries separated by
+    commas (blanks ignored, duplicates once, in order)."""
+    seen = []
+    for entry in value.split(","):
+        entry = entry.strip()
+        if entry and entry not in seen:
+            seen.append(entry)
+    if not seen:
+        raise ValueError("no ingress address in %r" % (value,))
+    return seen
+
+
+class Registrations(MultiService):
+    """One :class:`Registration` per ingress, each kept alive on its own.
+
+    ``registered`` once any ingress has taken the models (the worker is then
+    serving); :meth:`withdraw` withdraws from every ingress at once."""
+
+    def __init__(self, reactor, app, ingresses, worker_address, worker_id, interval=2.0,
+                 rpc_timeout=5.0, environ=None, tls=None):
+        super().__init__()
+        for ingress in ingresses:
+            Registration(reactor, app, ingress, worker_address, worker_id, interval, rpc_timeout,
+                         environ, tls).setServiceParent(self)
+
+    @property
+    def registrations(self):
+        return list(self)
+
+    @property
+    def registered(self):
+        return any(r.registered for r in self)
+
+    def withdraw(self):
+        return gatherResults([r.withdraw() for r in self])
 
 
 class Withdrawal(Service):
