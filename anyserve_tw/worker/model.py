@@ -14,18 +14,16 @@ from collections import namedtuple
 
 import grpc
 import numpy as np
-from twisted.logger import Logger, LogLevel
 
 from anyserve_tw.wire import protos, protowire
 from anyserve_tw.wire.errors import InferenceError, brief, invalid_argument
 from anyserve_tw.worker import tensors
+from anyserve_tw.worker.failurelog import FailureLog
 from anyserve_tw.worker.tensors import shape_text
 from anyserve_tw.worker.parsing import parse_request
 from anyserve_tw.worker.sharedmemory import write_parts
 
 _v2 = protos.inference
-
-log = Logger()
 
 #: The tensor parameters of the shared-memory extension.
 SHM_REGION = "shared_memory_region"
@@ -200,6 +198,8 @@ class Model:
         self.handler = handler
         self.name = name
         self.version = version or ""
+        #: Its handler's tracebacks, at most one a second.
+        self.failures = FailureLog()
         #: Largest batch (rows) the handler takes; 0: it does not batch
         #: (Triton's meaning).  See :mod:`anyserve_tw.worker.batching`.
         self.max_batch_size, self.preferred_batch_sizes, self.max_queue_delay_us = _batching(
@@ -371,7 +371,7 @@ class Model:
         except InferenceError:
             raise
         except Exception as e:
-            log.failure("model {model} failed", model=self.name, level=LogLevel.error)
+            self.failures.failure(self.name)
             raise handler_error(self, e) from e
 
     def respond(self, request, result):
@@ -382,8 +382,7 @@ class Model:
         except InferenceError:
             raise
         except Exception as e:
-            log.failure("model {model} returned a result that can't be sent", model=self.name,
-                        level=LogLevel.error)
+            self.failures.failure(self.name, what="returned a result that can't be sent")
             raise handler_error(self, e) from e
 
     def serve(self, payload, shared_memory=None):
