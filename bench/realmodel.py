@@ -550,6 +550,9 @@ def main(argv=None):
                     print("  %s FAILED: %s" % (name, e), flush=True)
     except KeyboardInterrupt:
         problems.append("interrupted")
+    except SystemExit:
+        problems.append("terminated (SIGTERM)")
+        raise
     finally:
         summary = summarise(runs)
         print_table(summary, args.servers)
