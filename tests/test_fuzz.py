@@ -544,3 +544,31 @@ class InferenceApiFuzz(FuzzTarget, SynchronousTestCase):
             client.load_model(model)
         self.assertUnharmed(loop)
         report(loop, outcomes)
+
+
+class LoneSurrogateInControlJson(FuzzTarget, SynchronousTestCase):
+    """The ingress's twin of the worker's bug in
+    anyserve_tw/test/test_fuzz_frames.py (LoneSurrogateInJson): a control
+    endpoint's JSON with a lone surrogate escape is 500 "unexpected error",
+    with a traceback logged per request.  The fix belongs in
+    anyserve_tw/ingress/http.py, ``_request_json``: after ``json.loads``,
+    ``json.dumps(value, ensure_ascii=False).encode("utf-8")`` and turn its
+    ``UnicodeEncodeError`` into ``invalid_argument("malformed JSON request
+    body: %s" % e)`` (control bodies are small, so the check costs nothing
+    that matters)."""
+
+    skip = ("lead to fix in anyserve_tw/ingress/http.py (and worker/restcodec.py): "
+            "lone surrogate escapes in REST JSON are 500 with a traceback")
+
+    def test_lone_surrogate_is_400(self):
+        self.start(http=True)
+        for path, body in (
+                ("/v2/systemsharedmemory/region/x/register", b'{"key": "\\ud800", "offset": 0, "byte_size": 4}'),
+                ("/v2/repository/models/fuzz/load", b'{"parameters": {"\\ud800": "x"}}'),
+                ("/v2/models/echo/infer", b'{"inputs": [], "parameters": {"\\ud800": 1}}')):
+            connection = http.client.HTTPConnection("127.0.0.1", self.ingress.http_port, timeout=DEADLINE)
+            self.addCleanup(connection.close)
+            connection.request("POST", path, body)
+            response = connection.getresponse()
+            self.assertEqual(response.status, 400, (path, response.read()))
+        self.assertNotIn("Traceback", self.ingress.log())
