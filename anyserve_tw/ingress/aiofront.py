@@ -166,6 +166,16 @@ def _stream(method, default, timeouts, unread=None):
             stream.half_close()
 
         feeding = asyncio.ensure_future(feed())
+
+        def ended(_=None):
+            feeding.cancel()
+            stream.cancel()
+            if hold is not None:
+                unread.close(hold)
+
+        # A task cancelled while gRPC writes leaves this generator suspended
+        # at its yield, to be closed whenever it is collected: end at once.
+        context.add_done_callback(ended)
         try:
             while True:
                 response = await sent.get()
@@ -177,10 +187,7 @@ def _stream(method, default, timeouts, unread=None):
                 if hold is not None:
                     unread.give(hold, len(response))
         finally:
-            feeding.cancel()
-            stream.cancel()
-            if hold is not None:
-                unread.close(hold)
+            ended()
     return handle
 
 

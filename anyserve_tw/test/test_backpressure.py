@@ -1,6 +1,8 @@
 """Tests for anyserve_tw.ingress.backpressure: the count of unread response
 bytes, its caps per client and in all, and the sweep of stuck calls; and
 the fronts' use of it (grpc.aio servicer, on a real loop, fake context)."""
+import asyncio
+
 import grpc
 from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
@@ -106,6 +108,7 @@ class AioCountingTests(LoopTestCase):
     def setUp(self):
         super().setUp()
         self.router = StubRouter()
+        self.router.reactor = self.clock
         self.timeouts = RequestTimeouts(self.clock, interval=1.0)
         self.unread = UnreadBytes(self.clock, per_client=100, total=1000)
         self.servicer = aio_servicer(InferenceAPI(self.router, request_timeout=600.0), self.timeouts,
@@ -139,3 +142,38 @@ class AioCountingTests(LoopTestCase):
         for answer in self.router.answers[1:]:
             answer.callback(b"")
         self.assertEqual((self.outcome(other), self.outcome(again)), (b"", b""))
+
+    def test_stream_swept_while_grpc_writes(self):
+        """What grpc.aio does with a stream whose client reads nothing: the
+        RPC's task awaits the write of the first response; the sweep
+        cancels the task; its done callbacks end the stream and release
+        every byte it held, queued ones included."""
+        self.unread.start()
+        self.addCleanup(self.unread.stop)
+        context = FakeAioContext(peer=A)
+        blocked = []
+
+        async def serve():  # grpc.aio's loop over the handler's responses
+            async for response in self.servicer.ModelStreamInfer(_requests(self.request, self.request), context):
+                blocked.append(response)
+                await asyncio.Event().wait()  # the write never completes
+
+        task = self.loop.create_task(serve())
+        task.add_done_callback(lambda _: context.finish())
+        self.spin()
+        self.assertEqual(len(self.router.answers), 2)
+        self.router.answers[0].callback(b"a" * 30)
+        self.router.answers[1].callback(b"b" * 40)
+        self.spin()
+        self.assertEqual(len(blocked), 1)
+        self.assertGreaterEqual(self.unread.unread(A), 70)  # the one being written and the one queued
+        self.clock.advance(30)
+        self.spin()
+        self.assertTrue(task.cancelled())
+        self.assertEqual(self.unread.unread(A), 0)
+
+
+async def _requests(*items):
+    for item in items:
+        yield item
+    await asyncio.Event().wait()
