@@ -522,3 +522,86 @@ class RealSocketTests(TestCase):
         handle.close("test over")
         self.assertIs((yield gone), handle)
         yield gatherResults([c.lost for c in factory.connections])
+
+
+class NetworkEndpointTests(SynchronousTestCase):
+    def test_tcp_only_when_insecure(self):
+        e = self.assertRaises(InferenceError, endpoint_for, MemoryReactorClock(), "tcp://10.0.0.5:7001")
+        self.assertIn("--insecure-workers", e.message)
+        clock = MemoryReactorClock()
+        endpoint_for(clock, "tcp://10.0.0.5:7001", timeout=3, insecure_tcp=True).connect(
+            Factory.forProtocol(framing.FramedProtocol))
+        self.assertEqual(clock.tcpClients[0][1], 7001)
+
+    def test_tls_needs_the_ingress_identity(self):
+        e = self.assertRaises(InferenceError, endpoint_for, MemoryReactorClock(), "tls://10.0.0.5:7001")
+        self.assertEqual(e.code, grpc.StatusCode.INVALID_ARGUMENT)
+        self.assertIn("--tls-ca", e.message)
+
+    def test_malformed_network_addresses(self):
+        for address in ("tls://10.0.0.5", "tcp://:7001", "tls://h:port", "tls://h:7001/path", "udp://h:1"):
+            e = self.assertRaises(InferenceError, endpoint_for, MemoryReactorClock(), address,
+                                  insecure_tcp=True)
+            self.assertEqual(e.code, grpc.StatusCode.INVALID_ARGUMENT, address)
+
+
+class NetworkReconnectTests(TestCase):
+    """A tcp:// worker (the reconnect logic is the same for tls://) whose
+    connections the test drops from the worker's side."""
+
+    def setUp(self):
+        self.factory = Factory.forProtocol(EchoWorker)
+        self.factory.connections = []
+        self.port = reactor.listenTCP(0, self.factory, interface="127.0.0.1")
+        self.addCleanup(lambda: self.port.stopListening() if self.port.connected else None)
+        self.gone = Deferred()
+        self.handle = WorkerHandle(reactor, "w1", "tcp://127.0.0.1:%d" % self.port.getHost().port,
+                                   self.gone.callback, pool_size=2, insecure_tcp=True, reconnect_window=0.5)
+        self.addCleanup(self.handle.close, "test over")
+
+    def wait(self, seconds):
+        from twisted.internet.task import deferLater
+
+        return deferLater(reactor, seconds, lambda: None)
+
+    @inlineCallbacks
+    def test_dropped_connection_reconnected_worker_kept(self):
+        """One connection dropped: its request in flight fails, the worker
+        keeps its other connection (and the request on it) and gets its
+        second connection back."""
+        yield self.handle.connect()
+        for connection in self.factory.connections:
+            connection.frameReceived = lambda *args: None  # holds what it is sent
+        outcomes = []
+        held = [self.handle.forward(b"held") for _ in range(2)]  # one on each connection
+        for d in held:
+            d.addErrback(lambda f: f.value.code).addCallback(outcomes.append)
+        self.factory.connections[0].transport.abortConnection()
+        for _ in range(100):
+            if len(self.handle._connections) == 2 and outcomes:
+                break
+            yield self.wait(0.02)
+        self.assertEqual(outcomes, [grpc.StatusCode.UNAVAILABLE])
+        self.assertEqual(len(self.handle._connections), 2)
+        self.assertEqual(len(self.factory.connections), 3)
+        self.assertEqual((yield self.handle.forward(b"new", timeout=5)), b"new")  # the least busy: the new one
+        self.assertFalse(self.gone.called)
+        [d.cancel() for d in held]
+
+    @inlineCallbacks
+    def test_worker_given_up_when_a_connection_cannot_come_back(self):
+        yield self.handle.connect()
+        yield self.port.stopListening()
+        self.factory.connections[0].transport.abortConnection()
+        self.assertIs((yield self.gone), self.handle)
+        self.assertTrue(self.handle.closed)
+        self.assertIn("could not reconnect", self.handle.lost_reason)
+
+    @inlineCallbacks
+    def test_worker_given_up_at_once_when_every_connection_drops(self):
+        """No connection left: the worker leaves routing now (its next
+        heartbeat registers it again if it lives)."""
+        yield self.handle.connect()
+        for connection in self.factory.connections:
+            connection.transport.abortConnection()
+        self.assertIs((yield self.gone), self.handle)

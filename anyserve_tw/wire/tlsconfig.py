@@ -177,9 +177,9 @@ class MutualTls:
         except crypto.Error as e:
             raise TlsError("unreadable private key: %s" % (e,))
         context = SSL.Context(SSL.TLS_METHOD)
-        context.use_certificate(self.chain[0])
-        context.use_privatekey(self.key)
         try:
+            context.use_certificate(self.chain[0])
+            context.use_privatekey(self.key)
             context.check_privatekey()
         except SSL.Error:
             raise TlsError("the private key does not match the certificate")
