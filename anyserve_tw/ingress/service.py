@@ -81,7 +81,9 @@ def make_ingress_service(reactor, port=8000, host="0.0.0.0", mgmt_port=9000,
                          max_concurrent_rpcs=defaults.DEFAULT_MAX_CONCURRENT_RPCS, request_timeout=600.0,
                          socket_dir=None, front="aio", http_port=8080, http_host=None, access_log=None,
                          forget_after=60.0, max_inflight_per_model=1024, startup_window=10.0,
-                         mgmt_token=None, tls=None, worker_tls=None, insecure_workers=False):
+                         mgmt_token=None, tls=None, worker_tls=None, insecure_workers=False,
+                         worker_max_requests=0, worker_max_rss=0, worker_python=None,
+                         worker_math_threads=0, gpus=()):
     """The ingress (see the module's docstring).  ``http_port``: the REST and
     ``/metrics`` port, 0 for none (and then no metrics are kept, since
     nothing could read them); ``http_host``: its address, ``host`` if None;
@@ -93,7 +95,10 @@ def make_ingress_service(reactor, port=8000, host="0.0.0.0", mgmt_port=9000,
     inference ports (gRPC and REST) with TLS, or None; ``worker_tls``: a
     :class:`~anyserve_tw.wire.tlsconfig.MutualTls` (--tls-ca): the management
     server requires client certificates its CA signed, and ``tls://`` workers
-    are reached with it; ``insecure_workers``: accept ``tcp://`` workers."""
+    are reached with it; ``insecure_workers``: accept ``tcp://`` workers;
+    ``worker_max_requests``, ``worker_max_rss`` (MB), ``worker_python``,
+    ``worker_math_threads``, ``gpus``: see
+    :class:`~anyserve_tw.ingress.supervisor.WorkerSupervisor`."""
     build, health = _front_factory(reactor, front)
     top = SequentialMultiService(stop_order=["health", "inference", "http", "workers", "management",
                                              "router", "access-log"])
@@ -145,7 +150,9 @@ def make_ingress_service(reactor, port=8000, host="0.0.0.0", mgmt_port=9000,
         supervisor = WorkerSupervisor(
             reactor, worker_scripts, copies, "%s:%d" % (client_host, mgmt_port),
             heartbeat_interval=min(2.0, heartbeat_timeout / 4.0), socket_dir=socket_dir,
-            max_message_size=max_message_size, metrics=metrics,
+            max_message_size=max_message_size, metrics=metrics, python=worker_python,
+            max_requests=worker_max_requests, max_rss_mb=worker_max_rss,
+            math_threads=worker_math_threads, gpus=gpus,
             environ=dict({} if mgmt_token is None else {defaults.ENV_TOKEN: mgmt_token},
                          **({} if worker_tls is None else worker_tls.environ())),
         )
@@ -154,4 +161,8 @@ def make_ingress_service(reactor, port=8000, host="0.0.0.0", mgmt_port=9000,
         router.on_evicted = supervisor.replace
         router.workers_registered = supervisor.all_registered
         router.on_registered = supervisor.note_registered
+        router.max_requests_per_worker = worker_max_requests
+        router.on_request_limit = supervisor.request_limit
+        supervisor.drain = router.drain
+        supervisor.requests_served = router.requests_served
     return top

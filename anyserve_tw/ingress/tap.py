@@ -6,6 +6,8 @@ reactor is installed yet when ``makeService`` runs, so it installs Twisted's
 asyncio reactor, on which the default front serves gRPC; ``--reactor=asyncio``
 gives it the same.  Any other ``--reactor`` gets the thread front.
 """
+import os
+import shutil
 import sys
 
 from twisted.logger import Logger
@@ -53,6 +55,16 @@ class Options(usage.Options):
         ["tls-ca", None, None, "PEM CA for workers on other hosts (with --tls-cert/--tls-key, the ingress's "
          "identity): the management server requires client certificates it signed, and tls:// workers "
          "are connected to with mutual TLS."],
+        ["worker-max-requests", None, 0, "Recycle a supervised worker after it has served this many requests: "
+         "its replacement starts and registers first, then it is drained and stopped (0: never).", int],
+        ["worker-max-rss", None, 0, "Recycle a supervised worker whose resident memory exceeds this many MB, "
+         "checked every second (0: never).", int],
+        ["worker-python", None, None, "Interpreter for supervised workers (default: the ingress's own), or "
+         "'shebang' to run each executable script by its #! line."],
+        ["worker-math-threads", None, 0, "OMP/MKL/OpenBLAS/numexpr/vecLib threads per supervised worker "
+         "(0: the available cores divided by the number of workers, unless already set in the environment).", int],
+        ["gpus", None, None, "Comma-separated GPU ids handed to supervised workers round-robin as "
+         "CUDA_VISIBLE_DEVICES (default: CUDA_VISIBLE_DEVICES left as inherited)."],
         ["front", None, "aio", "How gRPC is served: aio (grpc.aio on the reactor's asyncio loop, one thread) "
          "or threads (a grpcio thread pool bridged into the reactor; always so under a non-asyncio --reactor)."],
     ]
@@ -82,6 +94,18 @@ class Options(usage.Options):
                 raise usage.UsageError("--%s must not be negative" % name)
         if not 0 <= self["http-port"] <= 65535:
             raise usage.UsageError("--http-port must be a port number, or 0 for none")
+        for name in ("worker-max-requests", "worker-max-rss", "worker-math-threads"):
+            if self[name] < 0:
+                raise usage.UsageError("--%s must not be negative" % name)
+        if self["gpus"] is not None:
+            self["gpus"] = [gpu.strip() for gpu in self["gpus"].split(",")]
+            if not all(self["gpus"]):
+                raise usage.UsageError("--gpus must be a comma-separated list of GPU ids, e.g. 0,1")
+        if self["worker-python"] not in (None, "shebang"):
+            found = shutil.which(self["worker-python"])
+            if found is None:
+                raise usage.UsageError("--worker-python: %s is not an executable" % self["worker-python"])
+            self["worker-python"] = os.path.abspath(found)
         if self["front"] not in FRONTS:
             raise usage.UsageError("--front must be one of: %s" % ", ".join(FRONTS))
         if bool(self["tls-cert"]) != bool(self["tls-key"]):
@@ -191,6 +215,11 @@ def makeService(options):
         forget_after=options["forget-after"],
         max_inflight_per_model=options["max-inflight-per-model"],
         startup_window=options["startup-window"],
+        worker_max_requests=options["worker-max-requests"],
+        worker_max_rss=options["worker-max-rss"],
+        worker_python=options["worker-python"],
+        worker_math_threads=options["worker-math-threads"],
+        gpus=options["gpus"] or (),
         mgmt_token=options["mgmt-token"],
         tls=options["tls"],
         worker_tls=options["worker-tls"],
