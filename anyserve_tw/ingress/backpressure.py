@@ -29,6 +29,13 @@ So the bound is kept in three parts:
   nothing at all cannot answer the server's pings either, and gRPC closes
   its connection within :data:`UNREAD_TIMEOUT`, ending every call on it and
   freeing their bytes, on both fronts, whatever the traffic.
+
+A client that reads but keeps more than the cap in flight on one connection
+meets the cap too: responses handed to gRPC together are all undelivered
+until HTTP/2 has sent them (measured: 50 concurrent 8 MiB answers on one
+connection, 2 to 16 of them refused).  It is the memory that client costs;
+it can open more connections, or the cap can be raised.  Behind a proxy
+that multiplexes many users on one connection, they share its cap.
 """
 import threading
 
