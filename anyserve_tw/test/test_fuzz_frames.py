@@ -836,3 +836,25 @@ class LoneSurrogateInJson(SynchronousTestCase):
             self.assertEqual((answer.kind, answer.code),
                              (framing.ERROR, grpc.StatusCode.INVALID_ARGUMENT.value[0]), body)
         self.assertEqual(logged.events, [])
+
+
+class NulInSharedMemoryKey(SynchronousTestCase):
+    """What the inference-API fuzz (tests/test_fuzz.py) found: a
+    SystemSharedMemoryRegister whose key holds a NUL byte reaches
+    ``os.open``, whose ValueError ("embedded null byte") is INTERNAL
+    "unexpected error" with a traceback logged per request.  The fix belongs
+    in anyserve_tw/ingress/sharedmemory.py, ``object_size``: refuse
+    ``"\\0" in base`` with the invalid-key INVALID_ARGUMENT, as it refuses a
+    slash (and the same test in anyserve_tw/worker/sharedmemory.py's
+    ``shm_path``)."""
+
+    skip = ("lead to fix in anyserve_tw/ingress/sharedmemory.py: a NUL in a region's key "
+            "is INTERNAL with a traceback")
+
+    def test_nul_in_key_is_invalid_argument(self):
+        from anyserve_tw.ingress.sharedmemory import SharedMemoryRegistry
+
+        regions = SharedMemoryRegistry()
+        with self.assertRaises(InferenceError) as caught:
+            regions.register("r", "/anyserve\0fuzz", 0, 4)
+        self.assertEqual(caught.exception.code, grpc.StatusCode.INVALID_ARGUMENT)
