@@ -26,6 +26,14 @@ _REASON = unavailable_reason()
 INGRESS_PORT, MGMT_PORT, WORKER_PORT = 8001, 9001, 7001
 
 
+def port_open(host, port):
+    import socket
+
+    with socket.socket() as s:
+        s.settimeout(0.5)
+        return s.connect_ex((host, port)) == 0
+
+
 class AcrossHostsTests(SynchronousTestCase):
     """hub: the ingress; w1, w2: one probe worker each, on tls://."""
 
@@ -61,10 +69,14 @@ class AcrossHostsTests(SynchronousTestCase):
         self.ingress = subprocess.Popen(self.hosts.command("hub", command), cwd=self.directory,
                                         stdin=subprocess.DEVNULL)
         self.addCleanup(self.stop, self.ingress)
+        self.address = "%s:%d" % (self.hosts.client_address, INGRESS_PORT)
+        # Connect only once it listens: a gRPC channel that failed waits
+        # out a growing back-off before it tries again.
+        wait_for(lambda: port_open(self.hosts.client_address, INGRESS_PORT) or self.ingress.poll() is not None,
+                 20, what="the ingress listening")
         self.workers = {name: self.start_worker(name) for name in ("w1", "w2")}
         import tritonclient.grpc as grpcclient
 
-        self.address = "%s:%d" % (self.hosts.client_address, INGRESS_PORT)
         self.client = grpcclient.InferenceServerClient(self.address, ssl=True,
                                                        root_certificates=self.pki.ca_path)
         self.addCleanup(self.client.close)
@@ -134,23 +146,6 @@ class AcrossHostsTests(SynchronousTestCase):
             return calls
         return finish
 
-    def test_add_and_more_served_across_hosts(self):
-        """Each worker serves from its own host over mutual TLS; an add
-        (the probe worker's, on its thread pool) comes back right, 64 at once."""
-        self.assertEqual(self.served_by(), 2)
-        from concurrent.futures import ThreadPoolExecutor
-
-        def add(i):
-            result = self.client.infer("async_add", infer_inputs(a=np.array([i, 1], np.int32),
-                                                                 b=np.array([i, 2], np.int32)))
-            return result.as_numpy("sum").tolist()
-        with ThreadPoolExecutor(8) as pool:
-            self.assertEqual(list(pool.map(add, range(64))), [[2 * i, 3] for i in range(64)])
-        log = self.read(self.ingress_log)
-        for name in ("w1", "w2"):
-            self.assertIn("worker %s at tls://%s:%d: connecting" % (name, self.hosts.address(name), WORKER_PORT),
-                          log)
-
     def test_dead_host_costs_only_its_requests_in_flight(self):
         """Kill every process of host w1 under load: the calls that failed
         were all in flight when it died, every call begun after the ingress
@@ -174,6 +169,38 @@ class AcrossHostsTests(SynchronousTestCase):
         self.assertTrue(after)
         self.assertEqual({c[2] for c in after}, {"OK"})
         self.assertEqual(self.served_by(), 1)
+
+    def test_served_across_hosts_through_a_blip(self):
+        """Each worker serves from its own host over mutual TLS: 64 adds
+        (the probe worker's async_add) come back right.  Then w2's link goes
+        down for 0.6 s and up: TCP holds its connections, the calls in
+        flight wait, none fails, and w2 is never evicted."""
+        self.assertEqual(self.served_by(), 2)
+        log = self.read(self.ingress_log)
+        for name in ("w1", "w2"):
+            self.assertIn("worker %s at tls://%s:%d: connecting" % (name, self.hosts.address(name), WORKER_PORT),
+                          log)
+        from concurrent.futures import ThreadPoolExecutor
+
+        def add(i):
+            result = self.client.infer("async_add", infer_inputs(a=np.array([i, 1], np.int32),
+                                                                 b=np.array([i, 2], np.int32)))
+            return result.as_numpy("sum").tolist()
+        with ThreadPoolExecutor(8) as pool:
+            self.assertEqual(list(pool.map(add, range(64))), [[2 * i, 3] for i in range(64)])
+
+        finish = self.load(threads=4, seconds=0.2)
+        time.sleep(0.8)
+        self.hosts.link("w2", up=False)
+        time.sleep(0.6)
+        self.hosts.link("w2", up=True)
+        time.sleep(1.5)
+        calls = finish()
+        self.assertEqual({c[2] for c in calls}, {"OK"})
+        log = self.read(self.ingress_log)
+        self.assertNotIn("worker w2 missed heartbeats", log)
+        self.assertNotIn("worker w2 disconnected", log)
+        self.assertEqual(self.served_by(), 2)
 
     def test_unplugged_host_noticed_within_the_heartbeat_timeout(self):
         """w2's link goes down (no reset, no FIN): its heartbeats stop, and

@@ -255,6 +255,38 @@ class IngressOverTlsTests(SynchronousTestCase):
         self.assertEqual(len(lines), 1, lines)  # one line, however often the worker retries
 
 
+class PlainTcpWorkerTests(SynchronousTestCase):
+    """A tcp:// worker is refused unless the ingress runs with --insecure-workers."""
+
+    def start_tcp_worker(self):
+        port = free_port()
+        self.log_path = os.path.join(self.directory, "worker.log")
+        env = dict(os.environ, ANYSERVE_LISTEN="tcp://127.0.0.1:%d" % port, ANYSERVE_HEARTBEAT_INTERVAL="0.5",
+                   ANYSERVE_INGRESS=self.ingress.mgmt_address)
+        with open(self.log_path, "wb") as log:
+            process = subprocess.Popen([sys.executable, KSERVE_SERVER], env=env, stdin=subprocess.DEVNULL,
+                                       stdout=log, stderr=log)
+        self.addCleanup(lambda: process.poll() is None and (process.kill(), process.wait()))
+        return "tcp://127.0.0.1:%d" % port
+
+    def worker_log(self):
+        with open(self.log_path, errors="replace") as f:
+            return f.read()
+
+    def test_refused_without_insecure_workers(self):
+        self.directory = tempfile.mkdtemp(prefix="as-tcp-", dir="/tmp")
+        self.addCleanup(shutil.rmtree, self.directory, True)
+        self.ingress = Ingress()
+        self.addCleanup(self.ingress.cleanup)
+        self.ingress.wait_ready()
+        address = self.start_tcp_worker()
+        wait_for(lambda: "--insecure-workers" in self.worker_log(), 20, what="the worker told why")
+        refusal = "refused worker"
+        wait_for(lambda: refusal in self.ingress.log(), 5, what="the ingress's log line")
+        self.assertIn(address, self.ingress.log())
+        self.assertFalse(self.ingress.client().is_model_ready("add"))
+
+
 class SeveralIngressesTests(SynchronousTestCase):
     """One worker, ANYSERVE_INGRESS=a,b: both ingresses serve its models."""
 
