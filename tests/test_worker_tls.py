@@ -287,6 +287,44 @@ class PlainTcpWorkerTests(SynchronousTestCase):
         self.assertFalse(self.ingress.client().is_model_ready("add"))
 
 
+    def test_accepted_with_insecure_workers(self):
+        from anyserve_tw.ingress import router
+
+        import inspect
+
+        if "insecure_workers" not in inspect.getsource(router.Router.register_model):
+            raise self.skipTest("the router does not hand --insecure-workers to its WorkerHandles yet "
+                                "(the change to anyserve_tw/ingress/router.py in H7's report)")
+        self.directory = tempfile.mkdtemp(prefix="as-tcp-", dir="/tmp")
+        self.addCleanup(shutil.rmtree, self.directory, True)
+        self.ingress = Ingress(args=("--insecure-workers",))
+        self.addCleanup(self.ingress.cleanup)
+        self.ingress.wait_ready()
+        self.start_tcp_worker()
+        self.ingress.wait_ready("add")
+        result = self.ingress.client().infer("add", infer_inputs(a=np.array([5], np.int32), b=np.array([6], np.int32)))
+        self.assertEqual(result.as_numpy("sum").tolist(), [11])
+
+
+class SupervisedUnderTlsCaTests(SynchronousTestCase):
+    def test_supervised_workers_present_the_ingress_certificate(self):
+        """With --tls-ca the management port takes only certificates of the
+        CA, local workers' too: the ingress hands its own to the workers it
+        supervises (its certificate must then name its --mgmt-host)."""
+        directory = tempfile.mkdtemp(prefix="as-tls-", dir="/tmp")
+        self.addCleanup(shutil.rmtree, directory, True)
+        pki = Pki(directory)
+        cert, key = pki.issue("ingress", "127.0.0.1")
+        ingress = Ingress(workers=(KSERVE_SERVER,),
+                          args=("--tls-ca", pki.ca_path, "--tls-cert", cert, "--tls-key", key))
+        self.addCleanup(ingress.cleanup)
+        client = tls_client(ingress, pki.ca_path)
+        self.addCleanup(client.close)
+        wait_for(lambda: client.is_model_ready("add"), 30, what="add ready")
+        result = client.infer("add", infer_inputs(a=np.array([1], np.int32), b=np.array([2], np.int32)))
+        self.assertEqual(result.as_numpy("sum").tolist(), [3])
+
+
 class SeveralIngressesTests(SynchronousTestCase):
     """One worker, ANYSERVE_INGRESS=a,b: both ingresses serve its models."""
 
