@@ -189,6 +189,26 @@ class TlsHopTests(TestCase):
         return ensureDeferred(run())
 
 
+#: nginx in front of two ingresses: gRPC over cleartext HTTP/2 both ways
+#: (``grpcs://`` upstreams when the ingresses serve TLS).
+NGINX_CONF = """
+daemon off;
+worker_processes 1;
+pid %(prefix)s/nginx.pid;
+error_log %(prefix)s/error.log;
+events { worker_connections 256; }
+http {
+    access_log off;
+    client_body_temp_path %(prefix)s/body;
+    upstream anyserve { server %(a)s; server %(b)s; }
+    server {
+        listen 127.0.0.1:%(port)d http2;
+        location / { grpc_pass grpc://anyserve; }
+    }
+}
+"""
+
+
 def tls_client(ingress, ca_path):
     import tritonclient.grpc as grpcclient
 
@@ -367,6 +387,32 @@ class SeveralIngressesTests(SynchronousTestCase):
     def seen(self):
         """Requests that reached the worker so far, this one included."""
         return int(self.b.client().infer("seen", []).as_numpy("count")[0])
+
+    def test_behind_nginx_grpc_pass(self):
+        """Debian's nginx in front of both ingresses (the config README
+        shows): calls through it reach the worker, and go on once one
+        ingress is killed."""
+        nginx = shutil.which("nginx") or ("/usr/sbin/nginx" if os.path.exists("/usr/sbin/nginx") else None)
+        if nginx is None:
+            raise self.skipTest("no nginx (Debian: apt-get install nginx-light)")
+        prefix = tempfile.mkdtemp(prefix="as-nginx-", dir="/tmp")
+        self.addCleanup(shutil.rmtree, prefix, True)
+        port = free_port()
+        with open(os.path.join(prefix, "nginx.conf"), "w") as f:
+            f.write(NGINX_CONF % dict(prefix=prefix, port=port, a=self.a.address, b=self.b.address))
+        process = subprocess.Popen([nginx, "-p", prefix, "-c", os.path.join(prefix, "nginx.conf")],
+                                   stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.addCleanup(lambda: process.poll() is None and (process.terminate(), process.wait(10)))
+        import tritonclient.grpc as grpcclient
+
+        wait_for(lambda: port_open(port), 10, what="nginx listening")
+        client = grpcclient.InferenceServerClient("127.0.0.1:%d" % port)
+        self.addCleanup(client.close)
+        pid = self.worker.process.pid
+        self.assertEqual({int(client.infer("whoami", []).as_numpy("pid")[0]) for _ in range(8)}, {pid})
+        self.a.process.send_signal(signal.SIGKILL)
+        self.a.process.wait(10)
+        self.assertEqual({int(client.infer("whoami", []).as_numpy("pid")[0]) for _ in range(8)}, {pid})
 
     def test_shutdown_withdraws_from_every_ingress(self):
         self.worker.stop(signal.SIGTERM)
