@@ -127,7 +127,7 @@ class ModelInferFuzz(FuzzTarget, SynchronousTestCase):
     """Mutated ModelInferRequest bytes through a raw channel: the ingress
     routes what it can peek, the worker decodes the rest."""
 
-    seconds = 6.0
+    seconds = 5.0
 
     def setUp(self):
         self.start()
@@ -239,7 +239,7 @@ class ModelInferFuzzThreadFront(ModelInferFuzz):
 
     front = "threads"
     ingress_args = ("--front", "threads")
-    seconds = 4.0
+    seconds = 3.0
 
 
 def compressed(data, encoding):
@@ -305,7 +305,7 @@ class RestFuzz(FuzzTarget, SynchronousTestCase):
                     raise
 
     def test_mutated_rest_bodies(self):
-        loop = FuzzLoop("REST infer", 4.0, minimum=WARMUP)
+        loop = FuzzLoop("REST infer", 3.0, minimum=WARMUP)
         mutator = Mutator(loop.rng)
         rng = loop.rng
         outcomes = collections.Counter()
@@ -424,7 +424,7 @@ class ManagementFuzz(FuzzTarget, SynchronousTestCase):
     def test_mutated_management_requests(self):
         client = self.ingress.client()
         metadata_before = client.get_model_metadata("add", as_json=True)
-        loop = FuzzLoop("management", 4.0, minimum=WARMUP)
+        loop = FuzzLoop("management", 3.0, minimum=WARMUP)
         mutator = Mutator(loop.rng)
         rng = loop.rng
         outcomes = collections.Counter()
@@ -536,7 +536,7 @@ class InferenceApiFuzz(FuzzTarget, SynchronousTestCase):
                 pass
 
     def test_mutated_api_requests(self):
-        loop = FuzzLoop("inference API", 3.0, minimum=WARMUP)
+        loop = FuzzLoop("inference API", 2.5, minimum=WARMUP)
         mutator = Mutator(loop.rng)
         rng = loop.rng
         outcomes = collections.Counter()
