@@ -114,7 +114,13 @@ class WorkerConnection(framing.FramedProtocol):
         self._pending = {}
         self._ids = itertools.count(1)
         self._tls = tls
-        self.ready = Deferred()
+        self._up = False  # ready fired: requests may be sent
+        self.ready = Deferred(lambda _: self.transport.abortConnection())
+        self.ready.addCallback(self._isUp)
+
+    def _isUp(self, result):
+        self._up = True
+        return result
 
     @property
     def outstanding(self):
@@ -200,8 +206,9 @@ class WorkerConnection(framing.FramedProtocol):
             )
 
     def connectionLost(self, reason):
-        if not self.ready.called:  # never carried a request: the connect attempt fails
-            self.ready.errback(self._diagnose(reason))
+        if not self._up:  # never carried a request: the connect attempt fails
+            if not self.ready.called:
+                self.ready.errback(self._diagnose(reason))
             return
         pending, self._pending = self._pending, {}
         error = unavailable(
@@ -234,6 +241,7 @@ class WorkerHandle:
         self._tls = address.startswith(tlsconfig.TLS_SCHEME + "://")
         self._network = not address.startswith(defaults.UNIX_PREFIX)
         self.reconnect_window = reconnect_window
+        self._connect_timeout = connect_timeout
         self.last_heartbeat = reactor.seconds()
         self.lost_reason = "connection closed"
         self._reactor = reactor
@@ -283,7 +291,8 @@ class WorkerHandle:
         """A Deferred of one more connection, ready for requests."""
         factory = Factory.forProtocol(lambda: WorkerConnection(self, self._max_payload, self._tls))
         factory.noisy = False  # one log line per worker, not per connection
-        return self._endpoint.connect(factory).addCallback(lambda connection: connection.ready)
+        return self._endpoint.connect(factory).addCallback(
+            lambda connection: connection.ready.addTimeout(self._connect_timeout, self._reactor))
 
     def _adopt(self, connection):
         if self._closed:  # came up after the pool failed or was closed
@@ -401,8 +410,11 @@ def _describe(failure):
     """A readable reason a connection attempt failed, TLS ones included
     (pyOpenSSL's errors are lists of (library, function, reason))."""
     from OpenSSL import SSL
+    from twisted.internet.defer import TimeoutError
 
     error = failure.value
+    if isinstance(error, TimeoutError):
+        return "timed out: TLS was set up but the worker never said it was ready (not an AnyServe worker?)"
     if isinstance(error, SSL.Error) and error.args and isinstance(error.args[0], list):
         reasons = [r[-1] for r in error.args[0] if isinstance(r, tuple) and r and r[-1]]
         if any("alert" in r for r in reasons):  # the worker ended the handshake

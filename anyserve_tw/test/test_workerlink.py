@@ -575,7 +575,7 @@ class NetworkReconnectTests(TestCase):
         outcomes = []
         held = [self.handle.forward(b"held") for _ in range(2)]  # one on each connection
         for d in held:
-            d.addErrback(lambda f: f.value.code).addCallback(outcomes.append)
+            d.addErrback(lambda f: getattr(f.value, "code", f.value)).addCallback(outcomes.append)
         self.factory.connections[0].transport.abortConnection()
         for _ in range(100):
             if len(self.handle._connections) == 2 and outcomes:
@@ -586,7 +586,8 @@ class NetworkReconnectTests(TestCase):
         self.assertEqual(len(self.factory.connections), 3)
         self.assertEqual((yield self.handle.forward(b"new", timeout=5)), b"new")  # the least busy: the new one
         self.assertFalse(self.gone.called)
-        [d.cancel() for d in held]
+        held[0].cancel()
+        held[1].cancel()  # the one still held (the failed one is done)
 
     @inlineCallbacks
     def test_worker_given_up_when_a_connection_cannot_come_back(self):
@@ -605,3 +606,29 @@ class NetworkReconnectTests(TestCase):
         for connection in self.factory.connections:
             connection.transport.abortConnection()
         self.assertIs((yield self.gone), self.handle)
+
+
+class SilentTlsServerTests(TestCase):
+    @inlineCallbacks
+    def test_tls_connection_without_the_workers_hello_times_out(self):
+        """A TLS server that accepts the handshake but is no worker (never
+        says HELLO) fails the connect after connect_timeout, not never."""
+        import trustme
+        from twisted.internet import ssl
+
+        from anyserve_tw.wire.tlsconfig import MutualTls
+
+        ca = trustme.CA()
+        ingress, server = ca.issue_cert("ingress.test"), ca.issue_cert("127.0.0.1")
+        tls = MutualTls(ca.cert_pem.bytes(), ingress.cert_chain_pems[0].bytes(), ingress.private_key_pem.bytes())
+        served = MutualTls(ca.cert_pem.bytes(), server.cert_chain_pems[0].bytes(), server.private_key_pem.bytes())
+        factory = Factory.forProtocol(framing.FramedProtocol)
+        port = reactor.listenSSL(0, factory, served.server_options(), interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        lost = []
+        handle = WorkerHandle(reactor, "w1", "tls://127.0.0.1:%d" % port.getHost().port, lost.append,
+                              connect_timeout=0.3, tls=tls)
+        e = yield self.assertFailure(handle.connect(), InferenceError)
+        self.assertEqual(e.code, grpc.StatusCode.UNAVAILABLE)
+        self.assertIn("timed out", e.message.lower())
+        self.assertEqual(lost, [])
