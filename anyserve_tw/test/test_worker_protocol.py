@@ -186,3 +186,48 @@ class ModelServerTests(SynchronousTestCase):
         self.assertFalse(self.pool.stopped)
         protocol.connectionLost(Failure(ConnectionDone()))
         self.successResultOf(stopped)
+
+
+class NetworkModelServerTests(SynchronousTestCase):
+    """A worker listening on TCP, and on TLS for a worker on another host."""
+
+    def setUp(self):
+        self.reactor = FakeReactor()
+        self.execution = Execution(self.reactor, add_app(), QueuedPool())
+
+    def test_tcp_listener_registers_its_advertised_address(self):
+        server = ModelServer(self.reactor, self.execution, "/unused", listen="tcp://0.0.0.0:7001",
+                             advertise="tcp://w1.example:7001")
+        server.startService()
+        [(port, factory, _backlog, interface)] = self.reactor.tcpServers
+        self.assertEqual((port, interface), (7001, "0.0.0.0"))
+        self.assertEqual(server.address, "tcp://w1.example:7001")
+
+    def test_tls_listener_needs_certificates(self):
+        e = self.assertRaises(ValueError, ModelServer, self.reactor, self.execution, "/unused",
+                              listen="tls://10.0.0.5:7001")
+        self.assertIn("ANYSERVE_TLS_CERT", str(e))
+
+    def test_hello_once_tls_is_up(self):
+        """The worker's first frame once its side of the handshake is done
+        (the ingress's certificate accepted): the ingress waits for it."""
+        connection = Connection(self.execution)
+        self.assertEqual(connection.sent(timings=True), [])
+        connection.protocol.handshakeCompleted()
+        self.assertEqual(connection.sent(timings=True), [(framing.TIMING, 0, 0, b"")])
+
+    def test_refusals_logged_once_a_minute_per_host(self):
+        from twisted.internet.address import IPv4Address
+        from twisted.logger import globalLogPublisher
+
+        logged = []
+        globalLogPublisher.addObserver(logged.append)
+        self.addCleanup(globalLogPublisher.removeObserver, logged.append)
+        server = ModelServer(self.reactor, self.execution, "/unused", listen="tcp://10.0.0.5:7001")
+        reason = Failure(ConnectionDone("certificate verify failed"))
+        for host in ("10.0.0.1", "10.0.0.1", "10.0.0.2"):
+            server._refused(IPv4Address("TCP", host, 40000), reason)
+        self.reactor.advance(61)
+        server._refused(IPv4Address("TCP", "10.0.0.1", 40001), reason)
+        lines = [e["host"] for e in logged if "refused a connection" in e.get("log_format", "")]
+        self.assertEqual(lines, ["10.0.0.1", "10.0.0.2", "10.0.0.1"])
