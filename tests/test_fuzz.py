@@ -513,11 +513,6 @@ class InferenceApiFuzz(FuzzTarget, SynchronousTestCase):
                 continue
             if field.type == F.TYPE_STRING:
                 value = rng.choice((mutator.name(MODELS + ("fuzz",)), "/" + self.region.name, ""))
-                if field.name == "key":
-                    # A NUL in a region's key is still INTERNAL with a traceback
-                    # (NulInSharedMemoryKey in anyserve_tw/test/test_fuzz_frames.py):
-                    # no NUL here until that is fixed.
-                    value = value.replace("\0", "")
             elif field.type == F.TYPE_BOOL:
                 value = rng.random() < 0.5
             elif field.type in (F.TYPE_UINT64, F.TYPE_UINT32, F.TYPE_FIXED64):
@@ -545,9 +540,7 @@ class InferenceApiFuzz(FuzzTarget, SynchronousTestCase):
             message = request_class()
             self.fill(mutator, message)
             data = message.SerializeToString()
-            # (Not SystemSharedMemoryRegister's bytes: a mutation can put a NUL
-            # in its key; see above.)
-            if rng.random() < 0.5 and name != "SystemSharedMemoryRegister":
+            if rng.random() < 0.5:
                 data = mutator.mutate(data)
             try:
                 call(data, timeout=DEADLINE)
@@ -565,18 +558,11 @@ class InferenceApiFuzz(FuzzTarget, SynchronousTestCase):
 
 
 class LoneSurrogateInControlJson(FuzzTarget, SynchronousTestCase):
-    """The ingress's twin of the worker's bug in
-    anyserve_tw/test/test_fuzz_frames.py (LoneSurrogateInJson): a control
-    endpoint's JSON with a lone surrogate escape is 500 "unexpected error",
-    with a traceback logged per request.  The fix belongs in
-    anyserve_tw/ingress/http.py, ``_request_json``: after ``json.loads``,
-    ``json.dumps(value, ensure_ascii=False).encode("utf-8")`` and turn its
-    ``UnicodeEncodeError`` into ``invalid_argument("malformed JSON request
-    body: %s" % e)`` (control bodies are small, so the check costs nothing
-    that matters)."""
+    """What the fuzz found (the ingress's twin of LoneSurrogateInJson in
+    anyserve_tw/test/test_fuzz_frames.py): a control endpoint's JSON with a
+    lone surrogate escape was 500 "unexpected error", with a traceback
+    logged per request; now 400."""
 
-    skip = ("lead to fix in anyserve_tw/ingress/http.py (and worker/restcodec.py): "
-            "lone surrogate escapes in REST JSON are 500 with a traceback")
 
     def test_lone_surrogate_is_400(self):
         self.start(http=True)

@@ -400,7 +400,10 @@ def _request_json(request, required=False):
         return {}
     try:
         value = json.loads(body)
-    except (ValueError, UnicodeDecodeError, RecursionError) as e:
+        # A lone surrogate escape ("\ud800") parses, but can't be encoded
+        # into the protobuf strings and file names it is meant for.
+        json.dumps(value, ensure_ascii=False).encode("utf-8")
+    except (ValueError, UnicodeError, RecursionError) as e:
         raise invalid_argument("malformed JSON request body: %s" % (e,)) from None
     if not isinstance(value, dict):
         raise invalid_argument("request body must be a JSON object")

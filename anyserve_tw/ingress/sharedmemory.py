@@ -44,7 +44,7 @@ def object_size(name, key, directory=SHM_DIRECTORY):
     leading slashes ignored, no other slash); INVALID_ARGUMENT for a key
     that names no object of its own, INTERNAL as Triton if it can't be opened."""
     base = key.lstrip("/")
-    if not base or "/" in base or base in (".", ".."):
+    if not base or "/" in base or "\0" in base or base in (".", ".."):
         raise invalid_argument("cannot register shared memory region '%s' - invalid shm key '%s'"
                                % (name, key))
     try:

@@ -24,10 +24,22 @@ What is measured where:
 * ``last_inference``: milliseconds since the epoch of the last success.
 
 Cache statistics stay zero: AnyServe has no response cache.
+
+A worker's timings are not trusted blindly: one past :data:`MAX_TIMING_NS`
+is dropped, sums stop at the uint64 the message can carry, and at most
+:data:`MAX_BATCH_SIZES` batch sizes are filed, so a hostile worker can
+neither break ModelStatistics nor grow the ingress's memory through it.
 """
 from anyserve_tw.wire import protos
 
 _v2 = protos.inference
+
+#: Longest time a worker may report for one phase of one request (about 78
+#: hours); a longer one is not a measurement.
+MAX_TIMING_NS = 1 << 48
+#: Most distinct batch sizes filed per model version.
+MAX_BATCH_SIZES = 1024
+_UINT64_MAX = (1 << 64) - 1
 
 
 class InferenceStats:
@@ -67,6 +79,8 @@ class InferenceStats:
     def timing(self, timing):
         """A worker's :class:`~anyserve_tw.wire.payloads.Timing` for one
         successful request."""
+        if max(timing.queue_ns, timing.input_ns, timing.infer_ns, timing.output_ns) > MAX_TIMING_NS:
+            return
         self.timed_count += 1
         self.queue_ns += timing.queue_ns
         self.input_ns += timing.input_ns
@@ -77,6 +91,8 @@ class InferenceStats:
             self.execution_count += 1
             batch = self.batches.get(size)
             if batch is None:
+                if len(self.batches) >= MAX_BATCH_SIZES:
+                    return
                 batch = self.batches[size] = [0, 0, 0, 0]
             batch[0] += 1
             batch[1] += timing.input_ns
@@ -85,7 +101,9 @@ class InferenceStats:
 
     def to_proto(self, name, version):
         """The ``inference.ModelStatistics`` message for (name, version)."""
-        duration = _v2.StatisticDuration
+        def duration(count=0, ns=0):
+            return _v2.StatisticDuration(count=min(count, _UINT64_MAX), ns=min(ns, _UINT64_MAX))
+
         timed = self.timed_count
         return _v2.ModelStatistics(
             name=name,

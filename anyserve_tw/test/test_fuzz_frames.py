@@ -282,11 +282,9 @@ class Mutator:
             body["parameters"] = {self.text(): rng.choice((1, "x", None, {"a": 1}))}
         if rng.random() < 0.05:
             body = rng.choice(([], "x", 1, None, {"inputs": {}}, {"inputs": [1, 2]}))
-        # Non-ASCII text as UTF-8, not \u escapes: a mutation that splits an
-        # escaped pair makes a lone surrogate, which both REST parsers still
-        # answer with 500 (LoneSurrogateInJson); back to json.dumps(body)
-        # once that is fixed.
-        data = json.dumps(body, ensure_ascii=False).encode("utf-8")
+        # \u escapes: a mutation that splits an escaped pair makes a lone
+        # surrogate (LoneSurrogateInJson).
+        data = json.dumps(body).encode("ascii")
         if rng.random() < 0.5:
             data = self.mutate(data)
         return data
@@ -770,7 +768,7 @@ class IngressWorkerLinkFuzz(SynchronousTestCase):
 
 class InferenceStatsFromHostileTimings(SynchronousTestCase):
     """What the worker-link fuzz found: TIMING frames are trusted as sent.
-    The fix belongs in anyserve_tw/ingress/statistics.py (see each test)."""
+    Fixed in anyserve_tw/ingress/statistics.py."""
 
     def setUp(self):
         from anyserve_tw.test.test_workerlink import ClosingTransport, FakeHandle
@@ -783,8 +781,6 @@ class InferenceStatsFromHostileTimings(SynchronousTestCase):
         self.stats = InferenceStats()
         self.connection.forward(b"x", None, framing.REQUEST, RecordingListener(self.stats))
 
-    skip_reason = ("lead to fix in anyserve_tw/ingress/statistics.py: "
-                   "InferenceStats.timing trusts a worker's TIMING values")
 
     def test_huge_timings_keep_statistics_readable(self):
         """Two TIMING frames of 2**63 ns each overflow the uint64 sums, and
@@ -793,7 +789,6 @@ class InferenceStatsFromHostileTimings(SynchronousTestCase):
         self.connection.dataReceived(framing.encode_frame(framing.TIMING, 1, huge) * 2)
         self.stats.to_proto("m", "1")
 
-    test_huge_timings_keep_statistics_readable.skip = skip_reason
 
     def test_timings_cannot_grow_the_batch_table(self):
         """Each TIMING frame of one request in flight may name a new batch
@@ -803,23 +798,15 @@ class InferenceStatsFromHostileTimings(SynchronousTestCase):
             for size in range(1, 10001)))
         self.assertLessEqual(len(self.stats.batches), 1024)
 
-    test_timings_cannot_grow_the_batch_table.skip = skip_reason
 
 
 class LoneSurrogateInJson(SynchronousTestCase):
     """What the worker-protocol fuzz found: a JSON string with a lone
     surrogate escape (``"\\ud800"``, e.g. half of an escaped emoji) decodes
     to a ``str`` that protobuf cannot hold, and the worker answers INTERNAL
-    "unexpected error" with a traceback logged for each such request.  The
-    fix belongs in anyserve_tw/worker/restcodec.py: in
-    ``parsed_request_from_http`` and ``infer_request_from_http``, turn a
-    ``UnicodeEncodeError`` from ``_convert(payload)`` into
-    ``invalid_argument("the inference request has a string that is not
-    valid Unicode: %s" % e)``.  (tests/test_fuzz.py has the ingress's own
-    JSON endpoints' twin.)"""
-
-    skip = ("lead to fix in anyserve_tw/worker/restcodec.py: lone surrogate escapes in "
-            "REST JSON are INTERNAL with a traceback")
+    "unexpected error" with a traceback logged for each such request; now
+    INVALID_ARGUMENT (anyserve_tw/worker/restcodec.py).  (tests/test_fuzz.py
+    has the ingress's own JSON endpoints' twin.)"""
 
     def test_lone_surrogate_is_invalid_argument(self):
         from anyserve_tw.test.test_execution import QueuedPool
@@ -842,14 +829,8 @@ class NulInSharedMemoryKey(SynchronousTestCase):
     """What the inference-API fuzz (tests/test_fuzz.py) found: a
     SystemSharedMemoryRegister whose key holds a NUL byte reaches
     ``os.open``, whose ValueError ("embedded null byte") is INTERNAL
-    "unexpected error" with a traceback logged per request.  The fix belongs
-    in anyserve_tw/ingress/sharedmemory.py, ``object_size``: refuse
-    ``"\\0" in base`` with the invalid-key INVALID_ARGUMENT, as it refuses a
-    slash (and the same test in anyserve_tw/worker/sharedmemory.py's
-    ``shm_path``)."""
-
-    skip = ("lead to fix in anyserve_tw/ingress/sharedmemory.py: a NUL in a region's key "
-            "is INTERNAL with a traceback")
+    "unexpected error" with a traceback logged per request; now the
+    invalid-key INVALID_ARGUMENT, as for a slash (in both processes)."""
 
     def test_nul_in_key_is_invalid_argument(self):
         from anyserve_tw.ingress.sharedmemory import SharedMemoryRegistry

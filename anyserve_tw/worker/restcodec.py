@@ -107,7 +107,17 @@ def _readonly(buffer):
 
 
 def _convert(payload):
-    """(ModelInferRequest without raw inputs, the raw inputs, options)."""
+    """(ModelInferRequest without raw inputs, the raw inputs, options).
+    JSON may escape a lone surrogate (``"\\ud800"``), which no protobuf
+    string can hold: INVALID_ARGUMENT, as any other malformed body."""
+    try:
+        return _convert_json(payload)
+    except UnicodeEncodeError as e:
+        raise invalid_argument("the inference request has a string that is not valid Unicode: %s" % (e,)) from None
+
+
+def _convert_json(payload):
+    """:func:`_convert`, for bodies whose strings are all valid Unicode."""
     try:
         http = read_http_request(payload)
     except ValueError as e:

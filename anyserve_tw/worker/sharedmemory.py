@@ -47,7 +47,7 @@ def shm_path(key):
     """The file behind a POSIX shared-memory name: ``shm_open`` ignores
     leading slashes; any other slash, or ``..``, would leave the directory."""
     name = key.lstrip("/")
-    if not name or "/" in name or name in (".", ".."):
+    if not name or "/" in name or "\0" in name or name in (".", ".."):
         raise invalid_argument("invalid shared memory key '%s'" % key)
     return os.path.join(SHM_DIRECTORY, name)
 
