@@ -46,6 +46,25 @@ class FrontTests(IngressTestCase):
         wait_for(lambda: self.cancelled() == (before[0] + 1, before[1] + 1), timeout=5,
                  what="a CANCEL frame and the worker dropping the request")
 
+    def test_malformed_request_bytes_are_invalid_argument(self):
+        """Bytes that are no protobuf message, sent to a method whose request
+        the ingress parses, are the client's INVALID_ARGUMENT (gRPC's own
+        answer is UNKNOWN on grpc.aio, INTERNAL on the thread pool)."""
+        garbage = b"\x0a\xff\xff\xff\xff\x0f"  # field 1, length past the end
+        with grpc.insecure_channel(self.ingress.address) as channel:
+            for method in ("ModelMetadata", "ServerLive", "ModelConfig"):
+                call = channel.unary_unary("/inference.GRPCInferenceService/" + method)
+                with self.assertRaises(grpc.RpcError) as caught:
+                    call(garbage, timeout=10)
+                self.assertEqual(caught.exception.code(), grpc.StatusCode.INVALID_ARGUMENT, method)
+                self.assertIn("malformed", caught.exception.details())
+        with grpc.insecure_channel(self.ingress.mgmt_address) as channel:
+            call = channel.unary_unary("/anyserve.management.WorkerManagement/Heartbeat")
+            with self.assertRaises(grpc.RpcError) as caught:
+                call(garbage, timeout=10, metadata=self.ingress.mgmt_metadata())
+            self.assertEqual(caught.exception.code(), grpc.StatusCode.INVALID_ARGUMENT)
+        self.assertTrue(self.client.is_server_live())
+
     def test_deadline_reaches_the_worker(self):
         before = self.cancelled()
         started = time.monotonic()

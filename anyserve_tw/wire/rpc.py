@@ -5,10 +5,14 @@ default pool (see :mod:`anyserve_tw.wire.protos`), so handlers and stubs are bui
 here from the service descriptors instead: the same paths
 (``/inference.GRPCInferenceService/ModelInfer``) and messages on the wire.
 """
+import inspect
+
 import grpc
 from google.protobuf import message_factory
+from google.protobuf.message import DecodeError
 
 from anyserve_tw.wire import protos
+from anyserve_tw.wire.errors import InferenceError, invalid_argument
 
 
 def channel_options(max_message_size):
@@ -75,11 +79,40 @@ def streaming_methods(service_name):
             if m.client_streaming and m.server_streaming}
 
 
+def _lenient(request_class):
+    """A deserializer that returns the error instead of raising it: grpc
+    answers a raising deserializer UNKNOWN (grpc.aio) or INTERNAL (threads),
+    where malformed request bytes are the client's INVALID_ARGUMENT."""
+    def parse(data):
+        try:
+            return request_class.FromString(data)
+        except DecodeError as e:
+            return invalid_argument("malformed %s: %s" % (request_class.DESCRIPTOR.name, e))
+    return parse
+
+
+def _refusing_malformed(behavior):
+    """``behavior``, aborting with the request's own error when it could
+    not be parsed (see :func:`_lenient`); sync or coroutine, as given."""
+    if inspect.iscoroutinefunction(behavior):
+        async def checked(request, context):
+            if type(request) is InferenceError:
+                await context.abort(request.code, request.message)
+            return await behavior(request, context)
+    else:
+        def checked(request, context):
+            if type(request) is InferenceError:
+                context.abort(request.code, request.message)
+            return behavior(request, context)
+    return checked
+
+
 def generic_handler(service_name, servicer, raw_methods=()):
     """A ``grpc.GenericRpcHandler`` calling ``servicer.<Method>(request, context)``.
 
     Methods named in ``raw_methods`` take and return serialized bytes untouched:
-    the ingress forwards ModelInfer without ever parsing it.
+    the ingress forwards ModelInfer without ever parsing it.  Unary requests
+    that don't parse are INVALID_ARGUMENT.
     """
     handlers = {}
     streams = streaming_methods(service_name)
@@ -90,10 +123,16 @@ def generic_handler(service_name, servicer, raw_methods=()):
                 else grpc.unary_unary_rpc_method_handler)
         if name in raw_methods:
             handlers[name] = make(getattr(servicer, name))
-        else:
+        elif name in streams:
             handlers[name] = make(
                 getattr(servicer, name),
                 request_deserializer=request_class.FromString,
+                response_serializer=response_class.SerializeToString,
+            )
+        else:
+            handlers[name] = make(
+                _refusing_malformed(getattr(servicer, name)),
+                request_deserializer=_lenient(request_class),
                 response_serializer=response_class.SerializeToString,
             )
     return grpc.method_handlers_generic_handler(service_name, handlers)
