@@ -28,6 +28,7 @@ thread pools bridged into the reactor.
 from anyserve_tw import __version__
 from anyserve_tw.ingress.accesslog import AccessLog
 from anyserve_tw.ingress.authentication import INTERCEPTORS, TokenCheck
+from anyserve_tw.ingress.backpressure import MAX_UNREAD_PER_CLIENT, MAX_UNREAD_TOTAL, UNREAD_TIMEOUT, UnreadBytes
 from anyserve_tw.ingress.health import HealthReporter
 from anyserve_tw.ingress.http import HttpService
 from anyserve_tw.ingress.inference import InferenceAPI
@@ -52,9 +53,9 @@ def _front_factory(reactor, front):
         # The reactor's own loop: the current loop may be another.
         loop = reactor._asyncioEventloop
 
-        def build(label, host, port, api, threads, handlers=(), **settings):
+        def build(label, host, port, api, threads, handlers=(), unread=None, **settings):
             timeouts = RequestTimeouts(reactor)
-            handler = rpc.generic_handler(api.service_name, aio_servicer(api, timeouts), api.raw_methods)
+            handler = rpc.generic_handler(api.service_name, aio_servicer(api, timeouts, unread), api.raw_methods)
             return AioGrpcService(loop, label, host, port, [handler, *handlers], timeouts, **settings)
         health = AioHealth(loop, reactor)
     elif front == "threads":
@@ -64,8 +65,9 @@ def _front_factory(reactor, front):
 
         bridge = ReactorBridge(reactor)
 
-        def build(label, host, port, api, threads, handlers=(), **settings):
-            handler = rpc.generic_handler(api.service_name, threaded_servicer(api, bridge), api.raw_methods)
+        def build(label, host, port, api, threads, handlers=(), unread=None, **settings):
+            handler = rpc.generic_handler(api.service_name, threaded_servicer(api, bridge, unread),
+                                          api.raw_methods)
             return GrpcServerService(reactor, label, host, port, [handler, *handlers], threads=threads,
                                      **settings)
         health = ThreadHealth(reactor)
@@ -83,7 +85,8 @@ def make_ingress_service(reactor, port=8000, host="0.0.0.0", mgmt_port=9000,
                          forget_after=60.0, max_inflight_per_model=1024, startup_window=10.0,
                          mgmt_token=None, tls=None, worker_tls=None, insecure_workers=False,
                          worker_max_requests=0, worker_max_rss=0, worker_python=None,
-                         worker_math_threads=0, gpus=()):
+                         worker_math_threads=0, gpus=(), max_unread_per_client=MAX_UNREAD_PER_CLIENT,
+                         max_unread_total=MAX_UNREAD_TOTAL, unread_timeout=UNREAD_TIMEOUT):
     """The ingress (see the module's docstring).  ``http_port``: the REST and
     ``/metrics`` port, 0 for none (and then no metrics are kept, since
     nothing could read them); ``http_host``: its address, ``host`` if None;
@@ -98,7 +101,9 @@ def make_ingress_service(reactor, port=8000, host="0.0.0.0", mgmt_port=9000,
     are reached with it; ``insecure_workers``: accept ``tcp://`` workers;
     ``worker_max_requests``, ``worker_max_rss`` (MB), ``worker_python``,
     ``worker_math_threads``, ``gpus``: see
-    :class:`~anyserve_tw.ingress.supervisor.WorkerSupervisor`."""
+    :class:`~anyserve_tw.ingress.supervisor.WorkerSupervisor`;
+    ``max_unread_per_client``, ``max_unread_total`` (bytes), ``unread_timeout``
+    (seconds): see :class:`~anyserve_tw.ingress.backpressure.UnreadBytes`."""
     build, health = _front_factory(reactor, front)
     top = SequentialMultiService(stop_order=["health", "inference", "http", "workers", "management",
                                              "router", "access-log"])
@@ -128,9 +133,12 @@ def make_ingress_service(reactor, port=8000, host="0.0.0.0", mgmt_port=9000,
 
     shared_memory = SharedMemoryRegistry(on_change=router.shared_memory_changed)
     api = InferenceAPI(router, request_timeout, __version__, shared_memory=shared_memory)
+    unread = UnreadBytes(reactor, per_client=max_unread_per_client, total=max_unread_total,
+                         timeout=unread_timeout)
     inference = build("inference", host, port, api, threads=threads, handlers=[health.handler],
                       max_message_size=max_message_size, max_concurrent_rpcs=max_concurrent_rpcs, grace=grace,
-                      credentials=None if tls is None else tls.grpc_credentials())
+                      credentials=None if tls is None else tls.grpc_credentials(),
+                      unread=unread, unread_timeout=unread_timeout)
     inference.setName("inference")
     inference.setServiceParent(top)
 

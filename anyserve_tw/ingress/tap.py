@@ -65,6 +65,11 @@ class Options(usage.Options):
          "(0: the available cores divided by the number of workers, unless already set in the environment).", int],
         ["gpus", None, None, "Comma-separated GPU ids handed to supervised workers round-robin as "
          "CUDA_VISIBLE_DEVICES (default: CUDA_VISIBLE_DEVICES left as inherited)."],
+        ["max-unread-per-client", None, 64, "MiB of responses one client connection may leave unread "
+         "before its inference calls get RESOURCE_EXHAUSTED.", int],
+        ["max-unread-total", None, 256, "MiB of unread responses of all clients together, likewise.", int],
+        ["unread-timeout", None, 30.0, "Seconds a call's responses may go unread before it is cancelled; "
+         "a client that answers no ping within it is disconnected.", float],
         ["front", None, "aio", "How gRPC is served: aio (grpc.aio on the reactor's asyncio loop, one thread) "
          "or threads (a grpcio thread pool bridged into the reactor; always so under a non-asyncio --reactor)."],
     ]
@@ -86,7 +91,8 @@ class Options(usage.Options):
         for name in ("workers", "pool-size", "threads", "max-concurrent-rpcs", "max-message-size"):
             if self[name] < 1:
                 raise usage.UsageError("--%s must be at least 1" % name)
-        for name in ("heartbeat-timeout", "grace", "request-timeout"):
+        for name in ("heartbeat-timeout", "grace", "request-timeout", "unread-timeout",
+                     "max-unread-per-client", "max-unread-total"):
             if self[name] <= 0:
                 raise usage.UsageError("--%s must be positive" % name)
         for name in ("forget-after", "max-inflight-per-model", "startup-window"):
@@ -221,6 +227,9 @@ def makeService(options):
         worker_math_threads=options["worker-math-threads"],
         gpus=options["gpus"] or (),
         mgmt_token=options["mgmt-token"],
+        max_unread_per_client=options["max-unread-per-client"] * 1024 * 1024,
+        max_unread_total=options["max-unread-total"] * 1024 * 1024,
+        unread_timeout=options["unread-timeout"],
         tls=options["tls"],
         worker_tls=options["worker-tls"],
         insecure_workers=options["insecure-workers"],

@@ -147,6 +147,10 @@ class OptionsTests(SynchronousTestCase):
             ["--forget-after", "-1"],
             ["--max-inflight-per-model", "-1"],
             ["--startup-window", "-0.5"],
+            ["--unread-timeout", "0"],
+            ["--max-unread-per-client", "0"],
+            ["--max-unread-total", "-1"],
+            ["--tls-cert", "cert.pem"],
         ):
             self.assertRaises(usage.UsageError, self.parse, *args)
 
