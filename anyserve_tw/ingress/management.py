@@ -328,5 +328,11 @@ class ManagementAPI:
     def Heartbeat(self, request, timeout):
         if not self._check_key(request.worker_id, request.worker_key):
             return _m.HeartbeatResponse(healthy=False)  # unknown here: register again
+        if request.unhealthy:
+            reason = "unhealthy: %s" % brief(request.unhealthy, 200)
+            self.log.warn("worker {worker} reports itself {reason}: evicting",
+                          worker=brief(request.worker_id), reason=reason)
+            self.router.evict(request.worker_id, reason)
+            return _m.HeartbeatResponse(healthy=False)
         healthy = self.router.heartbeat(request.worker_id, list(request.model_names))
         return _m.HeartbeatResponse(healthy=healthy)

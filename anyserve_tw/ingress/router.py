@@ -210,11 +210,21 @@ class Router(Service):
             if silent > self.heartbeat_timeout:
                 self.log.warn("worker {worker} missed heartbeats for {silent:.1f}s: evicting",
                               worker=handle.worker_id, silent=silent)
-                if self.metrics is not None:
-                    self.metrics.worker_evicted()
-                self._forget(handle, "no heartbeat for %.1fs" % silent)
-                if self.on_evicted is not None:
-                    self.on_evicted(handle.worker_id, handle.address, "no heartbeat for %.1fs" % silent)
+                self.evict(handle.worker_id, "no heartbeat for %.1fs" % silent)
+
+    def evict(self, worker_id, reason):
+        """Drop worker ``worker_id`` (its requests in flight fail), and have
+        it replaced if it is supervised (:attr:`on_evicted`); False if it
+        is not known here."""
+        handle = self.workers.get(worker_id)
+        if handle is None:
+            return False
+        if self.metrics is not None:
+            self.metrics.worker_evicted()
+        self._forget(handle, reason)
+        if self.on_evicted is not None:
+            self.on_evicted(handle.worker_id, handle.address, reason)
+        return True
 
     def _forget(self, handle, reason):
         if self.workers.get(handle.worker_id) is handle:

@@ -292,6 +292,21 @@ class ScopingTests(RouterBackedTestCase):
         self.assertEqual(caught.exception.code, grpc.StatusCode.PERMISSION_DENIED)
 
 
+class UnhealthyHeartbeatTests(RouterBackedTestCase):
+    def test_unhealthy_worker_evicted_and_replaced(self):
+        """A worker whose heartbeat says it can't serve (every handler
+        thread stuck) leaves the router, and its supervisor is told."""
+        replaced = []
+        self.router.on_evicted = lambda *args: replaced.append(args)
+        self.register("w1")
+        response = self.api.Heartbeat(_m.HeartbeatRequest(
+            worker_id="w1", worker_key="key-w1", unhealthy="all 4 handler threads stuck"), 10.0)
+        self.assertFalse(response.healthy)
+        self.assertNotIn("w1", self.router.workers)
+        self.assertEqual(replaced, [("w1", "unix:///tmp/w1.sock", "unhealthy: all 4 handler threads stuck")])
+        self.assertIn("reports itself", self.events[-1]["log_format"])
+
+
 class CapTests(RouterBackedTestCase):
     def assertRefused(self, code, text, *args, **fields):
         e = self.refused(*args, **fields)
