@@ -64,7 +64,7 @@ class RecyclingTests(SynchronousTestCase):
     def ingress(self, *args):
         ingress = Ingress([ENV_SERVER], args=args, http=True)
         self.addCleanup(ingress.cleanup)
-        ingress.wait_ready("work")
+        ingress.wait_ready("work", timeout=90)  # a loaded CI machine starts slowly
         return ingress
 
     def test_recycled_after_n_requests_under_load_losing_none(self):

@@ -55,7 +55,7 @@ class WorkerEnvironmentTests(SynchronousTestCase):
 
     def infos(self, ingress, workers):
         """The ``env`` answer of each of ``workers`` processes, by pid."""
-        ingress.wait_ready("env")
+        ingress.wait_ready("env", timeout=90)  # a loaded CI machine starts slowly
         client = ingress.client()
         seen = {}
 
