@@ -63,7 +63,7 @@ class WorkerEnvironmentTests(SynchronousTestCase):
             info = json.loads(client.infer("env", []).as_numpy("info")[0])
             seen[info["pid"]] = info
             return len(seen) >= workers
-        wait_for(every_worker, 30, interval=0, what="an answer from each of %d workers" % workers)
+        wait_for(every_worker, 60, interval=0, what="an answer from each of %d workers" % workers)
         return seen
 
     def test_math_threads_and_gpus(self):
@@ -119,7 +119,7 @@ class WorkerEnvironmentTests(SynchronousTestCase):
 
         def named():
             return [line for line in ingress.log().splitlines() if "cannot import anyserve_tw" in line]
-        [line, *_] = wait_for(named, 30, what="the log line naming the interpreter")
+        [line, *_] = wait_for(named, 90, what="the log line naming the interpreter")
         self.assertIn("worker env_server-0", line)
         self.assertIn("exited with code 1 before registering: its interpreter (%s) cannot import "
                       "anyserve_tw; install AnyServe there or choose another with --worker-python"
