@@ -154,23 +154,47 @@ class EveryThreadStuckTests(StuckThreadTestCase):
 
     threads = 1
 
-    def test_unhealthy_and_unavailable_at_once(self):
+    def test_unhealthy_and_evicted(self):
+        """The third stuck handler leaves no thread: the worker says so in
+        its next heartbeat, the ingress evicts it (its models UNAVAILABLE at
+        once), and it does not register again while unhealthy."""
         for _ in range(2):
             self.slow_past_deadline(1)
             self.add(timeout=2)
         self.assertEqual(self.health()[:3], (True, "", 2))
         self.slow_past_deadline(1)
-        wait_for(lambda: not self.health()[0], 5, what="the worker unhealthy")
-        healthy, reason, stuck, occupied = self.health()
-        self.assertEqual((stuck, occupied), (3, 3))
-        self.assertIn("all 3 handler threads are stuck", reason)
-        self.assertIn("'slow': 3", reason)
+        wait_for(lambda: "reports itself unhealthy" in self.ingress.log(), 5, what="the worker evicted")
+        self.assertIn("all 3 handler threads are stuck", self.ingress.log())
+        self.assertIn("'slow': 3", self.ingress.log())
         started = time.monotonic()
-        code, message = status_of(lambda: self.add(timeout=5))
+        code, _ = status_of(lambda: self.add(timeout=5))
         self.assertLess(time.monotonic() - started, 2.0)  # refused, not queued
         self.assertEqual(code, "StatusCode.UNAVAILABLE")
-        self.assertIn("stuck", message)
         self.assertIn("worker unhealthy", self.log())
+        time.sleep(2.0)  # four heartbeats
+        self.assertFalse(self.client.is_model_ready("add"))
         elapsed, code = self.terminate()
         self.assertLess(elapsed, 3.0)
         self.assertEqual(code, 0)
+
+
+class UnhealthySupervisedWorkerTests(SynchronousTestCase):
+    def test_replaced(self):
+        """A supervised worker whose every thread is stuck is evicted and
+        replaced: a new process serves ``add``."""
+        ingress = Ingress([STUCK_SERVER], env=dict(os.environ, ANYSERVE_THREADS="1"))
+        self.addCleanup(ingress.cleanup)
+        ingress.wait_ready("slow", "add")
+        [pid] = ingress.worker_pids(STUCK_SERVER)
+        with grpc.insecure_channel(ingress.address) as channel:
+            infer = channel.unary_unary(MODEL_INFER)
+            for _ in range(3):
+                with self.assertRaises(grpc.RpcError):
+                    infer(slow_request(SLEEP), timeout=DEADLINE)
+        wait_for(lambda: "reports itself unhealthy" in ingress.log(), 10, what="the worker evicted")
+        wait_for(lambda: ingress.worker_pids(STUCK_SERVER) and ingress.worker_pids(STUCK_SERVER) != [pid],
+                 20, what="a new worker process")
+        ingress.wait_ready("add")
+        a = np.arange(4, dtype=np.int32)
+        result = ingress.client().infer("add", infer_inputs(a=a, b=a), client_timeout=5)
+        np.testing.assert_array_equal(result.as_numpy("sum"), 2 * a)

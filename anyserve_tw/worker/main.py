@@ -36,7 +36,8 @@ def make_worker_service(reactor, app, ingress, socket_path, worker_id, threads=4
     server.setName("models")
     server.setServiceParent(top)
     registration = Registrations(reactor, app, ingress_addresses(ingress), server.address, worker_id,
-                                 heartbeat_interval, tls=tls)
+                                 heartbeat_interval, tls=tls,
+                                 health=lambda: (execution.healthy(), execution.reason()))
     registration.setName("registration")
     registration.setServiceParent(top)
     withdrawal = Withdrawal(registration)

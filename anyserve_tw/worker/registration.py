@@ -92,10 +92,13 @@ class Registration(Service):
     """
 
     def __init__(self, reactor, app, ingress, worker_address, worker_id, interval=2.0,
-                 rpc_timeout=5.0, environ=None, tls=None):
+                 rpc_timeout=5.0, environ=None, tls=None, health=None):
         self.reactor = reactor
         #: A :class:`~anyserve_tw.wire.tlsconfig.MutualTls` for the channel, or None.
         self.tls = tls
+        #: () -> (healthy, reason): what each heartbeat reports (e.g. every
+        #: handler thread stuck); None: always healthy.
+        self.health = health
         #: Where the token comes from (ANYSERVE_TOKEN, ANYSERVE_TOKEN_FILE).
         self.environ = os.environ if environ is None else environ
         #: Binds our worker id to this process at the ingress.
@@ -207,9 +210,14 @@ class Registration(Service):
             worker_id=self.worker_id, model_names=sorted({m.name for m in self.app.models.values()}),
             worker_key=self.worker_key,
         )
+        healthy, reason = self.health() if self.health is not None else (True, "")
+        if not healthy:
+            # The ingress evicts us (and a supervisor replaces us); while
+            # unhealthy we do not register again.
+            request.unhealthy = reason or "unhealthy"
 
         def answered(response):
-            if not response.healthy and not self.withdrawn:
+            if not response.healthy and not self.withdrawn and healthy:
                 log.warn("the ingress does not know worker {worker}: registering again",
                          worker=self.worker_id)
                 self.registered = False
@@ -296,11 +304,11 @@ class Registrations(MultiService):
     serving); :meth:`withdraw` withdraws from every ingress at once."""
 
     def __init__(self, reactor, app, ingresses, worker_address, worker_id, interval=2.0,
-                 rpc_timeout=5.0, environ=None, tls=None):
+                 rpc_timeout=5.0, environ=None, tls=None, health=None):
         super().__init__()
         for ingress in ingresses:
             Registration(reactor, app, ingress, worker_address, worker_id, interval, rpc_timeout,
-                         environ, tls).setServiceParent(self)
+                         environ, tls, health).setServiceParent(self)
 
     @property
     def registrations(self):
