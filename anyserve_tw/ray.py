@@ -28,6 +28,7 @@ import socket
 import subprocess
 import sys
 import time
+import uuid
 
 import ray
 
@@ -213,11 +214,14 @@ class RayWorkers:
         #: (actor, info dict) of the running replicas, oldest first.
         self.replicas = []
         self._serial = 0
+        # Worker ids must be unique at the ingress: another driver may run
+        # replicas of the same script.
+        self._prefix = "%s-ray-%s" % (self.name, uuid.uuid4().hex[:6])
         self._actor_class = None
 
     def _new_actor(self):
         self._serial += 1
-        worker_id = "%s-ray-%d" % (self.name, self._serial)
+        worker_id = "%s-%d" % (self._prefix, self._serial)
         if self._actor_class is None:
             self._actor_class = ray.remote(**self.options)(WorkerReplica)
         actor = self._actor_class.remote(
