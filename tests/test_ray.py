@@ -1,9 +1,12 @@
 """Ray places the workers (anyserve_tw.ray): a local two-node Ray cluster whose
 nodes have different custom resources, every Ray process on 127.0.0.1, and a
 real ingress the replicas register with."""
+import json
 import os
 import shutil
+import signal
 import subprocess
+import sys
 import tempfile
 
 import numpy as np
@@ -160,6 +163,14 @@ class RayPlacementTests(unittest.TestCase):
         self.assertTrue(connected)
         self.assertEqual([s for s in connected if not (_is_loopback(s[0]) and _is_loopback(s[1]))], [])
 
+        # An actor killed outright (a lost node, ray.kill) takes its worker
+        # with it: the lifeline pipe breaks, the worker shuts down.
+        actor, _ = workers.replicas.pop()
+        ray.kill(actor)
+        harness.wait_for(lambda: not harness.pid_alive(info["pid"]), 15, what="the worker's exit")
+        harness.wait_for(lambda: not self.ingress.client().is_model_ready("add"), 10,
+                         what="add no longer served")
+
     def test_scaling_is_asking_ray_for_replicas(self):
         """Two replicas of a model needing ``alpha: 1`` both land on the left
         node and share the traffic; scaling to 1 withdraws and stops one;
@@ -184,6 +195,22 @@ class RayPlacementTests(unittest.TestCase):
         gone = (ids - {kept["worker_id"]}).pop()
         gone_pid = [i["pid"] for i in infos if i["worker_id"] == gone][0]
         harness.wait_for(lambda: not harness.pid_alive(gone_pid), what="the retired worker's exit")
+        self.assertEqual({self.served_by() for _ in range(6)}, {kept["worker_id"]})
+
+        # The command line does the same from a shell, until SIGTERM.
+        command = subprocess.Popen(
+            [sys.executable, "-m", "anyserve_tw.ray", harness.KSERVE_SERVER, "--address",
+             self.cluster.address, "--ingress", self.ingress.mgmt_address, "--replicas", "1",
+             "--num-cpus", "0.5", "--resources", '{"alpha": 1}'],
+            stdout=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True)
+        self.addCleanup(lambda: command.poll() is None and (command.kill(), command.wait()))
+        started = json.loads(command.stdout.readline())
+        self.assertEqual(started["node_id"], self.node_of["alpha"])
+        harness.wait_for(lambda: started["worker_id"] in {self.served_by() for _ in range(8)},
+                         what="the command's replica answering")
+        command.send_signal(signal.SIGTERM)
+        self.assertEqual(command.wait(60), 0)
+        harness.wait_for(lambda: not harness.pid_alive(started["pid"]), what="its worker's exit")
         self.assertEqual({self.served_by() for _ in range(6)}, {kept["worker_id"]})
 
     def test_replica_registers_over_tls(self):
