@@ -108,12 +108,13 @@ class WorkerConnection(framing.FramedProtocol):
     :data:`HELLO`, sent once its side of the handshake is done, is what
     says the connection is up."""
 
-    def __init__(self, handle, max_payload, tls=False):
+    def __init__(self, handle, max_payload, tls=False, network=None):
         self.handle = handle
         self.max_payload = max_payload
         self._pending = {}
         self._ids = itertools.count(1)
         self._tls = tls
+        self._network = tls if network is None else network  # over TCP
         self._up = False  # ready fired: requests may be sent
         self.ready = Deferred(lambda _: self.transport.abortConnection())
         self.ready.addCallback(self._isUp)
@@ -130,6 +131,8 @@ class WorkerConnection(framing.FramedProtocol):
         super().connectionMade()
         if self.handle.shm_table:
             self.sendFrame(framing.SHM_TABLE, 0, self.handle.shm_table)
+        if self._network:
+            tlsconfig.set_no_delay(self.transport)
         if not self._tls:
             self.ready.callback(self)
 
@@ -239,7 +242,8 @@ class WorkerHandle:
                          worker=worker_id, why=e.message)
             raise
         self._tls = address.startswith(tlsconfig.TLS_SCHEME + "://")
-        self._network = not address.startswith(defaults.UNIX_PREFIX)
+        #: Over TCP (tls:// or tcp://), not a Unix socket.
+        self.network = not address.startswith(defaults.UNIX_PREFIX)
         self.reconnect_window = reconnect_window
         self._connect_timeout = connect_timeout
         self.last_heartbeat = reactor.seconds()
@@ -289,7 +293,8 @@ class WorkerHandle:
 
     def _connect_one(self):
         """A Deferred of one more connection, ready for requests."""
-        factory = Factory.forProtocol(lambda: WorkerConnection(self, self._max_payload, self._tls))
+        factory = Factory.forProtocol(lambda: WorkerConnection(self, self._max_payload, self._tls,
+                                                                     self.network))
         factory.noisy = False  # one log line per worker, not per connection
         return self._endpoint.connect(factory).addCallback(
             lambda connection: connection.ready.addTimeout(self._connect_timeout, self._reactor))
@@ -309,7 +314,7 @@ class WorkerHandle:
     def _connectFailed(self, failure):
         reason = _describe(failure.value.subFailure)
         self.close("connect failed")
-        if self._network:
+        if self.network:
             _say_refused(self._reactor, self.address, "cannot connect to worker {worker} at "
                          "{address}: {reason}", worker=self.worker_id, reason=reason)
         raise unavailable(
@@ -359,7 +364,7 @@ class WorkerHandle:
     def _connectionLost(self, connection):
         if connection in self._connections:
             self._connections.remove(connection)
-        if self._network and self._ready and not self._closed and self._connections:
+        if self.network and self._ready and not self._closed and self._connections:
             log.warn("worker {worker} at {address}: a connection dropped, reconnecting it "
                      "({count} left)", worker=self.worker_id, address=self.address,
                      count=len(self._connections))

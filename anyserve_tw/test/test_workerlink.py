@@ -590,6 +590,16 @@ class NetworkReconnectTests(TestCase):
         held[1].cancel()  # the one still held (the failed one is done)
 
     @inlineCallbacks
+    def test_small_frames_go_out_at_once(self):
+        """TCP_NODELAY: a request is not held back behind an unacknowledged one."""
+        import socket
+
+        yield self.handle.connect()
+        for connection in self.handle._connections:
+            sock = connection.transport.getHandle()
+            self.assertTrue(sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
+
+    @inlineCallbacks
     def test_worker_given_up_when_a_connection_cannot_come_back(self):
         yield self.handle.connect()
         yield self.port.stopListening()

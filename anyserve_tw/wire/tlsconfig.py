@@ -48,6 +48,18 @@ TLS_SCHEME = "tls"
 TCP_SCHEME = "tcp"
 
 
+def set_no_delay(transport):
+    """Send small frames at once on a TCP connection (through TLS too):
+    with Nagle's algorithm a request written while another is still
+    unacknowledged waits for that ACK, which the peer may delay 40 ms."""
+    set_it = getattr(transport, "setTcpNoDelay", None)
+    if set_it is not None:
+        try:
+            set_it(True)
+        except OSError:
+            pass
+
+
 class TlsError(Exception):
     """A certificate, key or CA file can't be used."""
 

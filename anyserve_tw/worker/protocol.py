@@ -45,9 +45,14 @@ class WorkerProtocol(framing.FramedProtocol):
         #: respect to each other, so each request reads its own's.
         self.shared_memory = execution.shared_memory.view(self)
 
+    #: Set by a ModelServer listening on TCP.
+    network = False
+
     def connectionMade(self):
         super().connectionMade()
         self.connections.add(self)
+        if self.network:
+            tlsconfig.set_no_delay(self.transport)
 
     def handshakeCompleted(self):
         """TLS is up, the ingress's certificate accepted: say so (the
@@ -193,6 +198,7 @@ class ModelServer(Service):
         def build():
             protocol = self.protocol(self.execution, self.connections)
             protocol.on_refused = on_refused  # set after: subclasses keep the two-argument form
+            protocol.network = bool(self.listen)
             return protocol
 
         factory = Factory.forProtocol(build)
