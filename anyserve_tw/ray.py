@@ -267,18 +267,29 @@ class RayWorkers:
         self.scale(0)
 
 
-#: Environment for a Ray kept on loopback, set before Ray starts: without
-#: the second variable Ray turns "127.0.0.1" in a cluster address into the
-#: machine's own address (``get_node_ip_address``) and connects there; the
-#: first keeps Ray from sending usage statistics.
+#: Environment for a Ray kept on loopback: without the second variable Ray
+#: turns "127.0.0.1" in a cluster address into the machine's own address
+#: (``get_node_ip_address``) and connects there; the first keeps Ray from
+#: sending usage statistics.  Ray reads them when it is imported.
 LOOPBACK_ENV = {"RAY_USAGE_STATS_ENABLED": "0", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+
+
+def use_loopback(environ=None):
+    """Keep Ray on 127.0.0.1 in this process and the ones it starts, though
+    ray is imported already (as this module does): sets :data:`LOOPBACK_ENV`
+    in ``environ`` (default ``os.environ``) and the value Ray derived from it.
+    For tests and one machine, before ``ray.init`` or starting a cluster."""
+    from ray._private import ray_constants
+
+    (os.environ if environ is None else environ).update(LOOPBACK_ENV)
+    ray_constants.ENABLE_RAY_CLUSTER = False
 
 
 def loopback_node_args(**resources_and_options):
     """``ray.init`` / ``Cluster.add_node`` keyword arguments that keep a
     node on 127.0.0.1 (its GCS, raylet, object manager, agents and workers
     listen and connect there) with no dashboard; for tests and a laptop.
-    Needs :data:`LOOPBACK_ENV` in the environment too."""
+    Needs :func:`use_loopback` first."""
     args = {"node_ip_address": "127.0.0.1", "include_dashboard": False}
     args.update(resources_and_options)
     return args
@@ -301,7 +312,11 @@ def main(argv=None):
     parser.add_argument("--tls-ca")
     parser.add_argument("--tls-cert")
     parser.add_argument("--tls-key")
+    parser.add_argument("--loopback", action="store_true",
+                        help="a Ray on 127.0.0.1 (one machine): don't turn it into this host's address")
     options = parser.parse_args(argv)
+    if options.loopback:
+        use_loopback()
     tls = None
     if options.tls_ca or options.tls_cert or options.tls_key:
         tls = (options.tls_ca, options.tls_cert, options.tls_key)

@@ -201,7 +201,7 @@ class RayPlacementTests(unittest.TestCase):
         command = subprocess.Popen(
             [sys.executable, "-m", "anyserve_tw.ray", harness.KSERVE_SERVER, "--address",
              self.cluster.address, "--ingress", self.ingress.mgmt_address, "--replicas", "1",
-             "--num-cpus", "0.5", "--resources", '{"alpha": 1}'],
+             "--num-cpus", "0.5", "--resources", '{"alpha": 1}', "--loopback"],
             stdout=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True)
         self.addCleanup(lambda: command.poll() is None and (command.kill(), command.wait()))
         started = json.loads(command.stdout.readline())
