@@ -144,3 +144,27 @@ class RetryScheduleTests(SynchronousTestCase):
         self.assertLessEqual(options["grpc.max_reconnect_backoff_ms"], 1000)
         self.assertLessEqual(options["grpc.initial_reconnect_backoff_ms"],
                              options["grpc.max_reconnect_backoff_ms"])
+
+
+class RegistrationsTests(SynchronousTestCase):
+    """One Registration per ingress in ANYSERVE_INGRESS."""
+
+    def test_addresses(self):
+        self.assertEqual(registration.ingress_addresses("a:9000, b:9000,,a:9000 "), ["a:9000", "b:9000"])
+        self.assertRaises(ValueError, registration.ingress_addresses, " , ")
+
+    def test_withdraws_from_every_ingress_and_one_failure_stops_none(self):
+        """Shutdown withdraws from each ingress; an ingress that fails to
+        answer (it is gone) does not keep the others from being told."""
+        registrations = registration.Registrations(Clock(), one_model_app(), ["a:9000", "b:9000", "c:9000"],
+                                                   "tls://w1:7001", "w1")
+        asked = []
+        for r, outcome in zip(registrations.registrations, (succeed(True), fail(RuntimeError("gone")),
+                                                             succeed(True))):
+            r.registered = True
+            r._blocking = lambda method, request, r=r, outcome=outcome: (asked.append(r.ingress), outcome)[1]
+            r._stub = type("Stub", (), {"UnregisterModel": None})()
+        self.successResultOf(registrations.withdraw())
+        self.assertEqual(asked, ["a:9000", "b:9000", "c:9000"])
+        self.assertTrue(all(r.withdrawn for r in registrations.registrations))
+        self.flushLoggedErrors(RuntimeError)
