@@ -53,6 +53,9 @@ class Metrics:
         self.restarts = Counter(
             "anyserve_worker_restarts", "Supervised worker processes started again after they exited.",
             ("worker",), registry=self.registry)
+        self.recycles = Counter(
+            "anyserve_worker_recycles", "Supervised workers replaced gracefully past a limit.",
+            ("worker", "limit"), registry=self.registry)
         self.evictions = Counter(
             "anyserve_worker_evictions", "Workers dropped for missing their heartbeats.",
             registry=self.registry)
@@ -91,6 +94,11 @@ class Metrics:
         """The supervisor started worker process ``worker`` (its slot name,
         ``kserve_server-0``) again after it exited."""
         self.restarts.labels(worker).inc()
+
+    def worker_recycled(self, worker, limit):
+        """The supervisor began recycling worker ``worker`` (its slot name)
+        past ``limit``: ``"requests"`` or ``"rss"``."""
+        self.recycles.labels(worker, limit).inc()
 
     def worker_evicted(self):
         """The router dropped a worker that stopped heartbeating."""

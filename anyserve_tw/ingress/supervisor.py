@@ -450,7 +450,7 @@ class WorkerSupervisor(ProcessMonitor):
             if worker_id == proto.worker_id and address == defaults.UNIX_PREFIX + proto.socket:
                 if self.max_requests and served >= self.max_requests:
                     self.recycle(name, "served %d requests (--worker-max-requests %d)"
-                                 % (served, self.max_requests))
+                                 % (served, self.max_requests), "requests")
                 return
 
     def check_limits(self):
@@ -469,7 +469,7 @@ class WorkerSupervisor(ProcessMonitor):
                 served = self.requests_served(proto.worker_id)
                 if served >= self.max_requests:
                     self.recycle(name, "served %d requests (--worker-max-requests %d)"
-                                 % (served, self.max_requests))
+                                 % (served, self.max_requests), "requests")
                     continue
             if self.max_rss_mb:
                 rss = resident_bytes(proto.pid)
@@ -478,9 +478,9 @@ class WorkerSupervisor(ProcessMonitor):
                         rss // (1024 * 1024), self.max_rss_mb)
                     if self.requests_served is not None and not self.requests_served(proto.worker_id):
                         why += " before serving any request (is the limit below a fresh worker's size?)"
-                    self.recycle(name, why)
+                    self.recycle(name, why, "rss")
 
-    def recycle(self, name, why):
+    def recycle(self, name, why, limit="requests"):
         """Replace worker ``name`` gracefully: start its replacement now; the
         old one is drained and stopped once the replacement has registered
         (:meth:`worker_registered`).  False if it is not running, has not
@@ -494,6 +494,8 @@ class WorkerSupervisor(ProcessMonitor):
             return False
         self.log.info("recycling worker {name} (pid {pid}): {why}; starting its replacement",
                       name=name, pid=proto.pid, why=why)
+        if self.metrics is not None:
+            self.metrics.worker_recycled(name, limit)
         del self.protocols[name]
         self._retiring[name] = proto
         self._generation[name] = self._generation.get(name, 0) + 1
