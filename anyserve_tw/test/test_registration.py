@@ -168,3 +168,42 @@ class RegistrationsTests(SynchronousTestCase):
         self.assertEqual(asked, ["a:9000", "b:9000", "c:9000"])
         self.assertTrue(all(r.withdrawn for r in registrations.registrations))
         self.flushLoggedErrors(RuntimeError)
+
+    def test_an_ingress_that_does_not_answer_holds_two_threads(self):
+        """Twelve models, calls that never return: two are in the reactor's
+        thread pool at a time, the rest wait their turn (so other
+        ingresses' heartbeats still find a thread)."""
+        class Pool:
+            def __init__(self):
+                self.calls = []
+
+            def callInThreadWithCallback(self, onResult, f, *args, **kwargs):
+                self.calls.append(onResult)
+
+        class FakeReactor(Clock):
+            def __init__(self):
+                super().__init__()
+                self.pool = Pool()
+
+            def getThreadPool(self):
+                return self.pool
+
+            def callFromThread(self, f, *args, **kwargs):
+                f(*args, **kwargs)
+
+        app = AnyServe()
+        for i in range(12):
+            app.model("m%d" % i, inputs=[("a", "INT32", [-1])], outputs=[("s", "INT32", [-1])])(lambda r: {})
+        clock = FakeReactor()
+        worker = Registration(clock, app, "a:9000", "tls://w1:7001", "w1")
+        worker._stub = type("Stub", (), {"RegisterModel": None})()
+        d = worker._register()
+        self.assertEqual(len(clock.pool.calls), registration.CALLS_AT_ONCE)
+        answered = 0
+        while clock.pool.calls:
+            clock.pool.calls.pop(0)(True, None)  # one answered: the next goes in
+            answered += 1
+            self.assertLessEqual(len(clock.pool.calls), registration.CALLS_AT_ONCE)
+        self.assertEqual(answered, 12)
+        self.successResultOf(d)
+        self.assertTrue(worker.registered)

@@ -29,7 +29,7 @@ import secrets
 
 import grpc
 from twisted.application.service import MultiService, Service
-from twisted.internet.defer import gatherResults
+from twisted.internet.defer import DeferredSemaphore, gatherResults
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 
@@ -52,6 +52,12 @@ MIN_CONNECT_TIMEOUT_MS = 1000
 #: Seconds between attempts while the ingress cannot be reached (when that is
 #: shorter than the heartbeat interval).
 RETRY_INTERVAL = 0.25
+
+#: gRPC calls one registration has in flight at once (each holds a thread
+#: of the reactor's pool, ten by default, until it is answered): an ingress
+#: that stops answering holds at most these, so heartbeats to the other
+#: ingresses of a worker with many models still get threads.
+CALLS_AT_ONCE = 2
 
 #: Status codes meaning the ingress could not be reached (or answer) at all.
 UNREACHABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
@@ -115,6 +121,7 @@ class Registration(Service):
         self.withdrawn = False  # shutting down: keep heartbeating, never register again
         self._channel = None
         self._stub = None
+        self._calls = DeferredSemaphore(CALLS_AT_ONCE)
         self._next_tick = None  # the IDelayedCall of the next tick
         self._unreachable = False  # the last attempt could not reach the ingress
         self._warned = False
@@ -147,9 +154,9 @@ class Registration(Service):
             self._next_tick = self.reactor.callLater(delay, self._loop)
 
     def _blocking(self, method, request):
-        return deferToThreadPool(
-            self.reactor, self.reactor.getThreadPool(), method, request, timeout=self.rpc_timeout,
-            metadata=self._metadata,
+        return self._calls.run(
+            deferToThreadPool, self.reactor, self.reactor.getThreadPool(), method, request,
+            timeout=self.rpc_timeout, metadata=self._metadata,
         )
 
     def _read_token(self):
