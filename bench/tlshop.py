@@ -14,6 +14,7 @@ are latencies, median and 99th percentile, after 50 warm-up calls.
 """
 import argparse
 import os
+import shutil
 import signal
 import socket
 import statistics
@@ -100,6 +101,7 @@ def measure(hop, calls):
             except subprocess.TimeoutExpired:
                 process.kill()
         hosts.destroy()
+        shutil.rmtree(directory, ignore_errors=True)
 
 
 def main():
