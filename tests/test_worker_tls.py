@@ -326,6 +326,19 @@ class PlainTcpWorkerTests(SynchronousTestCase):
         self.assertEqual(result.as_numpy("sum").tolist(), [11])
 
 
+class WorkerConfigurationTests(SynchronousTestCase):
+    def test_tls_listener_without_certificates_exits_with_the_reason(self):
+        env = dict(os.environ, ANYSERVE_LISTEN="tls://127.0.0.1:%d" % free_port(),
+                   ANYSERVE_INGRESS="127.0.0.1:%d" % free_port(), ANYSERVE_TOKEN="t" * 32)
+        for name in ("ANYSERVE_TLS_CA", "ANYSERVE_TLS_CERT", "ANYSERVE_TLS_KEY"):
+            env.pop(name, None)
+        result = subprocess.run([sys.executable, KSERVE_SERVER], env=env, stdin=subprocess.DEVNULL,
+                                capture_output=True, text=True, timeout=60)
+        self.assertEqual(result.returncode, 2)
+        self.assertIn("worker not started: ANYSERVE_LISTEN=tls://127.0.0.1", result.stderr)
+        self.assertIn("needs ANYSERVE_TLS_CA", result.stderr)
+
+
 class SupervisedUnderTlsCaTests(SynchronousTestCase):
     def test_supervised_workers_present_the_ingress_certificate(self):
         """With --tls-ca the management port takes only certificates of the
