@@ -203,6 +203,12 @@ class NetworkModelServerTests(SynchronousTestCase):
         self.assertEqual((port, interface), (7001, "0.0.0.0"))
         self.assertEqual(server.address, "tcp://w1.example:7001")
 
+    def test_advertised_address_must_match_the_listener(self):
+        for advertise in ("tls://w1.example:7001", "w1.example:7001", "tcp://w1.example"):
+            e = self.assertRaises(ValueError, ModelServer, self.reactor, self.execution, "/unused",
+                                  listen="tcp://0.0.0.0:7001", advertise=advertise)
+            self.assertIn("ANYSERVE_ADVERTISE", str(e))
+
     def test_tls_listener_needs_certificates(self):
         e = self.assertRaises(ValueError, ModelServer, self.reactor, self.execution, "/unused",
                               listen="tls://10.0.0.5:7001")

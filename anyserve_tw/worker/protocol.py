@@ -166,6 +166,14 @@ class ModelServer(Service):
             raise ValueError("%s=%r: expected tls://HOST:PORT or tcp://HOST:PORT"
                              % (tlsconfig.ENV_LISTEN, self.listen))
         scheme, host, port = network
+        if self.advertise is not None:
+            try:
+                advertised = tlsconfig.parse_network_address(self.advertise)
+            except ValueError:
+                advertised = None
+            if advertised is None or advertised[0] != scheme:
+                raise ValueError("%s=%r: expected %s://HOST:PORT, as %s" % (
+                    tlsconfig.ENV_ADVERTISE, self.advertise, scheme, tlsconfig.ENV_LISTEN))
         if self.advertise is None and host in ("0.0.0.0", "::"):
             raise ValueError("%s binds every interface: set %s to an address the ingress can reach"
                              % (tlsconfig.ENV_LISTEN, tlsconfig.ENV_ADVERTISE))
