@@ -90,5 +90,8 @@ setup(
         # (offline), so the build requirements of pyproject.toml come along.
         "test": ["tritonclient[grpc,http]>=2.40", "setuptools>=68", "wheel", "grpcio-tools>=1.60", "trustme>=1.0"],
         "bench": ["kserve"],
+        # Ray places workers (anyserve_tw/ray.py); the manifests' schema check (tests/test_deploy.py).
+        "ray": ["ray>=2.40"],
+        "deploy-check": ["kubernetes-validate>=1.30", "PyYAML>=6"],
     },
 )
