@@ -142,7 +142,10 @@ class Options(usage.Options):
 
             path = self["mgmt-token-file"] or credentials.default_token_path(self["mgmt"])
             try:
-                self["mgmt-token"] = credentials.load_or_create_token(path)
+                if self["mgmt-token-file"]:  # the operator's: kept as given
+                    self["mgmt-token"] = credentials.load_or_create_token(path)
+                else:  # ours: a new one each start (see anyserve_tw.wire.credentials)
+                    self["mgmt-token"] = credentials.new_token(path)
             except credentials.TokenFileError as e:
                 raise usage.UsageError("--mgmt-token-file: %s" % (e,))
             self["mgmt-token-file"] = path
@@ -192,6 +195,11 @@ def makeService(options):
         log.warn("--insecure-mgmt: any local process may register, withdraw and heartbeat workers")
     else:
         log.info("management calls need the token in {path}", path=options["mgmt-token-file"])
+    from anyserve_tw.wire.credentials import is_loopback
+
+    if not is_loopback(options["mgmt-host"]) and not options["tls-ca"]:
+        log.warn("--mgmt-host {host} without --tls-ca: management calls and their token cross the "
+                 "network in clear text", host=options["mgmt-host"])
 
     from anyserve_tw.allocator import keep_freed_memory
     from anyserve_tw.ingress.service import make_ingress_service

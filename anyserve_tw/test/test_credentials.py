@@ -29,6 +29,28 @@ class TokenFileTests(SynchronousTestCase):
         credentials.load_or_create_token(path)
         self.assertEqual(stat.S_IMODE(os.stat(os.path.dirname(path)).st_mode), 0o700)
 
+    def test_new_token_each_time(self):
+        """The ingress's own file gets a new token at each start: one a
+        squatter on its port collected meanwhile is dead."""
+        first = credentials.new_token(self.path)
+        second = credentials.new_token(self.path)
+        self.assertNotEqual(first, second)
+        self.assertEqual(credentials.read_token(self.path), second)
+        self.assertEqual(stat.S_IMODE(os.stat(self.path).st_mode), 0o600)
+        self.assertEqual(os.listdir(self.dir), ["mgmt.token"])  # no temporary left
+
+    def test_directory_others_may_write_is_refused(self):
+        shared = os.path.join(self.dir, "shared")
+        os.mkdir(shared)
+        os.chmod(shared, 0o777)
+        for make in (credentials.new_token, credentials.load_or_create_token):
+            e = self.assertRaises(credentials.TokenFileError, make, os.path.join(shared, "t"))
+            self.assertIn("can be written by others (mode 777)", str(e))
+        os.symlink(self.dir, os.path.join(self.dir, "link"))
+        e = self.assertRaises(credentials.TokenFileError, credentials.new_token,
+                              os.path.join(self.dir, "link", "t"))
+        self.assertIn("is not a directory (a symlink?)", str(e))
+
     def write(self, content, mode=0o600):
         with open(self.path, "w") as f:
             f.write(content)
@@ -64,6 +86,9 @@ class TokenFileTests(SynchronousTestCase):
         token = credentials.load_or_create_token(credentials.default_token_path(9123))
         self.assertEqual(credentials.worker_token({}, "127.0.0.1:9123"), token)
         self.assertIsNone(credentials.worker_token({}, "no-port"))
+        # Never sent to another host unless given.
+        self.assertIsNone(credentials.worker_token({}, "203.0.113.9:9123"))
+        self.assertEqual(credentials.worker_token({}, "localhost:9123"), token)
 
     def test_metadata(self):
         self.assertEqual(credentials.metadata(None), ())

@@ -4,11 +4,16 @@ Management calls carry the ingress's token (``authorization: Bearer ...``
 metadata).  The token sits in a file only its owner can read, so on one host
 the file's permissions are the access control, as they are for an SSH key or
 a Unix socket: a process of another user cannot register, withdraw or
-heartbeat anything.  The ingress reads that file at start, or creates it
-with a fresh random token; it hands the token to the workers it supervises
-through their environment; a standalone worker of the same user reads the
-same file, again at each registration, so an ingress that comes back with a
-new token is joined again.
+heartbeat anything.  At each start the ingress writes a fresh random token
+to its default file (an operator's ``--mgmt-token-file`` is read if it
+exists); it hands the token to the workers it supervises through their
+environment; a standalone worker of the same user reads the same file, again
+at each registration, so it joins an ingress that came back with a new
+token.  A new token per start also means that a token a worker sent to
+whatever squatted on the management port while the ingress was down (any
+account can listen there then) is dead once the ingress is back.  Workers
+look for the default file only when their ingress address is a loopback
+one, so the token never travels to another host unless it is given.
 
 The default file is per management port under the user's runtime directory
 (``$XDG_RUNTIME_DIR/anyserve``, else ``/tmp/anyserve-<uid>``), so two
@@ -90,24 +95,54 @@ def read_token(path):
     return token
 
 
-def load_or_create_token(path):
-    """The ingress's token: read from ``path``, or made afresh and written
-    there (mode 0600, its directory 0700 when we create it)."""
-    directory = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(directory):
-        os.makedirs(directory, mode=0o700, exist_ok=True)
-        if directory == runtime_dir():
-            _check_private(os.stat(directory), "token directory", directory)
-    token = secrets.token_urlsafe(32)
+def _private_directory(directory):
+    """Make ``directory`` (0700) or check the one there: a real directory of
+    ours that no one else may write to, else another account could swap the
+    token file for a link and lock us out."""
     try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+        os.makedirs(directory, mode=0o700)
     except FileExistsError:
-        return read_token(path)
+        pass
+    st = os.lstat(directory)
+    if not stat.S_ISDIR(st.st_mode):
+        raise TokenFileError("token directory %s is not a directory (a symlink?)" % directory)
+    if st.st_uid != os.getuid():
+        raise TokenFileError("token directory %s belongs to uid %d, not to this user (%d)"
+                             % (directory, st.st_uid, os.getuid()))
+    if st.st_mode & 0o022:
+        raise TokenFileError("token directory %s can be written by others (mode %o)"
+                             % (directory, stat.S_IMODE(st.st_mode)))
+
+
+def new_token(path):
+    """Write a fresh random token to ``path`` (a new 0600 file renamed into
+    place, so no reader ever sees half a token) and return it."""
+    _private_directory(os.path.dirname(os.path.abspath(path)))
+    token = secrets.token_urlsafe(32)
+    temporary = "%s.%s.tmp" % (path, secrets.token_hex(4))
+    try:
+        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
     except OSError as e:
         raise TokenFileError("cannot create the token file %s: %s" % (path, e.strerror))
     with os.fdopen(fd, "w") as f:
         f.write(token + "\n")
+    os.replace(temporary, path)
     return token
+
+
+def load_or_create_token(path):
+    """An operator's token: read from ``path``, or made afresh and written
+    there if there is none (see :func:`new_token`)."""
+    _private_directory(os.path.dirname(os.path.abspath(path)))
+    if os.path.lexists(path):
+        return read_token(path)
+    return new_token(path)
+
+
+def is_loopback(host):
+    """Whether ``host`` (of a ``host:port``) names this machine's loopback."""
+    host = host.strip("[]").lower()
+    return host in ("localhost", "::1") or host.startswith("127.")
 
 
 def worker_token(environ, ingress):
@@ -120,8 +155,9 @@ def worker_token(environ, ingress):
         return token
     path = environ.get(defaults.ENV_TOKEN_FILE)
     if not path:
+        # The default file is this host's: its token never goes elsewhere.
         port = port_of(ingress)
-        if port is None:
+        if port is None or not is_loopback(ingress.rpartition(":")[0]):
             return None
         path = default_token_path(port)
         if not os.path.exists(path):
