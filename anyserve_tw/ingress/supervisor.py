@@ -238,6 +238,8 @@ class WorkerSupervisor(ProcessMonitor):
     #: Cap on the restart delay.
     maxRestartDelay = 60
     killTime = 10
+    #: Seconds a recycled worker's replacement gets to register.
+    replacement_timeout = 60
 
     def __init__(self, reactor, scripts, copies, ingress_address, heartbeat_interval,
                  socket_dir=None, max_message_size=None, python=sys.executable, metrics=None,
@@ -462,6 +464,14 @@ class WorkerSupervisor(ProcessMonitor):
             if name in self._retiring:
                 if proto.registered and now - proto.started >= self.threshold:
                     self._retire(name)
+                elif (not proto.registered and proto.pid is not None and name not in self._stopping
+                      and now - proto.started >= self.replacement_timeout):
+                    # Hung before registering (a load hook that never ends):
+                    # stop it, and the recycle is abandoned when it exits.
+                    self.log.warn("the replacement of worker {name} (pid {pid}) has not registered in "
+                                  "{timeout}s: stopping it", name=name, pid=proto.pid,
+                                  timeout=self.replacement_timeout)
+                    self.stopProcess(name)
                 continue
             if not proto.registered or proto.pid is None:
                 continue

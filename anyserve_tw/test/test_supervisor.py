@@ -474,6 +474,23 @@ class RecycleTests(RecycleTestCase):
         self.assertTrue(self.sup.recycle("model-0", "later"))  # tried again (back-off: 1 s)
         self.assertEqual(self.proto().socket, "/nonexistent/model-0-r1.sock")
 
+    def test_a_replacement_that_never_registers_is_stopped(self):
+        """One stuck before registering (a load hook that never ends) does
+        not stall recycling: it is stopped, and the old worker serves on."""
+        old = self.old
+        self.sup.recycle("model-0", "test")
+        new = self.proto()
+        self.reactor.advance(self.sup.replacement_timeout - self.sup.check_interval)
+        self.assertEqual(new.transport.signals, [])
+        self.reactor.advance(self.sup.check_interval)
+        self.assertEqual(new.transport.signals, ["TERM"])
+        self.assertIn("has not registered in %ds: stopping it" % self.sup.replacement_timeout,
+                      " ".join(self.messages()))
+        new.processEnded(exited(0))
+        self.assertIn("recycling worker model-0 (pid %d) abandoned" % old.pid, self.last())
+        self.assertIs(self.proto(), old)
+        self.assertEqual(old.transport.signals, [])
+
     def test_a_failed_recycle_waits_out_the_back_off(self):
         self.sup.recycle("model-0", "test")
         self.proto().processEnded(exited(1))
