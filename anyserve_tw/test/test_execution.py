@@ -787,6 +787,25 @@ class RealPoolTests(SynchronousTestCase):
         pool.stop()
 
 
+class RefusedTaskTests(SynchronousTestCase):
+    def test_cancel_after_refusal_is_harmless(self):
+        """A task refused while unhealthy was answered at once: cancelling
+        it later (its request given up) does nothing, once."""
+        threads = execution.HandlerThreads(Clock(), QueuedPool(threads=1))
+        threads.healthy = lambda: False
+        threads.reason = lambda: "all 1 handler threads are stuck"
+        results = []
+
+        class Model:
+            name = "m"
+
+        task = threads.submit(Model(), lambda: "never", lambda ok, r: results.append(ok))
+        self.assertEqual(results, [False])
+        threads.cancel(task)
+        self.assertEqual(results, [False])
+        self.assertEqual(threads.waiting, {})
+
+
 class AnswerTests(SynchronousTestCase):
     def test_answers(self):
         e = Execution(FakeReactor(), AnyServe(), QueuedPool(), max_payload=4)

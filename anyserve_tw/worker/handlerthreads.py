@@ -126,6 +126,7 @@ class HandlerThreads:
         to :meth:`cancel`.  Refused with UNAVAILABLE at once while unhealthy."""
         task = Task(model, work, on_result)
         if not self.healthy():
+            task.state = DONE  # never queued: a later cancel() has nothing to do
             self._report(task, False, self._unavailable())
             return task
         if model not in self.waiting and self._may_take(model, self.free):
