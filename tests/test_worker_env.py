@@ -80,6 +80,9 @@ class WorkerEnvironmentTests(SynchronousTestCase):
                         "VECLIB_MAXIMUM_THREADS"):
                 self.assertEqual(env[var], share, var)
             self.assertEqual(info["argv"][0], sys.executable)  # the default interpreter
+            # The worker registered with the token its supervisor gave it,
+            # but its handlers (and their subprocesses) don't see it.
+            self.assertIsNone(env["ANYSERVE_TOKEN"])
         self.assertEqual(sorted(info["env"]["CUDA_VISIBLE_DEVICES"] for info in infos.values()), ["3", "5"])
 
     def test_explicit_math_threads_and_an_interpreter_of_choice(self):

@@ -22,7 +22,7 @@ log = Logger()
 
 def make_worker_service(reactor, app, ingress, socket_path, worker_id, threads=4,
                         heartbeat_interval=2.0, max_payload=defaults.MAX_MESSAGE_SIZE,
-                        listen=None, advertise=None, tls=None):
+                        listen=None, advertise=None, tls=None, environ=None):
     """The worker's service tree: serve, then register.  Shutdown withdraws the
     models, drains the requests in flight (heartbeats going on), then stops.
 
@@ -36,7 +36,7 @@ def make_worker_service(reactor, app, ingress, socket_path, worker_id, threads=4
     server.setName("models")
     server.setServiceParent(top)
     registration = Registrations(reactor, app, ingress_addresses(ingress), server.address, worker_id,
-                                 heartbeat_interval, tls=tls,
+                                 heartbeat_interval, tls=tls, environ=environ,
                                  health=lambda: (execution.healthy(), execution.reason()))
     registration.setName("registration")
     registration.setServiceParent(top)
@@ -171,6 +171,9 @@ def run(app, ingress=None, socket_path=None, worker_id=None, threads=None, heart
     reads ANYSERVE_LISTEN, ANYSERVE_ADVERTISE and ANYSERVE_TLS_CA/CERT/KEY
     (:mod:`anyserve_tw.wire.tlsconfig`)."""
     env = os.environ
+    # The token is the registration's alone: taken out of the environment
+    # that the handlers' own subprocesses would inherit.
+    private = {name: env.pop(name) for name in (defaults.ENV_TOKEN, defaults.ENV_TOKEN_FILE) if name in env}
     # First, before anything slow: a worker whose ingress is already gone
     # must exit now, not register with whatever listens there next.
     supervised = tie_to_supervisor(env)
@@ -196,7 +199,8 @@ def run(app, ingress=None, socket_path=None, worker_id=None, threads=None, heart
         tls = tlsconfig.MutualTls.from_environ(env)
         top = make_worker_service(reactor, app, ingress, socket_path, worker_id, threads,
                                   heartbeat_interval, max_payload, listen=listen,
-                                  advertise=env.get(tlsconfig.ENV_ADVERTISE) or None, tls=tls)
+                                  advertise=env.get(tlsconfig.ENV_ADVERTISE) or None, tls=tls,
+                                  environ=private)
     except (tlsconfig.TlsError, ValueError) as e:
         log.error("worker not started: {error}", error=e)
         sys.exit(2)
