@@ -428,7 +428,7 @@ class SeveralIngressesTests(SynchronousTestCase):
         self.assertEqual({int(client.infer("whoami", []).as_numpy("pid")[0]) for _ in range(8)}, {pid})
 
     def test_shutdown_withdraws_from_every_ingress(self):
-        self.worker.stop(signal.SIGTERM)
+        self.assertEqual(self.worker.stop(signal.SIGTERM), 0)
         for ingress in (self.a, self.b):
-            status, _ = status_of(lambda: ingress.client().infer("whoami", []))
-            self.assertEqual(status, "StatusCode.NOT_FOUND")
+            status, message = status_of(lambda: ingress.client().infer("whoami", []))
+            self.assertEqual(status, "StatusCode.NOT_FOUND", "%s\n%s" % (message, ingress.log()[-3000:]))

@@ -146,6 +146,30 @@ class RetryScheduleTests(SynchronousTestCase):
                              options["grpc.max_reconnect_backoff_ms"])
 
 
+class _Pool:
+    """A thread pool that runs nothing: ``calls`` are (onResult, function)."""
+
+    def __init__(self):
+        self.calls = []
+        self.functions = []
+
+    def callInThreadWithCallback(self, onResult, f, *args, **kwargs):
+        self.calls.append(onResult)
+        self.functions.append(f)
+
+
+class FakeReactor(Clock):
+    def __init__(self):
+        super().__init__()
+        self.pool = _Pool()
+
+    def getThreadPool(self):
+        return self.pool
+
+    def callFromThread(self, f, *args, **kwargs):
+        f(*args, **kwargs)
+
+
 class RegistrationsTests(SynchronousTestCase):
     """One Registration per ingress in ANYSERVE_INGRESS."""
 
@@ -173,24 +197,6 @@ class RegistrationsTests(SynchronousTestCase):
         """Twelve models, calls that never return: two are in the reactor's
         thread pool at a time, the rest wait their turn (so other
         ingresses' heartbeats still find a thread)."""
-        class Pool:
-            def __init__(self):
-                self.calls = []
-
-            def callInThreadWithCallback(self, onResult, f, *args, **kwargs):
-                self.calls.append(onResult)
-
-        class FakeReactor(Clock):
-            def __init__(self):
-                super().__init__()
-                self.pool = Pool()
-
-            def getThreadPool(self):
-                return self.pool
-
-            def callFromThread(self, f, *args, **kwargs):
-                f(*args, **kwargs)
-
         app = AnyServe()
         for i in range(12):
             app.model("m%d" % i, inputs=[("a", "INT32", [-1])], outputs=[("s", "INT32", [-1])])(lambda r: {})
@@ -207,3 +213,31 @@ class RegistrationsTests(SynchronousTestCase):
         self.assertEqual(answered, 12)
         self.successResultOf(d)
         self.assertTrue(worker.registered)
+
+    def test_withdrawal_waits_for_a_registration_under_way(self):
+        """SIGTERM while the models are being registered: the withdrawal
+        waits for that registration, then unregisters every model (the
+        ingress already routes to those it took)."""
+        def register(request, **kwargs):
+            pass
+
+        def unregister(request, **kwargs):
+            pass
+
+        clock = FakeReactor()
+        worker = Registration(clock, one_model_app(), "a:9000", "tls://w1:7001", "w1")
+        worker._stub = type("Stub", (), {"RegisterModel": staticmethod(register),
+                                         "UnregisterModel": staticmethod(unregister),
+                                         "Heartbeat": staticmethod(register)})()
+        worker.running = True
+        worker._loop()
+        self.assertEqual(clock.pool.functions, [register])
+        withdrawn = worker.withdraw()
+        self.assertNoResult(withdrawn)
+        self.assertEqual(clock.pool.functions, [register])  # nothing unregistered before it is registered
+        clock.pool.calls.pop(0)(True, None)
+        self.assertTrue(worker.registered)
+        self.assertEqual(clock.pool.functions, [register, unregister])
+        clock.pool.calls.pop(0)(True, None)
+        self.successResultOf(withdrawn)
+        worker.running = False

@@ -29,7 +29,7 @@ import secrets
 
 import grpc
 from twisted.application.service import MultiService, Service
-from twisted.internet.defer import DeferredSemaphore, gatherResults
+from twisted.internet.defer import Deferred, DeferredSemaphore, gatherResults, succeed
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 
@@ -122,6 +122,9 @@ class Registration(Service):
         self._channel = None
         self._stub = None
         self._calls = DeferredSemaphore(CALLS_AT_ONCE)
+        self._ticking = False  # a registration or heartbeat is under way
+        self._after_tick = []  # Deferreds fired when it is over
+        self._attempted = False  # a registration was sent (some models may be registered)
         self._next_tick = None  # the IDelayedCall of the next tick
         self._unreachable = False  # the last attempt could not reach the ingress
         self._warned = False
@@ -146,7 +149,15 @@ class Registration(Service):
         if d is None:
             self._schedule()
         else:
-            d.addBoth(self._schedule)
+            self._ticking = True
+            d.addBoth(self._tick_over)
+
+    def _tick_over(self, _):
+        self._ticking = False
+        waiting, self._after_tick = self._after_tick, []
+        for d in waiting:
+            d.callback(None)
+        self._schedule()
 
     def _schedule(self, _=None):
         if self.running:
@@ -181,6 +192,7 @@ class Registration(Service):
         self._unreachable = False
 
     def _register(self):
+        self._attempted = True
         self._read_token()
         m = protos.management
         requests = [
@@ -272,15 +284,30 @@ class Registration(Service):
         not evict this worker (and fail those requests) in the meantime.
         """
         self.withdrawn = True
+        if self._ticking:  # a registration under way: withdraw what it registers, after it
+            d = Deferred()
+            self._after_tick.append(d)
+        else:
+            d = succeed(None)
+        return d.addCallback(lambda _: self._unregister_all())
+
+    def _unregister_all(self):
+        # Also after a registration that failed part way: some models took.
+        if not (self.registered or self._attempted):
+            return None
         m = protos.management
         d = gatherResults(
             [self._blocking(self._stub.UnregisterModel,
                             m.UnregisterModelRequest(model_name=model.name, model_version=model.version,
                                                      worker_id=self.worker_id, worker_key=self.worker_key))
-             for model in self.app.models.values()] if self.registered else [],
+             for model in self.app.models.values()],
             consumeErrors=True,
         )
-        return d.addErrback(lambda f: log.warn("unregistering failed: {error}", error=f.value))
+        return d.addErrback(self._unregister_failed)
+
+    def _unregister_failed(self, failure):
+        if self.registered or _rpc_code(failure) != grpc.StatusCode.NOT_FOUND:
+            log.warn("unregistering failed: {error}", error=failure.value)
 
     def stopService(self):
         """Stop heartbeating and close the channel (after the drain)."""
