@@ -19,6 +19,11 @@ So the bound is kept in three parts:
   once, a response that would go past is dropped for RESOURCE_EXHAUSTED, and
   a stream is closed with it: the ingress holds at most the cap plus one
   response per connection.
+* Past the total cap only the connections holding a large share (at least
+  1/:data:`FAIR_SHARE` of the per-client cap) are refused, so that a few
+  connections that answer pings but read nothing (which grpc.aio can't end
+  one call at a time) don't lock everyone else out; past
+  :data:`HARD_CEILING` times the cap, everyone is.
 * A call whose responses have made no progress for :data:`UNREAD_TIMEOUT`
   seconds is cancelled by a sweep once a second (one LoopingCall, started
   by the first inference call; no timer per request).  On the thread front
@@ -52,6 +57,14 @@ MAX_UNREAD_PER_CLIENT = 64 * MiB
 
 #: Unread response bytes of all clients together.
 MAX_UNREAD_TOTAL = 256 * MiB
+
+#: Past the total cap, only connections holding at least this fraction
+#: (1/FAIR_SHARE) of the per-client cap are refused: a few clients that
+#: never read (on grpc.aio their unary calls can't be ended one by one)
+#: must not lock out everyone else ...
+FAIR_SHARE = 8
+#: ... up to this many times the total cap, where every client is refused.
+HARD_CEILING = 2
 
 #: Seconds a call's responses may go unread before it is cancelled.
 UNREAD_TIMEOUT = 30.0
@@ -122,7 +135,8 @@ class UnreadBytes:
         if held >= self.per_client:
             return exhausted("this connection has %d MiB of responses it has not read (cap %d MiB): "
                              "read them before sending more" % (held // MiB, self.per_client // MiB))
-        if self.total >= self.total_cap:
+        if self.total >= self.total_cap and (held >= self.per_client // FAIR_SHARE
+                                             or self.total >= HARD_CEILING * self.total_cap):
             return exhausted("the ingress holds %d MiB of responses its clients have not read "
                              "(cap %d MiB): retry later" % (self.total // MiB, self.total_cap // MiB))
         return None

@@ -41,9 +41,19 @@ class UnreadBytesTests(SynchronousTestCase):
         self.unread.admit(A)
 
     def test_total_cap(self):
+        """Past the total cap, the connections holding a large share are
+        refused and the others served; past twice the cap, everyone is."""
         self.unread.take(self.unread.open(A), 90)
         self.unread.take(self.unread.open(B), 90)
-        self.assertIn("its clients have not read", self.assertRefused("ipv4:127.0.0.1:3000").message)
+        self.assertIn("its clients have not read", self.assertRefused(A).message)
+        self.assertRefused(B)
+        fresh = "ipv4:127.0.0.1:3000"
+        self.unread.admit(fresh)
+        self.unread.take(self.unread.open(fresh), 11)  # under 100/8
+        self.unread.admit(fresh)
+        self.unread.take(self.unread.open("ipv4:127.0.0.1:3001"), 110)
+        self.assertEqual(self.unread.total, 301)
+        self.assertIn("its clients have not read", self.assertRefused("ipv4:127.0.0.1:3002").message)
 
     def test_close_releases_everything_once(self):
         hold = self.unread.open(A)
