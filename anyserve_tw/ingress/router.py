@@ -58,6 +58,10 @@ class Router(Service):
         self.heartbeat_timeout = heartbeat_timeout
         self.max_payload = max_payload
         self.connect_timeout = connect_timeout
+        #: A :class:`~anyserve_tw.wire.tlsconfig.MutualTls` to reach tls://
+        #: workers with (--tls-ca), and whether tcp:// ones are accepted.
+        self.worker_tls = None
+        self.insecure_workers = False
         #: :class:`~anyserve_tw.ingress.metrics.Metrics` and
         #: :class:`~anyserve_tw.ingress.accesslog.AccessLog`, when the
         #: service tree gives them.
@@ -125,7 +129,8 @@ class Router(Service):
             handle = WorkerHandle(
                 self.reactor, worker_id, address, self._worker_lost,
                 pool_size=self.pool_size, max_payload=self.max_payload,
-                connect_timeout=self.connect_timeout,
+                connect_timeout=self.connect_timeout, tls=self.worker_tls,
+                insecure_tcp=self.insecure_workers,
             )
             handle.shm_table = self.shm_table
             handle.requests = 0  # routed to it so far (see the class docstring)
