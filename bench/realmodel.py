@@ -311,6 +311,7 @@ def inprocess_child(args):
     model.eval()
 
     def run(batch, out):
+        torch.set_num_threads(args.threads)  # OpenMP's count belongs to the calling thread
         texts = [SENTENCE.decode()] * batch
         warm_until = time.perf_counter() + args.warmup
         while time.perf_counter() < warm_until:
