@@ -183,6 +183,25 @@ class BatcherTests(SynchronousTestCase):
         self.runs.finish()
         self.assertEqual(self.calls, [[0], [1, 2, 3]])
 
+    def test_after_a_batch_the_delay_counts_from_the_free_instance(self):
+        """A request that waited out its delay behind a running batch does
+        not leave alone the moment the batch ends: those answered come back
+        within the delay and join it (else batches alternate small, large)."""
+        batcher = self.batcher(max_queue_delay_ms=2, preferred_batch_sizes=[4])
+        self.submit(batcher, x=rows(0))
+        self.clock.advance(0.002)
+        self.submit(batcher, x=rows(1))
+        self.clock.advance(0.01)
+        self.runs.finish()  # the first batch ends; [1] has waited 10 ms
+        self.clock.advance(0.001)
+        self.assertEqual(self.runs.waiting, [])
+        for v in (2, 3):
+            self.submit(batcher, x=rows(v))
+        self.clock.advance(0.001)
+        self.assertEqual(len(self.runs.waiting), 1)
+        self.runs.finish()
+        self.assertEqual(self.calls, [[0], [1, 2, 3]])
+
     def test_a_bad_request_fails_alone(self):
         """Too many rows, or inputs that disagree on the batch dimension:
         INVALID_ARGUMENT for that request; its neighbours are served."""

@@ -9,7 +9,9 @@ it joins anything) and gathers them:
 
 - a batch runs once its rows reach ``max_batch_size`` or one of the
   ``preferred_batch_sizes`` (the largest reached), or ``max_queue_delay``
-  after its oldest request arrived, whichever comes first.  Once the oldest
+  after its oldest request arrived and after an instance last became free
+  (so that the requests whose answers a batch just sent can join the next
+  one), whichever comes first.  Once the oldest
   has waited its delay (say, for a running batch to end), the batch takes
   every row it can, up to ``max_batch_size``, not just a preferred size:
   the wait is paid already, and larger batches are what it was for;
@@ -196,6 +198,7 @@ class Batcher:
         self._soon = None  # IDelayedCall: look at the queue on the next turn
         self._due = None  # IDelayedCall: the oldest request's delay runs out
         self._due_at = None  # the clock time it is set for
+        self._freed_at = None  # clock time an instance last became free
 
     def submit(self, request):
         """A Deferred firing with the :class:`Served` answer to ``request``
@@ -237,11 +240,16 @@ class Batcher:
                 available += entry.rows
                 if available >= self.max_batch_size:
                     break
-        if available >= self.max_batch_size or self._waited(oldest):
+        waited = self._waited(oldest)
+        if available >= self.max_batch_size:
             target = self.max_batch_size
         else:
             target = next((size for size in self.preferred if size <= available), None)
-            if target is None:
+            if target is not None:
+                target = self.max_batch_size if waited else target
+            elif waited and self._settled():
+                target = self.max_batch_size
+            else:
                 return None
         taken, rows = [], 0
         for entry in self.queue:
@@ -257,10 +265,21 @@ class Batcher:
         a timer set for the delay may fire a rounding error early)."""
         return self.clock.seconds() >= entry.arrived + self.delay - 1e-6
 
+    def _settled(self):
+        """Whether the queue delay has passed since an instance last became
+        free: the requests whose answers it just sent come back within about
+        a round trip, and a batch that leaves at once without them is small,
+        followed by a large one, over and over (measured with MiniLM at 32 in
+        flight: batches of 4 and 28 in turn)."""
+        return self._freed_at is None or self.clock.seconds() >= self._freed_at + self.delay - 1e-6
+
     def _arm(self):
-        """Be called back when the oldest request's delay runs out, if an
-        instance is free to run it then (else the end of a batch calls)."""
-        due = self.queue[0].arrived + self.delay if self.queue and self.running < self.instances else None
+        """Be called back when the oldest request's delay runs out (or the
+        delay since an instance became free), if an instance is free to run
+        it then (else the end of a batch calls)."""
+        due = None
+        if self.queue and self.running < self.instances:
+            due = max(self.queue[0].arrived, self._freed_at or 0.0) + self.delay
         if self._due is not None:
             if self._due.active():
                 if due == self._due_at:
@@ -294,6 +313,7 @@ class Batcher:
     def _release(self, batch):
         batch.released = True
         self.running -= 1
+        self._freed_at = self.clock.seconds()
         self._reconsider()
 
     # -- running --------------------------------------------------------------------
