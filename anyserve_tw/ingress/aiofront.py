@@ -23,7 +23,9 @@ from twisted.internet.task import LoopingCall
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from anyserve_tw.ingress.backpressure import COUNTED_METHODS, UNREAD_TIMEOUT, UnreadBytes, keepalive_options
+from anyserve_tw.ingress.backpressure import (
+    COUNTED_METHODS, UNREAD_TIMEOUT, UnreadBytes, counted, keepalive_options,
+)
 from anyserve_tw.ingress.interfaces import GrpcFrontService, IGrpcFront
 from anyserve_tw.wire import defaults, rpc
 from anyserve_tw.wire.errors import InferenceError, as_inference_error
@@ -146,14 +148,7 @@ def _stream(method, default, timeouts, unread=None):
             except InferenceError as e:
                 await context.abort(e.code, e.message)
             hold = unread.open(peer, asyncio.current_task().cancel)
-
-            def send(response):
-                if response is not None:
-                    try:
-                        unread.take(hold, len(response))
-                    except InferenceError as e:
-                        response = e
-                sent.put_nowait(response)
+            send = counted(unread, hold, sent.put_nowait)
         else:
             send = sent.put_nowait
         stream = method(send, rpc.time_left(context, default))

@@ -94,6 +94,20 @@ def exhausted(message):
     return InferenceError(grpc.StatusCode.RESOURCE_EXHAUSTED, message)
 
 
+def counted(unread, hold, put):
+    """``put`` for a stream's responses, each counted against ``hold``; past
+    the cap the stream gets the RESOURCE_EXHAUSTED error in its place (and
+    is closed with it).  Both fronts' streams send through this."""
+    def send(response):
+        if response is not None:
+            try:
+                unread.take(hold, len(response))
+            except InferenceError as e:
+                response = e
+        put(response)
+    return send
+
+
 class Hold:
     """The unread bytes of one call.  ``cancel``: how the sweep ends the
     call (None: it can't, and keepalive is what ends it)."""

@@ -38,7 +38,9 @@ import grpc
 from twisted.internet.threads import deferToThreadPool
 from zope.interface import implementer
 
-from anyserve_tw.ingress.backpressure import COUNTED_METHODS, UNREAD_TIMEOUT, UnreadBytes, keepalive_options
+from anyserve_tw.ingress.backpressure import (
+    COUNTED_METHODS, UNREAD_TIMEOUT, UnreadBytes, counted, keepalive_options,
+)
 from anyserve_tw.ingress.interfaces import GrpcFrontService, IGrpcFront
 from anyserve_tw.wire import defaults, rpc
 from anyserve_tw.wire.errors import InferenceError
@@ -129,14 +131,7 @@ def _stream_via_reactor(bridge, method, default, unread=None):
         hold = None
         if unread is not None:
             hold = unread.open(_admit(unread, context), context.cancel)
-
-            def send(response):
-                if response is not None:
-                    try:
-                        unread.take(hold, len(response))
-                    except InferenceError as e:
-                        response = e
-                sent.put(response)
+            send = counted(unread, hold, sent.put)
         else:
             send = sent.put
         timeout = rpc.time_left(context, default)
