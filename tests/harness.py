@@ -82,6 +82,15 @@ def cmdline(pid):
         return f.read().replace(b"\0", b" ").decode()
 
 
+def rss_bytes(pid):
+    """Resident memory of process ``pid``, bytes."""
+    with open("/proc/%d/status" % pid) as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS for %d" % pid)
+
+
 def status_of(call):
     """Run ``call``; return (grpc status name, message) of the error it raised."""
     from tritonclient.utils import InferenceServerException

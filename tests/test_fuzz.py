@@ -26,7 +26,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from anyserve_tw.test.test_fuzz_frames import FuzzLoop, Mutator, shared_memory_region
 from anyserve_tw.wire import protos
-from tests.harness import ROOT, Ingress, infer_inputs
+from tests.harness import Ingress, ROOT, infer_inputs, rss_bytes
 
 _v2 = protos.inference
 _m = protos.management
@@ -64,14 +64,6 @@ MIN_SENT_AFTER_WARMUP = 4 * RSS_GROWTH_LIMIT
 #: Iterations before the RSS baseline is taken: gRPC's, the allocator's and
 #: protobuf's pools fill in the first hundreds of requests.
 WARMUP = 200
-
-
-def rss_bytes(pid):
-    with open("/proc/%d/status" % pid) as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    raise AssertionError("no VmRSS for %d" % pid)
 
 
 def report(loop, outcomes, **figures):

@@ -16,17 +16,9 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from anyserve_tw.ingress import management
 from anyserve_tw.wire import protos, rpc
-from tests.harness import KSERVE_SERVER, Ingress, infer_inputs, wait_for
+from tests.harness import Ingress, KSERVE_SERVER, infer_inputs, rss_bytes, wait_for
 
 _m = protos.management
-
-
-def rss_bytes(pid):
-    with open("/proc/%d/status" % pid) as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    raise AssertionError("no VmRSS for %d" % pid)
 
 
 class RogueRegistrationTests(SynchronousTestCase):

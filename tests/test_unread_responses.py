@@ -12,7 +12,7 @@ import time
 import numpy as np
 from tritonclient.utils import InferenceServerException
 
-from tests.harness import PROBE_SERVER, infer_inputs, wait_for
+from tests.harness import PROBE_SERVER, infer_inputs, rss_bytes, wait_for
 from tests.rawh2 import UnreadingClient
 from tests.test_end_to_end import IngressTestCase, on_the_thread_front
 from anyserve_tw.ingress.backpressure import MAX_UNREAD_PER_CLIENT, UNREAD_TIMEOUT
@@ -30,14 +30,6 @@ BURST = 20
 #: twice over (gRPC keeps a copy of each response besides ours), plus room
 #: for the allocator; far below the ~2 MB per call it cost unbounded.
 ALLOWED_GROWTH = 2 * MAX_UNREAD_PER_CLIENT + 80 * MiB
-
-
-def rss(pid):
-    with open("/proc/%d/status" % pid) as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    raise AssertionError("no VmRSS for %d" % pid)
 
 
 def big_request(size=MiB):
@@ -79,7 +71,7 @@ class UnreadResponsesTests(IngressTestCase):
         for _ in range(8):  # the allocator's steady state for 1 MiB answers
             self.assertEqual(len(self.big()), MiB)
         pid = self.ingress.process.pid
-        before = rss(pid)
+        before = rss_bytes(pid)
         attacker = UnreadingClient("127.0.0.1", self.ingress.port, answer_pings=True)
         self.addCleanup(attacker.close)
         # In bursts, as calls come over time: what a burst's answers cost
@@ -96,7 +88,7 @@ class UnreadResponsesTests(IngressTestCase):
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline and time.monotonic() - settled_since < 2.0:
             time.sleep(0.25)
-            now = rss(pid)
+            now = rss_bytes(pid)
             if now > peak + MiB:
                 settled_since = time.monotonic()
             peak = max(peak, now)
