@@ -110,25 +110,43 @@ class Ingress:
         ``env``: its environment instead of ours; ``http``: serve REST and
         ``/metrics`` on a free port (``http_port``), else no HTTP server
         (``--http-port 0``, so no test binds the default 8080)."""
-        self.port = free_port()
-        self.mgmt = free_port()
-        self.http_port = free_port() if http else None
+        self.http = http
         self.tmp = tempfile.mkdtemp(prefix="as-e2e-", dir="/tmp")
         self.socket_dir = os.path.join(self.tmp, "s")
         os.mkdir(self.socket_dir)
         self.log_path = os.path.join(self.tmp, "ingress.log")
-        twistd = [TWISTD] if python is None else [python, "-c", TWISTD_MAIN]
-        command = twistd + [
+        self.stderr_path = os.path.join(self.tmp, "ingress.stderr")
+        self._twistd = [TWISTD] if python is None else [python, "-c", TWISTD_MAIN]
+        self._options = ["--socket-dir", self.socket_dir, "--workers", str(copies)]
+        for script in workers:
+            self._options += ["--worker", script]
+        self._options += list(args)
+        self._env = env
+        self._client = None
+        self._start()
+
+    def _start(self):
+        """Start twistd on ports free a moment ago."""
+        self.port = free_port()
+        self.mgmt = free_port()
+        self.http_port = free_port() if self.http else None
+        command = self._twistd + [
             "-n", "--pidfile=", "--logfile=" + self.log_path, "anyserve",
             "--port", str(self.port), "--mgmt", str(self.mgmt), "--host", "127.0.0.1",
-            "--socket-dir", self.socket_dir, "--workers", str(copies),
             "--http-port", str(self.http_port or 0),
-        ]
-        for script in workers:
-            command += ["--worker", script]
-        command += list(args)
-        self.process = subprocess.Popen(command, cwd=self.tmp, env=env, stdin=subprocess.DEVNULL)
-        self._client = None
+        ] + self._options
+        with open(self.stderr_path, "ab") as stderr:
+            self.process = subprocess.Popen(command, cwd=self.tmp, env=self._env, stdin=subprocess.DEVNULL,
+                                            stderr=stderr)
+
+    def _lost_a_port(self):
+        """Whether the ingress exited because one of its ports was taken
+        between free_port() and its bind (another process's random port)."""
+        if self.process.poll() is None:
+            return False
+        with open(self.stderr_path, errors="replace") as f:
+            said = f.read() + self.log()
+        return "cannot listen on" in said or "Address already in use" in said
 
     @property
     def address(self):
@@ -178,9 +196,24 @@ class Ingress:
         return self._client
 
     def wait_ready(self, *models, timeout=30.0):
-        """Wait until the server is live and every ``(name, version)`` or name is ready."""
-        client = self.client()
-        wait_for(client.is_server_live, timeout, what="ingress live")
+        """Wait until the server is live and every ``(name, version)`` or name is ready.
+        An ingress that lost one of its ports to another process before it
+        could bind it is started again on others (twice at most)."""
+        for attempt in range(3):
+            client = self.client()
+            wait_for(lambda: self.process.poll() is not None or client.is_server_live(), timeout,
+                     what="ingress live")
+            if not self._lost_a_port() or attempt == 2:
+                break
+            self.close_client()
+            try:
+                os.unlink(self.token_path)
+            except FileNotFoundError:
+                pass
+            self._start()
+        if self.process.poll() is not None:
+            raise AssertionError("the ingress exited with code %s before it was live"
+                                 % self.process.returncode)
         for model in models:
             name, version = model if isinstance(model, tuple) else (model, "")
             wait_for(lambda: client.is_model_ready(name, version), timeout,
@@ -199,11 +232,14 @@ class Ingress:
             pids = [p for p in pids if os.path.basename(script) in cmdline(p)]
         return pids
 
-    def stop(self, timeout=30.0):
-        """SIGTERM the ingress; return its exit code (SIGKILL after ``timeout``)."""
+    def close_client(self):
         if self._client is not None:
             self._client.close()
             self._client = None
+
+    def stop(self, timeout=30.0):
+        """SIGTERM the ingress; return its exit code (SIGKILL after ``timeout``)."""
+        self.close_client()
         if self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)
             try:
