@@ -26,6 +26,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from anyserve_tw.ingress.statistics import InferenceStats
 from anyserve_tw.ingress.workerlink import WorkerConnection
 from anyserve_tw.wire import framing, payloads, protos, protowire
+from anyserve_tw.test.fuzzapp import fuzz_app
 from anyserve_tw.wire.errors import InferenceError
 
 _v2 = protos.inference
@@ -458,35 +459,6 @@ def shared_memory_region(testcase, size):
     return region
 
 
-def fuzz_app():
-    """Models of each kind a handler can be: plain (pool or inline), on the
-    loop, decoupled; with and without declared specs."""
-    from anyserve_tw.worker.app import AnyServe
-
-    app = AnyServe()
-
-    @app.model("add", inputs=[("a", "INT32", [-1]), ("b", "INT32", [-1])],
-               outputs=[("sum", "INT32", [-1])])
-    def add(request):
-        a, b = request["a"], request["b"]
-        if a.shape != b.shape:
-            raise InferenceError(grpc.StatusCode.INVALID_ARGUMENT, "a and b differ in shape")
-        return {"sum": a + b}
-
-    @app.model("echo")
-    def echo(request):
-        return {name: tensor.as_numpy() for name, tensor in request.inputs.items()}
-
-    @app.model("now", asynchronous=True)
-    def now(request):
-        return {"n": [len(request.inputs)]}
-
-    @app.model("count")
-    def count(request):
-        for i in range(3):
-            yield {"n": [i]}
-
-    return app
 
 
 MODELS = ("add", "echo", "now", "count")

@@ -1,44 +1,8 @@
-"""A worker for tests/test_fuzz.py: one model of each kind a handler can be,
-so that mutated requests reach every decode and answer path.
+"""A worker for tests/test_fuzz.py: the fuzz app of
+anyserve_tw/test/fuzzapp.py (one model of each kind a handler can be)."""
+from anyserve_tw.test.fuzzapp import fuzz_app
 
-- ``add``: declared INT32 ``a`` + ``b`` -> ``sum`` (validated specs, thread pool);
-- ``echo``: no specs, returns every input as it was decoded (any datatype);
-- ``now``: on the event loop, answers how many inputs it got;
-- ``count``: decoupled (a generator), three responses per request.
-"""
-from anyserve_tw import AnyServe
-
-import grpc
-
-from anyserve_tw.worker import InferenceError
-
-app = AnyServe()
-
-
-@app.model("add", inputs=[("a", "INT32", [-1]), ("b", "INT32", [-1])],
-           outputs=[("sum", "INT32", [-1])])
-def add(request):
-    a, b = request["a"], request["b"]
-    if a.shape != b.shape:
-        raise InferenceError(grpc.StatusCode.INVALID_ARGUMENT, "a and b must have the same shape")
-    return {"sum": a + b}
-
-
-@app.model("echo")
-def echo(request):
-    return {name: tensor.as_numpy() for name, tensor in request.inputs.items()}
-
-
-@app.model("now", asynchronous=True)
-def now(request):
-    return {"n": [len(request.inputs)]}
-
-
-@app.model("count")
-def count(request):
-    for i in range(3):
-        yield {"n": [i]}
-
+app = fuzz_app()
 
 if __name__ == "__main__":
     app.run()
