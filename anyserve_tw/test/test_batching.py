@@ -104,6 +104,15 @@ class BatcherTests(SynchronousTestCase):
         batcher.submit(request).addBoth(outcome.append)
         return outcome
 
+    def expect(self, batcher, count):
+        """Run and end a batch of ``count`` requests, so that ``count``
+        requests are expected back; forget its calls."""
+        for v in range(count):
+            self.submit(batcher, x=rows(100 + v))
+        self.clock.advance(0)
+        self.runs.finish()
+        del self.calls[:]
+
     def test_requests_arriving_together_make_one_call(self):
         """Submitted in one turn of the loop, with no queue delay: one call
         with every row, each request answered with its own rows."""
@@ -118,23 +127,48 @@ class BatcherTests(SynchronousTestCase):
         np.testing.assert_array_equal(output(outcomes[3][0], "y"), rows(8, 10))
         self.assertEqual([o[0].batch_size for o in outcomes], [4, 0, 0, 0])
 
-    def test_a_lone_request_waits_at_most_the_queue_delay(self):
+    def test_a_request_at_an_idle_model_runs_at_once(self):
+        """No queue delay for a model that expects nothing back: at one
+        request in flight it would be pure latency."""
         batcher = self.batcher(max_queue_delay_ms=5, preferred_batch_sizes=[4])
         first = self.submit(batcher, x=rows(1))
+        self.clock.advance(0)
+        self.runs.finish()
+        self.assertEqual(self.calls, [[1]])
+        self.assertEqual(first[0].queue, 0)
+
+    def test_after_a_batch_the_next_waits_for_as_many_requests_as_it_answered(self):
+        batcher = self.batcher(max_queue_delay_ms=5)
+        self.expect(batcher, 3)
+        for v in (1, 2):
+            self.submit(batcher, x=rows(v))
+        self.clock.advance(0.001)
+        self.assertEqual(self.runs.waiting, [])
+        self.submit(batcher, x=rows(3))
+        self.clock.advance(0)
+        self.runs.finish()
+        self.assertEqual(self.calls, [[1, 2, 3]])
+
+    def test_answers_expected_back_are_waited_for_at_most_the_queue_delay(self):
+        batcher = self.batcher(max_queue_delay_ms=5, preferred_batch_sizes=[4])
+        self.expect(batcher, 3)
         self.clock.advance(0.003)
-        second = self.submit(batcher, x=rows(2))
+        first = self.submit(batcher, x=rows(1))
         self.clock.advance(0.0019)
         self.assertEqual(self.runs.waiting, [])
         self.clock.advance(0.0001)
         self.runs.finish()
-        self.assertEqual(self.calls, [[1, 2]])
-        self.assertIsInstance(first[0], Served)
-        self.assertAlmostEqual(first[0].queue, 0.005)
-        self.assertAlmostEqual(second[0].queue, 0.002)
-        np.testing.assert_array_equal(output(second[0], "y"), rows(4))
+        self.assertEqual(self.calls, [[1]])
+        self.assertAlmostEqual(first[0].queue, 0.002)
+        # The wait is over: the next request, one of those expected, runs
+        # at once.
+        self.submit(batcher, x=rows(2))
+        self.clock.advance(0.005)
+        self.assertEqual(len(self.runs.waiting), 1)
 
     def test_a_preferred_size_runs_at_once(self):
         batcher = self.batcher(max_queue_delay_ms=1000, preferred_batch_sizes=[2, 4])
+        self.expect(batcher, 5)
         self.submit(batcher, x=rows(1))
         self.clock.advance(0)
         self.assertEqual(self.runs.waiting, [])
@@ -146,6 +180,7 @@ class BatcherTests(SynchronousTestCase):
 
     def test_the_largest_preferred_size_reached_is_taken(self):
         batcher = self.batcher(max_queue_delay_ms=1000, preferred_batch_sizes=[2, 4])
+        self.expect(batcher, 8)
         for v in range(5):
             self.submit(batcher, x=rows(v))
         self.clock.advance(0)
@@ -184,9 +219,9 @@ class BatcherTests(SynchronousTestCase):
         self.assertEqual(self.calls, [[0], [1, 2, 3]])
 
     def test_after_a_batch_the_delay_counts_from_the_free_instance(self):
-        """A request that waited out its delay behind a running batch does
-        not leave alone the moment the batch ends: those answered come back
-        within the delay and join it (else batches alternate small, large)."""
+        """A request that waited behind a running batch does not leave alone
+        the moment the batch ends: those answered come back within the delay
+        and join it (else batches alternate small, large)."""
         batcher = self.batcher(max_queue_delay_ms=2, preferred_batch_sizes=[4])
         self.submit(batcher, x=rows(0))
         self.clock.advance(0.002)
@@ -221,6 +256,7 @@ class BatcherTests(SynchronousTestCase):
 
     def test_a_request_cancelled_while_queued_is_dropped(self):
         batcher = self.batcher(max_queue_delay_ms=10)
+        self.expect(batcher, 3)
         kept = []
         request = self.batcher_model.decode(payload(x=rows(1)))
         given_up = batcher.submit(request)
@@ -236,6 +272,7 @@ class BatcherTests(SynchronousTestCase):
 
     def test_the_last_queued_request_cancelled_leaves_nothing_to_run(self):
         batcher = self.batcher(max_queue_delay_ms=10)
+        self.expect(batcher, 2)
         d = batcher.submit(self.batcher_model.decode(payload(x=rows(1))))
         d.addErrback(lambda f: None)
         self.clock.advance(0)

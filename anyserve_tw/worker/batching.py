@@ -8,13 +8,19 @@ speed unused.  A :class:`Batcher` per batching model (``max_batch_size`` >
 it joins anything) and gathers them:
 
 - a batch runs once its rows reach ``max_batch_size`` or one of the
-  ``preferred_batch_sizes`` (the largest reached), or ``max_queue_delay``
-  after its oldest request arrived and after an instance last became free
-  (so that the requests whose answers a batch just sent can join the next
-  one), whichever comes first.  Once the oldest
-  has waited its delay (say, for a running batch to end), the batch takes
-  every row it can, up to ``max_batch_size``, not just a preferred size:
-  the wait is paid already, and larger batches are what it was for;
+  ``preferred_batch_sizes`` (the largest reached), or as soon as no answer
+  the model sent is still expected back, whichever comes first.  A batch
+  that ends expects as many requests back as it answered: clients that keep
+  requests in flight send the next one within about a round trip, and a
+  batch that left without them would be small and followed by a large one,
+  over and over (measured with MiniLM at 32 in flight: batches of 4 and 28
+  in turn).  Each request that arrives meets one of those expectations;
+  ``max_queue_delay`` after an instance became free, the rest are dropped.
+  So a request reaching an idle model runs on the next turn of the loop,
+  with whatever arrived together with it, and is not held for a queue
+  delay as Triton's batcher holds it: at one request in flight that wait
+  is pure latency (2 ms on a 15 ms model), and under load batches form
+  anyway while an instance is busy;
 - at most ``instances`` batches of a model run at once (Triton's instance
   count, 1 by default): while one runs, the next gathers, so under load
   batches grow even with no queue delay at all;
@@ -199,6 +205,7 @@ class Batcher:
         self._due = None  # IDelayedCall: the oldest request's delay runs out
         self._due_at = None  # the clock time it is set for
         self._freed_at = None  # clock time an instance last became free
+        self._expected = 0  # answers sent whose senders have not come back
 
     def submit(self, request):
         """A Deferred firing with the :class:`Served` answer to ``request``
@@ -209,6 +216,8 @@ class Batcher:
         except InferenceError:
             return fail()
         entry = _Entry(request, rows, key, self.clock.seconds(), self.timer())
+        if self._expected:
+            self._expected -= 1
         entry.deferred = Deferred(lambda _: self._cancelled(entry))
         self.queue.append(entry)
         # On the next turn, not now: requests that arrive together (several
@@ -240,17 +249,18 @@ class Batcher:
                 available += entry.rows
                 if available >= self.max_batch_size:
                     break
-        waited = self._waited(oldest)
         if available >= self.max_batch_size:
+            target = self.max_batch_size
+        elif not self._expecting():
             target = self.max_batch_size
         else:
             target = next((size for size in self.preferred if size <= available), None)
-            if target is not None:
-                target = self.max_batch_size if waited else target
-            elif waited and self._settled():
-                target = self.max_batch_size
-            else:
+            if target is None:
                 return None
+            if self.clock.seconds() >= oldest.arrived + self.delay - 1e-6:
+                # The oldest has waited its delay already: the batch takes
+                # every row it can, not just a preferred size.
+                target = self.max_batch_size
         taken, rows = [], 0
         for entry in self.queue:
             if entry.key == key and rows + entry.rows <= target:
@@ -260,26 +270,22 @@ class Batcher:
                     break
         return taken
 
-    def _waited(self, entry):
-        """Whether ``entry`` has waited its queue delay (to the microsecond:
-        a timer set for the delay may fire a rounding error early)."""
-        return self.clock.seconds() >= entry.arrived + self.delay - 1e-6
-
-    def _settled(self):
-        """Whether the queue delay has passed since an instance last became
-        free: the requests whose answers it just sent come back within about
-        a round trip, and a batch that leaves at once without them is small,
-        followed by a large one, over and over (measured with MiniLM at 32 in
-        flight: batches of 4 and 28 in turn)."""
-        return self._freed_at is None or self.clock.seconds() >= self._freed_at + self.delay - 1e-6
+    def _expecting(self):
+        """Whether answers sent are still expected back: fewer requests
+        arrived since an instance became free than its batches answered, and
+        ``max_queue_delay`` has not passed since (a timer set for it may
+        fire a rounding error early: hence the microsecond)."""
+        if self._expected and self.clock.seconds() >= self._freed_at + self.delay - 1e-6:
+            self._expected = 0
+        return self._expected > 0
 
     def _arm(self):
-        """Be called back when the oldest request's delay runs out (or the
-        delay since an instance became free), if an instance is free to run
-        it then (else the end of a batch calls)."""
+        """Be called back when the wait for answers expected back ends, if
+        requests wait and an instance is free to run them then (else the end
+        of a batch calls)."""
         due = None
-        if self.queue and self.running < self.instances:
-            due = max(self.queue[0].arrived, self._freed_at or 0.0) + self.delay
+        if self.queue and self.running < self.instances and self._expected:
+            due = self._freed_at + self.delay
         if self._due is not None:
             if self._due.active():
                 if due == self._due_at:
@@ -313,6 +319,7 @@ class Batcher:
     def _release(self, batch):
         batch.released = True
         self.running -= 1
+        self._expected += sum(1 for e in batch.entries if not e.cancelled)
         self._freed_at = self.clock.seconds()
         self._reconsider()
 
