@@ -39,9 +39,10 @@ SMALL_ELEMENTS = 16
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the checkout
 
-# ``--fronts`` names: the ingress's ``--front`` for each; "default" passes none
+# ``--fronts`` names: the ingress's ``--front`` (and ``--loop``) for each; "default" passes none
 # (the ingress's own default, and the only choice before ``--front`` existed).
-FRONT_ARGS = {"aio": ["--front", "aio"], "threads": ["--front", "threads"], "default": []}
+FRONT_ARGS = {"aio": ["--front", "aio"], "threads": ["--front", "threads"], "default": [],
+              "aio-uvloop": ["--front", "aio", "--loop", "uvloop"]}
 
 
 # --------------------------------------------------------------------------
@@ -848,7 +849,8 @@ def parse_args(argv=None):
                         "`git worktree add` of the last landed revision, as server 'baseline'")
     p.add_argument("--fronts", default="aio,threads",
                    help="comma-separated ingress fronts to benchmark, each as its own "
-                        "server in the same rounds: aio (anyserve-aio), threads "
+                        "server in the same rounds: aio (anyserve-aio), aio-uvloop "
+                        "(anyserve-aio-uvloop: --loop uvloop), threads "
                         "(anyserve-threads), default (anyserve, no --front: for an "
                         "ingress without that option)")
     p.add_argument("--ingress-args", action="append", default=[], metavar="ARGS",

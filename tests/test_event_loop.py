@@ -1,11 +1,10 @@
-"""The ingress on uvloop (``ANYSERVE_LOOP=uvloop``): the reactor still hears
+"""The ingress on uvloop (``--loop uvloop``): the reactor still hears
 its children exit, so SIGTERM stops the ingress and its workers.
 
 uvloop's ``run_forever`` takes over ``signal.set_wakeup_fd`` from the
 reactor, which then missed a worker that exited a moment after its pipes
 closed; ``twistd`` waited for that worker for ever (see
 :func:`anyserve_tw.ingress.tap.keep_child_wakeups`)."""
-import os
 import signal
 import subprocess
 import sys
@@ -26,9 +25,11 @@ else:
 #: exits 0.3 s later (so only SIGCHLD tells the reactor), and prints the
 #: loop's class and whether the reactor saw the child end.
 LATE_EXIT = """\
+import sys
+
 from anyserve_tw.ingress.tap import install_reactor
 
-reactor = install_reactor()
+reactor = install_reactor(sys.argv[1])
 from twisted.internet.protocol import ProcessProtocol
 
 print(type(reactor._asyncioEventloop).__module__)
@@ -51,8 +52,7 @@ class UvloopTests(SynchronousTestCase):
     skip = NO_UVLOOP
 
     def late_exit(self, loop):
-        env = dict(os.environ, ANYSERVE_LOOP=loop)
-        out = subprocess.run([sys.executable, "-c", LATE_EXIT], env=env, capture_output=True, text=True,
+        out = subprocess.run([sys.executable, "-c", LATE_EXIT, loop], capture_output=True, text=True,
                              timeout=30)
         self.assertEqual(out.returncode, 0, out.stderr)
         return out.stdout.split()
@@ -61,13 +61,13 @@ class UvloopTests(SynchronousTestCase):
         self.assertEqual(self.late_exit("uvloop"), ["uvloop", "ended"])
 
     def test_asyncio_loop_unless_asked(self):
-        self.assertEqual(self.late_exit(""), ["asyncio.unix_events", "ended"])
+        self.assertEqual(self.late_exit("asyncio"), ["asyncio.unix_events", "ended"])
 
     def test_sigterm_stops_the_ingress_and_its_worker(self):
         """A few times over, since an ingress that misses the worker's exit
         does so only when it reads the worker's pipes closed first."""
         for _ in range(3):
-            ingress = Ingress([KSERVE_SERVER], env=dict(os.environ, ANYSERVE_LOOP="uvloop"))
+            ingress = Ingress([KSERVE_SERVER], args=["--loop", "uvloop"])
             self.addCleanup(ingress.cleanup)
             ingress.wait_ready("add")
             a = np.arange(3, dtype=np.int32)

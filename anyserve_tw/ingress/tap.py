@@ -6,6 +6,7 @@ reactor is installed yet when ``makeService`` runs, so it installs Twisted's
 asyncio reactor, on which the default front serves gRPC; ``--reactor=asyncio``
 gives it the same.  Any other ``--reactor`` gets the thread front.
 """
+import importlib.util
 import os
 import shutil
 import sys
@@ -15,6 +16,9 @@ from twisted.python import usage
 
 from anyserve_tw.ingress.interfaces import FRONTS
 from anyserve_tw.wire import defaults
+
+#: Event loops the asyncio reactor may run on (``--loop``).
+LOOPS = ("asyncio", "uvloop")
 
 
 class Options(usage.Options):
@@ -72,6 +76,8 @@ class Options(usage.Options):
          "a client that answers no ping within it is disconnected.", float],
         ["front", None, "aio", "How gRPC is served: aio (grpc.aio on the reactor's asyncio loop, one thread) "
          "or threads (a grpcio thread pool bridged into the reactor; always so under a non-asyncio --reactor)."],
+        ["loop", None, "asyncio", "The event loop under the asyncio reactor this plugin installs: asyncio "
+         "(the standard library's) or uvloop (needs the uvloop package)."],
     ]
 
     optFlags = [
@@ -114,6 +120,10 @@ class Options(usage.Options):
             self["worker-python"] = os.path.abspath(found)
         if self["front"] not in FRONTS:
             raise usage.UsageError("--front must be one of: %s" % ", ".join(FRONTS))
+        if self["loop"] not in LOOPS:
+            raise usage.UsageError("--loop must be one of: %s" % ", ".join(LOOPS))
+        if self["loop"] == "uvloop" and importlib.util.find_spec("uvloop") is None:
+            raise usage.UsageError("--loop uvloop: the uvloop package is not installed")
         if bool(self["tls-cert"]) != bool(self["tls-key"]):
             raise usage.UsageError("--tls-cert and --tls-key go together")
         if self["insecure-mgmt"] and self["mgmt-token-file"]:
@@ -154,23 +164,18 @@ class Options(usage.Options):
 log = Logger()
 
 
-#: Environment variable choosing the event loop under the asyncio reactor:
-#: "uvloop" for uvloop's, anything else (or unset) for asyncio's own.
-LOOP_ENV = "ANYSERVE_LOOP"
-
-
-def install_reactor():
+def install_reactor(loop_name="asyncio"):
     """The global reactor: asyncio's, installed here on a new event loop
-    unless a reactor was installed already (``twistd --reactor=...``, or
-    trial).  ``ANYSERVE_LOOP=uvloop`` puts uvloop's loop under it (about 10%
-    less ingress CPU per small request); see :func:`keep_child_wakeups`."""
+    (``loop_name``: asyncio's own or uvloop's) unless a reactor was
+    installed already (``twistd --reactor=...``, or trial).  On uvloop, see
+    :func:`keep_child_wakeups`."""
     import asyncio
 
     from twisted.internet import asyncioreactor
     from twisted.internet.error import ReactorAlreadyInstalledError
 
     if "twisted.internet.reactor" not in sys.modules:
-        on_uvloop = os.environ.get(LOOP_ENV) == "uvloop"
+        on_uvloop = loop_name == "uvloop"
         if on_uvloop:
             import uvloop
 
@@ -232,7 +237,7 @@ def choose_front(reactor, asked):
 
 
 def makeService(options):
-    reactor = install_reactor()
+    reactor = install_reactor(options["loop"])
     if options["mgmt-token"] is None:
         log.warn("--insecure-mgmt: any local process may register, withdraw and heartbeat workers")
     else:

@@ -113,6 +113,7 @@ class OptionsTests(SynchronousTestCase):
             {"host": "0.0.0.0", "pool-size": 2, "heartbeat-timeout": 6.0, "grace": 10.0,
              "threads": 64, "max-concurrent-rpcs": 1024, "request-timeout": 600.0,
              "front": "aio", "http-port": 8080, "http-host": None, "access-log": None})
+        self.assertEqual(options["loop"], "asyncio")
         self.parse("--worker", "x.py")
         self.assertEqual(self.parse()["worker"], [])
 
@@ -142,6 +143,7 @@ class OptionsTests(SynchronousTestCase):
             ["--grace", "-1"],
             ["--request-timeout", "0"],
             ["--front", "greenlets"],
+            ["--loop", "trio"],
             ["--http-port", "-1"],
             ["--http-port", "65536"],
             ["--forget-after", "-1"],
