@@ -34,13 +34,16 @@ import grpc
 from grpc_health.v1 import health as grpc_health
 from grpc_health.v1 import health_pb2
 from twisted.application.service import Service
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.task import LoopingCall
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 
+from anyserve_tw.wire.errors import InferenceError, brief
+
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+SERVICE_UNKNOWN = health_pb2.HealthCheckResponse.SERVICE_UNKNOWN
 
 #: The whole server: liveness.
 SERVER = grpc_health.OVERALL_HEALTH
@@ -179,6 +182,83 @@ class AioHealth:
     def _end_all(self):
         for watch in list(self._watches):
             watch.task.cancel()
+
+
+class ReactorHealth:
+    """The health service answered on the reactor, for the HTTP/2 front
+    (:mod:`anyserve_tw.ingress.h2front`): ``Check(request, timeout)`` and
+    ``Watch(send, timeout)``, a stream as the front opens them, with
+    grpcio-health-checking's answers (NOT_FOUND for Check, SERVICE_UNKNOWN
+    for Watch, of a name never set)."""
+
+    service_name = grpc_health.SERVICE_NAME
+    #: No grpc handler: the front serves it (:func:`~anyserve_tw.ingress.h2front.health_methods`).
+    handler = None
+
+    def __init__(self):
+        self.statuses = {}
+        self._watches = {}  # service -> {_Watch}
+
+    def set(self, service, status):
+        self.statuses[service] = status
+        for watch in list(self._watches.get(service, ())):
+            watch.tell(status)
+        return succeed(None)
+
+    def Check(self, request, timeout):
+        status = self.statuses.get(request.service)
+        if status is None:
+            raise InferenceError(grpc.StatusCode.NOT_FOUND, "unknown service %r" % brief(request.service))
+        return health_pb2.HealthCheckResponse(status=status)
+
+    def Watch(self, send, timeout):
+        return _Watch(self, send)
+
+    def shutdown(self, timeout=SHUTDOWN_TIMEOUT):
+        """Every status NOT_SERVING; each Watch, told so, ends."""
+        for service in list(self.statuses):
+            self.set(service, NOT_SERVING)
+        for watches in list(self._watches.values()):
+            for watch in list(watches):
+                watch.end()
+        return succeed(None)
+
+
+class _Watch:
+    """One Watch stream: its request names the service; every change is sent."""
+
+    def __init__(self, health, send):
+        self.health = health
+        self.send = send
+        self.service = None
+        self.last = None
+
+    def request(self, request):
+        if self.service is not None:
+            return
+        self.service = request.service
+        self.health._watches.setdefault(self.service, set()).add(self)
+        self.tell(self.health.statuses.get(self.service, SERVICE_UNKNOWN))
+
+    def tell(self, status):
+        if status != self.last:
+            self.last = status
+            self.send(health_pb2.HealthCheckResponse(status=status))
+
+    def half_close(self):
+        pass
+
+    def full(self, queued):
+        return False
+
+    def cancel(self):
+        watches = self.health._watches.get(self.service)
+        if watches is not None:
+            watches.discard(self)
+
+    def end(self):
+        self.cancel()
+        self.send(None)
 
 
 class _WatchEnded(Exception):

@@ -1,16 +1,18 @@
-"""The two ways the ingress serves gRPC, as one interface.
+"""The ways the ingress serves gRPC, as one interface.
 
 :mod:`anyserve_tw.ingress.aiofront` serves from the reactor's own asyncio loop
 (one thread; the default); :mod:`anyserve_tw.ingress.threadfront` from a
 grpcio thread pool bridged into the reactor (the design card's shape, and the
-only choice under a reactor that is not asyncio's).
+only choice under a reactor that is not asyncio's);
+:mod:`anyserve_tw.ingress.h2front` with our own HTTP/2 protocol on the
+reactor, without grpc's server (the inference port only).
 """
 from twisted.application.service import Service
 from twisted.logger import Logger
 from zope.interface import Attribute, Interface
 
 #: The fronts, by their ``--front`` name.
-FRONTS = ("aio", "threads")
+FRONTS = ("aio", "threads", "h2")
 
 
 class IGrpcFront(Interface):

@@ -71,9 +71,34 @@ def _front_factory(reactor, front):
             return GrpcServerService(reactor, label, host, port, [handler, *handlers], threads=threads,
                                      **settings)
         health = ThreadHealth(reactor)
+    elif front == "h2":
+        from anyserve_tw.ingress.aiofront import RequestTimeouts
+        from anyserve_tw.ingress.h2front import H2GrpcService, api_methods, health_methods
+        from anyserve_tw.ingress.health import ReactorHealth
+
+        health = ReactorHealth()
+
+        def build(label, host, port, api, threads, handlers=(), unread=None, credentials=None,
+                  interceptors=(), **settings):
+            if credentials is not None or interceptors:
+                raise ValueError("the HTTP/2 front serves neither TLS nor interceptors")
+            methods = api_methods(api)
+            methods.update(health_methods(health))
+            return H2GrpcService(reactor, label, host, port, methods, RequestTimeouts(reactor),
+                                 unread=unread, **settings)
     else:
         raise ValueError("unknown front %r (expected one of %s)" % (front, ", ".join(FRONTS)))
     return build, health
+
+
+def management_front(reactor, front):
+    """The front of the management port: the inference port's, but grpc's
+    own server under the HTTP/2 front, for the token interceptor and TLS."""
+    if front != "h2":
+        return front
+    from twisted.internet.asyncioreactor import AsyncioSelectorReactor
+
+    return "aio" if isinstance(reactor, AsyncioSelectorReactor) else "threads"
 
 
 def make_ingress_service(reactor, port=8000, host="0.0.0.0", mgmt_port=9000,
@@ -105,6 +130,8 @@ def make_ingress_service(reactor, port=8000, host="0.0.0.0", mgmt_port=9000,
     ``max_unread_per_client``, ``max_unread_total`` (bytes), ``unread_timeout``
     (seconds): see :class:`~anyserve_tw.ingress.backpressure.UnreadBytes`."""
     build, health = _front_factory(reactor, front)
+    mgmt_front = management_front(reactor, front)
+    build_management = build if mgmt_front == front else _front_factory(reactor, mgmt_front)[0]
     top = SequentialMultiService(stop_order=["health", "inference", "http", "workers", "management",
                                              "router", "access-log"])
     router = Router(reactor, pool_size=pool_size, heartbeat_timeout=heartbeat_timeout,
@@ -123,8 +150,8 @@ def make_ingress_service(reactor, port=8000, host="0.0.0.0", mgmt_port=9000,
 
     interceptors = []
     if mgmt_token is not None:
-        interceptors.append(INTERCEPTORS[front](TokenCheck(mgmt_token, reactor)))
-    management = build("management", mgmt_host, mgmt_port, ManagementAPI(router), threads=8,
+        interceptors.append(INTERCEPTORS[mgmt_front](TokenCheck(mgmt_token, reactor)))
+    management = build_management("management", mgmt_host, mgmt_port, ManagementAPI(router), threads=8,
                        max_message_size=defaults.MAX_MANAGEMENT_MESSAGE_SIZE, grace=1.0,
                        interceptors=interceptors,
                        credentials=None if worker_tls is None else worker_tls.grpc_server_credentials())

@@ -74,8 +74,9 @@ class Options(usage.Options):
         ["max-unread-total", None, 256, "MiB of unread responses of all clients together, likewise.", int],
         ["unread-timeout", None, 30.0, "Seconds a call's responses may go unread before it is cancelled; "
          "a client that answers no ping within it is disconnected.", float],
-        ["front", None, "aio", "How gRPC is served: aio (grpc.aio on the reactor's asyncio loop, one thread) "
-         "or threads (a grpcio thread pool bridged into the reactor; always so under a non-asyncio --reactor)."],
+        ["front", None, "aio", "How gRPC is served: aio (grpc.aio on the reactor's asyncio loop, one thread), "
+         "threads (a grpcio thread pool bridged into the reactor; always so under a non-asyncio --reactor) "
+         "or h2 (the inference port served by our own HTTP/2 protocol on the reactor; not with --tls-cert)."],
         ["loop", None, "asyncio", "The event loop under the asyncio reactor this plugin installs: asyncio "
          "(the standard library's) or uvloop (needs the uvloop package)."],
     ]
@@ -124,6 +125,8 @@ class Options(usage.Options):
             raise usage.UsageError("--loop must be one of: %s" % ", ".join(LOOPS))
         if self["loop"] == "uvloop" and importlib.util.find_spec("uvloop") is None:
             raise usage.UsageError("--loop uvloop: the uvloop package is not installed")
+        if self["front"] == "h2" and self["tls-cert"]:
+            raise usage.UsageError("--front h2 serves no TLS: use --front aio with --tls-cert")
         if bool(self["tls-cert"]) != bool(self["tls-key"]):
             raise usage.UsageError("--tls-cert and --tls-key go together")
         if self["insecure-mgmt"] and self["mgmt-token-file"]:

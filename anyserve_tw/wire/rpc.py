@@ -63,7 +63,8 @@ def method_names(service_name, api=None):
     return names
 
 
-def _methods(service_name):
+def service_methods(service_name):
+    """(name, request class, response class) of each RPC of ``service_name``."""
     service = protos.service_descriptor(service_name)
     for method in service.methods:
         yield (
@@ -116,7 +117,7 @@ def generic_handler(service_name, servicer, raw_methods=()):
     """
     handlers = {}
     streams = streaming_methods(service_name)
-    for name, request_class, response_class in _methods(service_name):
+    for name, request_class, response_class in service_methods(service_name):
         if not hasattr(servicer, name):
             continue
         make = (grpc.stream_stream_rpc_method_handler if name in streams
@@ -143,7 +144,7 @@ class Stub:
 
     def __init__(self, channel, service_name):
         streams = streaming_methods(service_name)
-        for name, request_class, response_class in _methods(service_name):
+        for name, request_class, response_class in service_methods(service_name):
             setattr(
                 self,
                 name,
