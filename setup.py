@@ -84,6 +84,8 @@ setup(
         "numpy>=1.24",
         "prometheus-client>=0.17",
         "grpcio-health-checking>=1.60",
+        "h2>=4.1",  # --front h2 (anyserve_tw/ingress/h2front.py)
+        "uvloop>=0.19",  # --loop uvloop
     ],
     extras_require={
         # tests/test_install.py builds this project without build isolation
