@@ -41,7 +41,7 @@ from h2.events import (
     StreamReset, WindowUpdated,
 )
 from h2.exceptions import ProtocolError, StreamClosedError
-from h2.settings import SettingCodes, Settings
+from h2.settings import SettingCodes
 from twisted.internet import endpoints
 from twisted.internet.defer import CancelledError, Deferred, DeferredList, succeed
 from twisted.internet.protocol import Factory, Protocol
@@ -56,6 +56,10 @@ from anyserve_tw.wire.errors import InferenceError, as_inference_error, invalid_
 #: Window we grant each stream and the connection: a 2 MiB request arrives
 #: without waiting for WINDOW_UPDATEs.
 RECEIVE_WINDOW = 16 * 1024 * 1024
+
+#: Largest DATA frame a client may send us: a large request comes in a few
+#: frames, not one event per 16 KiB.
+MAX_FRAME_SIZE = 4 * 1024 * 1024
 
 #: gRPC's ``grpc-timeout`` units, in seconds.
 _TIMEOUT_UNITS = {b"H": 3600.0, b"M": 60.0, b"S": 1.0, b"m": 1e-3, b"u": 1e-6, b"n": 1e-9}
@@ -145,7 +149,7 @@ class _Call:
     """One RPC on a connection."""
 
     __slots__ = ("protocol", "stream_id", "method", "timeout", "body", "size", "deferred", "timer",
-                 "stream", "answered", "headers_sent", "pending", "trailers", "messages")
+                 "stream", "answered", "headers_sent", "pending", "trailers", "unacknowledged", "feeding")
 
     def __init__(self, protocol, stream_id, method, timeout):
         self.protocol = protocol
@@ -161,7 +165,8 @@ class _Call:
         self.headers_sent = False
         self.pending = []  # data waiting for the flow-control window or the transport
         self.trailers = None  # sent once pending is
-        self.messages = 0
+        self.unacknowledged = 0  # a stream's padding bytes not acknowledged yet
+        self.feeding = False
 
     # The sweep's side (RequestTimeouts): like an asyncio future.
     def done(self):
@@ -194,13 +199,14 @@ class GrpcH2Protocol(Protocol):
             pass
         self.transport.registerProducer(self, True)
         self.conn = H2Connection(config=front.h2_config)
-        # In the preface's SETTINGS, so they hold from the first request.
-        self.conn.local_settings = Settings(client=False, initial_values={
+        self.conn.initiate_connection()
+        # A second SETTINGS frame: h2 applies each once the client acknowledges it.
+        self.conn.update_settings({
             SettingCodes.INITIAL_WINDOW_SIZE: RECEIVE_WINDOW,
             SettingCodes.MAX_CONCURRENT_STREAMS: 2 ** 31 - 1,
             SettingCodes.MAX_HEADER_LIST_SIZE: 16384,
+            SettingCodes.MAX_FRAME_SIZE: MAX_FRAME_SIZE,
         })
-        self.conn.initiate_connection()
         self.conn.increment_flow_control_window(RECEIVE_WINDOW - 65535)
         front.connections.add(self)
         if front.unread is not None:
@@ -313,22 +319,29 @@ class GrpcH2Protocol(Protocol):
 
     def _data(self, event):
         stream_id = event.stream_id
-        if event.flow_controlled_length:
-            try:
-                self.conn.acknowledge_received_data(event.flow_controlled_length, stream_id)
-            except StreamClosedError:
-                pass
         call = self.calls.get(stream_id)
+        if call is None or call.answered or call.stream is None:
+            # A stream's data is acknowledged once its stream takes it:
+            # flow control holds back a client that sends faster.
+            self._acknowledge(event.flow_controlled_length, stream_id)
         if call is None or call.answered:
             return
         call.body.append(event.data)
         call.size += len(event.data)
         if call.stream is not None:
+            call.unacknowledged += event.flow_controlled_length - len(event.data)  # padding
             self._stream_messages(call)
         elif call.size > self.front.max_message_size + _PREFIX.size:
             self.fail(call, InferenceError(
                 grpc.StatusCode.RESOURCE_EXHAUSTED, "Received message larger than max (%d vs. %d)"
                 % (call.size - _PREFIX.size, self.front.max_message_size)))
+
+    def _acknowledge(self, size, stream_id):
+        if size:
+            try:
+                self.conn.acknowledge_received_data(size, stream_id)
+            except StreamClosedError:
+                pass
 
     def _ended(self, stream_id):
         call = self.calls.get(stream_id)
@@ -399,11 +412,22 @@ class GrpcH2Protocol(Protocol):
             self.fail(call, e)
 
     def _stream_messages(self, call):
-        """Hand every complete message the stream's body holds to its stream."""
+        """Hand the complete messages the stream's body holds to its stream,
+        while it has room (:meth:`InferStream.full`), acknowledging their
+        bytes; the rest waits for its answers."""
+        if call.feeding:
+            return None  # called back from a request it handed over: that loop goes on
+        call.feeding = True
+        try:
+            return self._feed(call)
+        finally:
+            call.feeding = False
+
+    def _feed(self, call):
         body = b"".join(call.body)
         offset = 0
         limit = self.front.max_message_size
-        while len(body) - offset >= _PREFIX.size:
+        while len(body) - offset >= _PREFIX.size and not call.stream.full(len(call.pending)):
             flag, length = _PREFIX.unpack_from(body, offset)
             if flag:
                 return self.fail(call, InferenceError(grpc.StatusCode.UNIMPLEMENTED,
@@ -417,6 +441,8 @@ class GrpcH2Protocol(Protocol):
                 break
             message = body[offset + _PREFIX.size:end]
             offset = end
+            self._acknowledge(_PREFIX.size + length + call.unacknowledged, call.stream_id)
+            call.unacknowledged = 0
             try:
                 call.stream.request(message if call.method.parse is None else call.method.parse(message))
             except InferenceError as e:
@@ -513,12 +539,14 @@ class GrpcH2Protocol(Protocol):
                 else:
                     pending[0] = chunk[window:]
                     chunk = chunk[:window]
-                conn.send_data(stream_id, chunk.tobytes() if isinstance(chunk, memoryview) else chunk)
+                conn.send_data(stream_id, chunk)
                 self._delivered(len(chunk))
                 if len(chunk) >= 16384:
                     self._flush()  # to the transport, which may pause us
             if pending or self.paused:
                 return
+            if call.stream is not None and call.size and not call.answered:
+                self._stream_messages(call)  # its answers are out: room for more requests
             if call.trailers is not None:
                 conn.send_headers(stream_id, call.trailers, end_stream=True)
                 call.trailers = None
