@@ -1,0 +1,593 @@
+"""Tests for anyserve_tw.ingress.h2front: gRPC calls driven through
+:class:`GrpcH2Protocol` by an ``h2`` client connection over an in-memory
+transport, with a fake clock (no sockets, no processes)."""
+import struct
+
+import grpc
+from h2.config import H2Configuration
+from h2.connection import H2Connection
+from h2.events import DataReceived, ResponseReceived, StreamEnded, StreamReset, TrailersReceived
+from twisted.internet.defer import Deferred
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
+from twisted.trial.unittest import SynchronousTestCase
+
+from anyserve_tw.ingress.aiofront import RequestTimeouts
+from anyserve_tw.ingress.backpressure import UnreadBytes
+from anyserve_tw.ingress.h2front import (
+    GrpcH2Protocol, H2GrpcService, Method, api_methods, grpc_message, parse_timeout,
+)
+from anyserve_tw.wire import protos
+from anyserve_tw.wire.errors import InferenceError
+
+SERVICE = "/test.Fake/"
+
+
+def message(payload, compressed=False):
+    """``payload`` as one gRPC length-prefixed message."""
+    return struct.pack(">BI", 1 if compressed else 0, len(payload)) + payload
+
+
+class FakeAPI:
+    """Raw-bytes methods answering at once, later (a Deferred the test
+    fires), or with an InferenceError; it records what it was asked."""
+
+    def __init__(self):
+        self.requests = []
+        self.pending = []  # Deferreds handed out by Later
+        self.cancelled = 0
+        self.streams = []
+
+    def Echo(self, request, timeout):
+        self.requests.append((request, timeout))
+        return b"echo:" + request
+
+    def Later(self, request, timeout):
+        self.requests.append((request, timeout))
+        d = Deferred(lambda _: setattr(self, "cancelled", self.cancelled + 1))
+        self.pending.append(d)
+        return d
+
+    def Missing(self, request, timeout):
+        raise InferenceError(grpc.StatusCode.NOT_FOUND, "no model %r" % request.decode())
+
+    def Big(self, request, timeout):
+        return b"x" * int(request)
+
+    def Chat(self, send, timeout):
+        stream = FakeStream(send)
+        self.streams.append(stream)
+        return stream
+
+    def methods(self):
+        unary = {name: Method(name, getattr(self, name), None, None, False, 30.0, counted=True)
+                 for name in ("Echo", "Later", "Missing", "Big")}
+        unary["Chat"] = Method("Chat", self.Chat, None, None, True, 30.0, counted=True)
+        return {SERVICE + name: method for name, method in unary.items()}
+
+
+class FakeStream:
+    """A stream as the front opens one: records requests, answers none itself."""
+
+    def __init__(self, send):
+        self.send = send
+        self.requests = []
+        self.half_closed = False
+        self.cancelled = False
+        self.is_full = False
+
+    def request(self, request):
+        self.requests.append(request)
+
+    def half_close(self):
+        self.half_closed = True
+
+    def full(self, queued):
+        return self.is_full
+
+    def cancel(self):
+        self.cancelled = True
+
+
+class Response:
+    """What the client saw on one stream."""
+
+    def __init__(self):
+        self.headers = None
+        self.data = b""
+        self.trailers = None
+        self.ended = False
+        self.reset = None
+        self.data_after_trailers = False
+
+    @property
+    def status(self):
+        return None if self.trailers is None else int(self.trailers[b"grpc-status"])
+
+    @property
+    def details(self):
+        return None if self.trailers is None else self.trailers.get(b"grpc-message", b"").decode()
+
+    def messages(self):
+        out, data = [], self.data
+        while data:
+            flag, length = struct.unpack_from(">BI", data)
+            out.append(data[5:5 + length])
+            data = data[5 + length:]
+        return out
+
+
+class H2TestCase(SynchronousTestCase):
+    max_message_size = 1000
+    max_concurrent_rpcs = None
+    window = None  # the client's initial stream window (None: h2's 65,535)
+
+    def setUp(self):
+        self.clock = Clock()
+        self.api = FakeAPI()
+        self.timeouts = RequestTimeouts(self.clock)
+        self.timeouts.start()
+        self.addCleanup(self.timeouts.stop)
+        self.unread = UnreadBytes(self.clock)
+        self.front = H2GrpcService(self.clock, "inference", "127.0.0.1", 0, self.api.methods(),
+                                   self.timeouts, max_message_size=self.max_message_size,
+                                   max_concurrent_rpcs=self.max_concurrent_rpcs, unread=self.unread)
+        self.transport = StringTransport()
+        self.protocol = GrpcH2Protocol(self.front)
+        self.protocol.makeConnection(self.transport)
+        self.client = H2Connection(H2Configuration(client_side=True, header_encoding=None))
+        self.client.initiate_connection()
+        self.responses = {}
+        self.pump()
+
+    def pump(self):
+        """Carry bytes both ways until neither side has more to say."""
+        for _ in range(1000):
+            out = self.client.data_to_send()
+            if out:
+                self.protocol.dataReceived(out)
+            back = self.transport.value()
+            self.transport.clear()
+            if back:
+                for event in self.client.receive_data(back):
+                    self.event(event)
+            if not out and not back:
+                return
+        self.fail("the connection never went quiet")
+
+    def event(self, event):
+        response = self.responses.get(getattr(event, "stream_id", None))
+        if response is None:
+            return
+        if isinstance(event, ResponseReceived):
+            response.headers = dict(event.headers)
+        elif isinstance(event, DataReceived):
+            if response.trailers is not None:
+                response.data_after_trailers = True
+            response.data += event.data
+        elif isinstance(event, TrailersReceived):
+            response.trailers = dict(event.headers)
+        elif isinstance(event, StreamEnded):
+            response.ended = True
+            if response.trailers is None and response.headers is not None:
+                # A trailers-only answer: the status is in the headers.
+                response.trailers = response.headers
+        elif isinstance(event, StreamReset):
+            response.reset = event.error_code
+
+    def open(self, name, headers=(), path=None):
+        """Open a call to ``name``; the headers are sent, no data yet."""
+        stream_id = self.client.get_next_available_stream_id()
+        self.responses[stream_id] = Response()
+        self.client.send_headers(stream_id, [
+            (b":method", b"POST"), (b":scheme", b"http"), (b":path", path or (SERVICE + name).encode()),
+            (b":authority", b"test"), (b"content-type", b"application/grpc"), (b"te", b"trailers"),
+        ] + list(headers))
+        return stream_id
+
+    def call(self, name, payload=b"", headers=(), path=None, compressed=False):
+        """A unary call, sent whole; its stream id."""
+        stream_id = self.open(name, headers, path)
+        self.client.send_data(stream_id, message(payload, compressed), end_stream=True)
+        self.pump()
+        return stream_id
+
+
+class UnaryTests(H2TestCase):
+    def test_answer_and_ok_trailers(self):
+        sid = self.call("Echo", b"hi")
+        response = self.responses[sid]
+        self.assertEqual(response.headers[b":status"], b"200")
+        self.assertEqual(response.headers[b"content-type"], b"application/grpc")
+        self.assertEqual(response.messages(), [b"echo:hi"])
+        self.assertEqual(response.status, 0)
+        self.assertTrue(response.ended)
+        self.assertEqual(self.api.requests, [(b"hi", 30.0)])
+        self.assertEqual(self.front.active, 0)
+
+    def test_deferred_answer(self):
+        """An answer that comes later is sent when its Deferred fires."""
+        sid = self.call("Later", b"q")
+        response = self.responses[sid]
+        self.assertIsNone(response.trailers)
+        self.assertEqual(response.data, b"")
+        self.assertEqual(self.front.active, 1)
+        self.api.pending[0].callback(b"done")
+        self.pump()
+        self.assertEqual(response.messages(), [b"done"])
+        self.assertEqual(response.status, 0)
+        self.assertEqual(self.front.active, 0)
+
+    def test_deferred_failure(self):
+        sid = self.call("Later", b"q")
+        self.api.pending[0].errback(InferenceError(grpc.StatusCode.UNAVAILABLE, "gone away"))
+        self.pump()
+        self.assertEqual(self.responses[sid].status, grpc.StatusCode.UNAVAILABLE.value[0])
+        self.assertEqual(self.responses[sid].details, "gone away")
+
+    def test_inference_error(self):
+        sid = self.call("Missing", b"m1")
+        response = self.responses[sid]
+        self.assertEqual(response.status, grpc.StatusCode.NOT_FOUND.value[0])
+        self.assertEqual(response.details, "no model 'm1'")
+        self.assertEqual(response.data, b"")
+
+    def test_unknown_path(self):
+        sid = self.call("Nope", b"")
+        self.assertEqual(self.responses[sid].status, grpc.StatusCode.UNIMPLEMENTED.value[0])
+        self.assertIn("/test.Fake/Nope", self.responses[sid].details)
+        self.assertEqual(self.api.requests, [])
+
+    def test_not_grpc(self):
+        """A request that is not gRPC gets HTTP 415."""
+        sid = self.client.get_next_available_stream_id()
+        self.responses[sid] = Response()
+        self.client.send_headers(sid, [(b":method", b"POST"), (b":scheme", b"http"),
+                                       (b":path", b"/test.Fake/Echo"), (b":authority", b"t"),
+                                       (b"content-type", b"text/plain")], end_stream=True)
+        self.pump()
+        self.assertEqual(self.responses[sid].headers[b":status"], b"415")
+        self.assertEqual(self.api.requests, [])
+
+    def test_two_calls_on_one_connection(self):
+        first = self.call("Later", b"1")
+        second = self.call("Echo", b"2")
+        self.assertEqual(self.responses[second].messages(), [b"echo:2"])
+        self.assertIsNone(self.responses[first].trailers)
+        self.api.pending[0].callback(b"one")
+        self.pump()
+        self.assertEqual(self.responses[first].messages(), [b"one"])
+
+    def test_request_in_many_frames(self):
+        payload = bytes(range(256)) * 3
+        sid = self.open("Echo")
+        data = message(payload)
+        for i in range(0, len(data), 100):
+            self.client.send_data(sid, data[i:i + 100], end_stream=i + 100 >= len(data))
+            self.pump()
+        self.assertEqual(self.responses[sid].messages(), [b"echo:" + payload])
+
+    def test_two_messages_on_a_unary_call(self):
+        sid = self.open("Echo")
+        self.client.send_data(sid, message(b"a") + message(b"b"), end_stream=True)
+        self.pump()
+        self.assertEqual(self.responses[sid].status, grpc.StatusCode.UNIMPLEMENTED.value[0])
+        self.assertEqual(self.api.requests, [])
+
+    def test_no_message(self):
+        sid = self.open("Echo")
+        self.client.send_data(sid, b"\x00\x00", end_stream=True)
+        self.pump()
+        self.assertEqual(self.responses[sid].status, grpc.StatusCode.INTERNAL.value[0])
+        self.assertEqual(self.api.requests, [])
+
+
+class DeadlineTests(H2TestCase):
+    def test_grpc_timeout(self):
+        """The client's deadline: DEADLINE_EXCEEDED on time, and the Deferred
+        the API returned is cancelled (which tells the worker)."""
+        sid = self.call("Later", b"q", headers=[(b"grpc-timeout", b"250m")])
+        self.assertEqual(self.api.requests, [(b"q", 0.25)])
+        self.clock.advance(0.2)
+        self.pump()
+        self.assertIsNone(self.responses[sid].trailers)
+        self.assertEqual(self.api.cancelled, 0)
+        self.clock.advance(0.1)
+        self.pump()
+        self.assertEqual(self.responses[sid].status, grpc.StatusCode.DEADLINE_EXCEEDED.value[0])
+        self.assertEqual(self.api.cancelled, 1)
+        self.assertEqual(self.front.active, 0)
+        self.assertEqual(self.clock.getDelayedCalls(), [c for c in self.clock.getDelayedCalls()
+                                                         if c.func != self.protocol.fail])
+
+    def test_answer_in_time_cancels_the_timer(self):
+        sid = self.call("Later", b"q", headers=[(b"grpc-timeout", b"1S")])
+        self.api.pending[0].callback(b"ok")
+        self.pump()
+        self.assertEqual(self.responses[sid].status, 0)
+        self.assertEqual([c for c in self.clock.getDelayedCalls() if c.active() and c.func == self.protocol.fail],
+                         [])
+        self.clock.advance(2)
+        self.pump()
+        self.assertEqual(self.api.cancelled, 0)
+        self.assertEqual(self.responses[sid].messages(), [b"ok"])
+
+    def test_no_grpc_timeout_is_bounded_by_the_default(self):
+        """Without a client deadline the method's default (30 s here) holds,
+        through the shared sweep."""
+        sid = self.call("Later", b"q")
+        self.assertEqual(self.api.requests, [(b"q", 30.0)])
+        self.clock.advance(29)
+        self.pump()
+        self.assertIsNone(self.responses[sid].trailers)
+        self.clock.advance(2)
+        self.pump()
+        self.assertEqual(self.responses[sid].status, grpc.StatusCode.DEADLINE_EXCEEDED.value[0])
+        self.assertEqual(self.api.cancelled, 1)
+        self.assertEqual(len(self.timeouts), 0)
+
+    def test_malformed_grpc_timeout(self):
+        sid = self.call("Echo", b"q", headers=[(b"grpc-timeout", b"soon")])
+        self.assertEqual(self.responses[sid].status, grpc.StatusCode.INVALID_ARGUMENT.value[0])
+        self.assertEqual(self.api.requests, [])
+        self.assertEqual(self.front.active, 0)
+
+
+class CancelTests(H2TestCase):
+    def test_client_reset_cancels(self):
+        sid = self.call("Later", b"q")
+        self.assertEqual(self.front.active, 1)
+        self.client.reset_stream(sid)
+        self.pump()
+        self.assertEqual(self.api.cancelled, 1)
+        self.assertEqual(self.front.active, 0)
+        self.assertEqual(self.protocol.calls, {})
+        self.assertEqual(len(self.timeouts), 0)
+
+    def test_reset_before_the_request_ends(self):
+        sid = self.open("Echo")
+        self.client.send_data(sid, message(b"abc")[:4])
+        self.pump()
+        self.client.reset_stream(sid)
+        self.pump()
+        self.assertEqual(self.api.requests, [])
+        self.assertEqual(self.front.active, 0)
+
+    def test_connection_lost_cancels(self):
+        self.call("Later", b"1")
+        self.call("Later", b"2", headers=[(b"grpc-timeout", b"5S")])
+        self.protocol.connectionLost(None)
+        self.assertEqual(self.api.cancelled, 2)
+        self.assertEqual(self.front.active, 0)
+        self.assertNotIn(self.protocol, self.front.connections)
+        self.assertEqual([c for c in self.clock.getDelayedCalls() if c.func == self.protocol.fail], [])
+
+
+class LimitTests(H2TestCase):
+    max_concurrent_rpcs = 2
+
+    def test_message_over_max_size(self):
+        sid = self.call("Echo", b"x" * 1001)
+        self.assertEqual(self.responses[sid].status, grpc.StatusCode.RESOURCE_EXHAUSTED.value[0])
+        self.assertIn("1001 vs. 1000", self.responses[sid].details)
+        self.assertEqual(self.api.requests, [])
+        sid = self.call("Later", b"x" * 1000)  # at the cap: taken
+        self.assertEqual(self.api.requests, [(b"x" * 1000, 30.0)])
+
+    def test_oversize_message_refused_before_it_ends(self):
+        """The cap is enforced as the bytes arrive, not once all are in."""
+        sid = self.open("Echo")
+        self.client.send_data(sid, message(b"x" * 3000)[:2000])
+        self.pump()
+        self.assertEqual(self.responses[sid].status, grpc.StatusCode.RESOURCE_EXHAUSTED.value[0])
+        self.assertEqual(self.front.active, 0)
+
+    def test_response_over_max_size(self):
+        sid = self.call("Big", b"1001")
+        self.assertEqual(self.responses[sid].status, grpc.StatusCode.RESOURCE_EXHAUSTED.value[0])
+        self.assertEqual(self.responses[sid].data, b"")
+
+    def test_compressed_message(self):
+        sid = self.call("Echo", b"zz", compressed=True)
+        self.assertEqual(self.responses[sid].status, grpc.StatusCode.UNIMPLEMENTED.value[0])
+        self.assertEqual(self.api.requests, [])
+
+    def test_max_concurrent_rpcs(self):
+        self.call("Later", b"1")
+        self.call("Later", b"2")
+        third = self.call("Echo", b"3")
+        self.assertEqual(self.responses[third].status, grpc.StatusCode.RESOURCE_EXHAUSTED.value[0])
+        self.assertEqual(len(self.api.requests), 2)
+        self.api.pending[0].callback(b"one")
+        self.pump()
+        fourth = self.call("Echo", b"4")
+        self.assertEqual(self.responses[fourth].status, 0)
+
+    def test_draining(self):
+        self.front.draining = True
+        sid = self.call("Echo", b"q")
+        self.assertEqual(self.responses[sid].status, grpc.StatusCode.UNAVAILABLE.value[0])
+        self.assertEqual(self.api.requests, [])
+
+
+class FlowControlTests(H2TestCase):
+    max_message_size = 1 << 20
+
+    def test_answer_larger_than_the_window(self):
+        """A 200,000-byte answer: 65,535 bytes (the client's initial window)
+        go at once; the rest as the client grants more; trailers after it all."""
+        size = 200000
+        sid = self.call("Big", str(size).encode())
+        response = self.responses[sid]
+        self.assertEqual(len(response.data), 65535)
+        self.assertIsNone(response.trailers)
+        self.assertEqual(self.protocol.unread, size + 5 - 65535)
+        for _ in range(2):
+            self.client.increment_flow_control_window(65535)
+            self.client.increment_flow_control_window(65535, stream_id=sid)
+            self.pump()
+            self.assertIsNone(response.trailers)
+        self.assertEqual(len(response.data), 3 * 65535)
+        self.client.increment_flow_control_window(65535)
+        self.client.increment_flow_control_window(65535, stream_id=sid)
+        self.pump()
+        self.assertEqual(response.messages(), [b"x" * size])
+        self.assertEqual(response.status, 0)
+        self.assertFalse(response.data_after_trailers)
+        self.assertEqual(self.protocol.unread, 0)
+        self.assertEqual(self.unread.total, 0)
+
+    def test_pause_holds_data_until_resume(self):
+        self.protocol.pauseProducing()
+        sid = self.call("Big", b"50000")
+        response = self.responses[sid]
+        self.assertEqual(response.data, b"")
+        self.assertIsNone(response.trailers)
+        self.protocol.resumeProducing()
+        self.pump()
+        self.assertEqual(response.messages(), [b"x" * 50000])
+        self.assertEqual(response.status, 0)
+
+    def test_pause_during_an_answer(self):
+        """The transport pauses us while we write: the rest waits for resume."""
+        transport = self.transport
+        protocol = self.protocol
+
+        class Pausing:
+            def __init__(self):
+                self.writes = 0
+
+            def __call__(self, data):
+                StringTransport.write(transport, data)
+                self.writes += 1
+                if self.writes == 1 and len(data) >= 16384:
+                    protocol.pauseProducing()
+        pausing = Pausing()
+        transport.write = pausing
+        sid = self.call("Big", b"60000")
+        response = self.responses[sid]
+        self.assertGreater(len(response.data), 0)
+        self.assertLess(len(response.data), 60005)
+        self.assertIsNone(response.trailers)
+        protocol.resumeProducing()
+        self.pump()
+        self.assertEqual(response.messages(), [b"x" * 60000])
+        self.assertEqual(response.status, 0)
+
+    def test_reset_while_waiting_for_the_window(self):
+        """Unsent bytes of a call the client resets are released."""
+        sid = self.call("Big", b"200000")
+        self.assertGreater(self.unread.total, 0)
+        self.client.reset_stream(sid)
+        self.pump()
+        self.assertEqual(self.protocol.unread, 0)
+        self.assertEqual(self.unread.total, 0)
+        self.assertEqual(self.protocol.calls, {})
+
+
+class StreamTests(H2TestCase):
+    def test_messages_in_and_out(self):
+        sid = self.open("Chat")
+        self.client.send_data(sid, message(b"a") + message(b"bc")[:3])
+        self.pump()
+        stream = self.api.streams[0]
+        self.assertEqual(stream.requests, [b"a"])
+        self.client.send_data(sid, message(b"bc")[3:], end_stream=True)
+        self.pump()
+        self.assertEqual(stream.requests, [b"a", b"bc"])
+        self.assertTrue(stream.half_closed)
+        stream.send(b"r1")
+        stream.send(b"r2")
+        self.pump()
+        self.assertEqual(self.responses[sid].messages(), [b"r1", b"r2"])
+        self.assertIsNone(self.responses[sid].trailers)
+        stream.send(None)
+        self.pump()
+        self.assertEqual(self.responses[sid].status, 0)
+        self.assertEqual(self.front.active, 0)
+
+    def test_error_ends_the_stream(self):
+        sid = self.open("Chat")
+        self.pump()
+        self.api.streams[0].send(InferenceError(grpc.StatusCode.INTERNAL, "broke"))
+        self.pump()
+        self.assertEqual(self.responses[sid].status, grpc.StatusCode.INTERNAL.value[0])
+        self.assertTrue(self.api.streams[0].cancelled)
+
+    def test_reset_cancels_the_stream(self):
+        sid = self.open("Chat")
+        self.pump()
+        self.client.reset_stream(sid)
+        self.pump()
+        self.assertTrue(self.api.streams[0].cancelled)
+        self.assertEqual(self.front.active, 0)
+
+    def test_full_stream_reads_no_more(self):
+        """While its stream is full the front hands it no more requests (and
+        holds the client back); once it has room the rest follow."""
+        sid = self.open("Chat")
+        self.pump()
+        stream = self.api.streams[0]
+        stream.is_full = True
+        self.client.send_data(sid, message(b"1") + message(b"2"))
+        self.pump()
+        self.assertEqual(stream.requests, [])
+        stream.is_full = False
+        stream.send(b"answer")  # an answer: room again
+        self.pump()
+        self.assertEqual(stream.requests, [b"1", b"2"])
+
+
+class HeaderValueTests(SynchronousTestCase):
+    def test_parse_timeout(self):
+        for value, seconds in [(b"1H", 3600.0), (b"2M", 120.0), (b"5S", 5.0), (b"100m", 0.1),
+                               (b"250u", 250e-6), (b"7n", 7e-9), (b"99999999S", 99999999.0),
+                               (b"0m", 0.0)]:
+            self.assertAlmostEqual(parse_timeout(value), seconds, msg=value)
+        for value in [b"", b"S", b"5", b"5s", b"5x", b"-5S", b"1.5S", b"123456789S", b" 5S", b"5 S"]:
+            self.assertIsNone(parse_timeout(value), value)
+
+    def test_grpc_message(self):
+        self.assertEqual(grpc_message("plain text: ok!"), b"plain text: ok!")
+        self.assertEqual(grpc_message("100%"), b"100%25")
+        self.assertEqual(grpc_message("caf\u00e9"), b"caf%C3%A9")
+        self.assertEqual(grpc_message("two\nlines\t"), b"two%0Alines%09")
+        self.assertEqual(grpc_message("\x7f~ "), b"%7F~ ")
+        self.assertEqual(grpc_message(""), b"")
+
+
+class ApiMethodsTests(SynchronousTestCase):
+    def test_parsed_and_raw_methods(self):
+        """api_methods: protobuf (de)serializers for parsed methods, none for
+        raw ones, streams marked, ModelInfer counted, absent methods left out."""
+        class Api:
+            service_name = protos.INFERENCE_SERVICE
+            raw_methods = ("ModelInfer",)
+            stream_methods = ("ModelStreamInfer",)
+
+            def default_timeout(self, name):
+                return 600.0 if name == "ModelInfer" else 5.0
+
+            def ServerLive(self, request, timeout):
+                return protos.inference.ServerLiveResponse(live=True)
+
+            def ModelInfer(self, request, timeout):
+                return request
+
+            def ModelStreamInfer(self, send, timeout):
+                return None
+
+        methods = api_methods(Api())
+        prefix = "/%s/" % protos.INFERENCE_SERVICE
+        self.assertEqual(sorted(methods), sorted(prefix + n for n in ("ServerLive", "ModelInfer",
+                                                                      "ModelStreamInfer")))
+        live = methods[prefix + "ServerLive"]
+        self.assertEqual((live.streaming, live.counted, live.default_timeout), (False, False, 5.0))
+        self.assertEqual(live.serialize(live.call(live.parse(b""), 1)), b"\x08\x01")
+        with self.assertRaises(InferenceError) as caught:
+            live.parse(b"\x0a\xff\xff")
+        self.assertEqual(caught.exception.code, grpc.StatusCode.INVALID_ARGUMENT)
+        infer = methods[prefix + "ModelInfer"]
+        self.assertEqual((infer.parse, infer.serialize, infer.counted, infer.default_timeout),
+                         (None, None, True, 600.0))
+        self.assertTrue(methods[prefix + "ModelStreamInfer"].streaming)
