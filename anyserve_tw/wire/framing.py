@@ -376,6 +376,19 @@ def _writes_through(transport):
             and not transport._tempDataLen and len(transport.dataBuffer) == transport.offset)
 
 
+def write_through(transport, sock, parts):
+    """Write ``parts`` (bytes-like) to ``transport``: straight to ``sock``,
+    its socket (:func:`stream_socket`; None if it has none we may use), in
+    this call, when Twisted holds nothing unsent; else, and for what the
+    kernel did not take, through Twisted's buffer, which keeps the order."""
+    if sock is not None and _writes_through(transport):
+        rest = send_parts(sock, parts)
+        if rest:
+            transport.write(b"".join(rest))
+    else:
+        transport.writeSequence([p if type(p) is bytes else bytes(p) for p in parts])
+
+
 def _reads_on(transport):
     """True while Twisted would still read from the transport's socket."""
     return (transport.connected and not transport.disconnecting
@@ -473,15 +486,8 @@ class FramedProtocol(Protocol):
         header = encode_header(kind, request_id, sum(len(p) for p in parts), aux)
         if before:
             header = before + header
-        transport = self.transport
-        if self._socket is not None and _writes_through(transport):
-            parts.insert(0, header)
-            rest = send_parts(self._socket, parts)
-            if rest:
-                transport.write(b"".join(rest))
-        else:
-            # Behind queued bytes (or off a socket) Twisted must keep the order.
-            transport.writeSequence([header] + [p if type(p) is bytes else bytes(p) for p in parts])
+        parts.insert(0, header)
+        write_through(self.transport, self._socket, parts)
 
     def frameReceived(self, kind, request_id, aux, payload):
         raise NotImplementedError
