@@ -15,7 +15,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from anyserve_tw.ingress.aiofront import RequestTimeouts
 from anyserve_tw.ingress.backpressure import UnreadBytes
 from anyserve_tw.ingress.h2front import (
-    GrpcH2Protocol, H2GrpcService, Method, api_methods, grpc_message, parse_timeout,
+    GrpcH2Protocol, H2GrpcService, Method, api_methods, grpc_message, health_methods, parse_timeout,
 )
 from anyserve_tw.wire import protos
 from anyserve_tw.wire.errors import InferenceError
@@ -464,6 +464,7 @@ class FlowControlTests(H2TestCase):
                     protocol.pauseProducing()
         pausing = Pausing()
         transport.write = pausing
+        transport.writeSequence = lambda parts: pausing(b"".join(parts))
         sid = self.call("Big", b"60000")
         response = self.responses[sid]
         self.assertGreater(len(response.data), 0)
@@ -483,6 +484,33 @@ class FlowControlTests(H2TestCase):
         self.assertEqual(self.protocol.unread, 0)
         self.assertEqual(self.unread.total, 0)
         self.assertEqual(self.protocol.calls, {})
+
+
+class FakePort:
+    stopped = False
+
+    def stopListening(self):
+        self.stopped = True
+
+
+class DrainTests(H2TestCase):
+    """stopService: new calls UNAVAILABLE, calls in flight finish, then
+    each connection gets its GOAWAY and is closed."""
+
+    def stop(self):
+        self.front._listening = FakePort()
+        self.front.running = True
+        return self.front.stopService()
+
+    def test_grace_ends_what_is_left(self):
+        first = self.call("Later", b"1")
+        stopped = self.stop()
+        self.clock.advance(self.front.grace + 0.1)
+        self.pump()
+        self.assertEqual(self.responses[first].status, grpc.StatusCode.UNAVAILABLE.value[0])
+        self.assertEqual(self.api.cancelled, 1)
+        self.assertTrue(self.transport.disconnecting)
+        self.successResultOf(stopped)
 
 
 class StreamTests(H2TestCase):
@@ -536,6 +564,60 @@ class StreamTests(H2TestCase):
         stream.send(b"answer")  # an answer: room again
         self.pump()
         self.assertEqual(stream.requests, [b"1", b"2"])
+
+
+class HealthTests(H2TestCase):
+    """gRPC's health service on this front: ReactorHealth through health_methods."""
+
+    def setUp(self):
+        super().setUp()
+        from anyserve_tw.ingress.health import ReactorHealth
+        self.health = ReactorHealth()
+        self.front.methods.update(health_methods(self.health))
+
+    def statuses(self, sid):
+        from grpc_health.v1 import health_pb2
+        return [health_pb2.HealthCheckResponse.FromString(m).status for m in self.responses[sid].messages()]
+
+    def request(self, service):
+        from grpc_health.v1 import health_pb2
+        return health_pb2.HealthCheckRequest(service=service).SerializeToString()
+
+    def test_check(self):
+        from anyserve_tw.ingress.health import SERVING
+        self.health.set("", SERVING)
+        sid = self.call(None, self.request(""), path=b"/grpc.health.v1.Health/Check")
+        self.assertEqual(self.statuses(sid), [SERVING])
+        self.assertEqual(self.responses[sid].status, 0)
+        sid = self.call(None, self.request("nope"), path=b"/grpc.health.v1.Health/Check")
+        self.assertEqual(self.responses[sid].status, grpc.StatusCode.NOT_FOUND.value[0])
+
+    def test_watch(self):
+        from anyserve_tw.ingress.health import NOT_SERVING, SERVICE_UNKNOWN, SERVING
+        sid = self.open(None, path=b"/grpc.health.v1.Health/Watch")
+        self.client.send_data(sid, message(self.request("m")))
+        self.pump()
+        self.assertEqual(self.statuses(sid), [SERVICE_UNKNOWN])
+        self.health.set("m", SERVING)
+        self.pump()
+        self.assertEqual(self.statuses(sid), [SERVICE_UNKNOWN, SERVING])
+        self.health.shutdown()
+        self.pump()
+        self.assertEqual(self.statuses(sid), [SERVICE_UNKNOWN, SERVING, NOT_SERVING])
+        self.assertEqual(self.responses[sid].status, 0)
+        self.assertEqual(self.front.active, 0)
+
+    def test_watch_reset(self):
+        from anyserve_tw.ingress.health import SERVING
+        sid = self.open(None, path=b"/grpc.health.v1.Health/Watch")
+        self.client.send_data(sid, message(self.request("m")))
+        self.pump()
+        self.client.reset_stream(sid)
+        self.pump()
+        self.assertEqual(self.health._watches.get("m"), set())
+        self.health.set("m", SERVING)  # no one to tell
+        self.pump()
+        self.assertEqual(self.front.active, 0)
 
 
 class HeaderValueTests(SynchronousTestCase):
