@@ -135,3 +135,25 @@ class NoStarvationTests(IngressTestCase):
                 self.assertLess(time.monotonic() - started, 0.5)
             for future in waiting:
                 future.cancel()
+
+
+class NoStarvationTestsOnH2(NoStarvationTests):
+    """The HTTP/2 front serves on the reactor thread alone: the 200 waiting
+    requests hold no thread there either."""
+
+    front = "h2"
+
+    def test_waiting_requests_add_no_thread(self):
+        import os
+
+        threads = lambda: len(os.listdir("/proc/%d/task" % self.ingress.process.pid))  # noqa: E731
+        before = threads()
+        with grpc.insecure_channel(self.ingress.address) as channel:
+            infer = channel.unary_unary(MODEL_INFER)
+            waiting = [infer.future(nap_request(8.0), timeout=30) for _ in range(200)]
+            time.sleep(1.0)
+            self.assertEqual([f for f in waiting if f.done()], [])
+            # A few for grpc's own pollers on the management port at most, not one per request.
+            self.assertLess(threads(), before + 8)
+            for future in waiting:
+                future.cancel()
