@@ -15,7 +15,8 @@ from twisted.trial.unittest import SynchronousTestCase
 from anyserve_tw.ingress.aiofront import RequestTimeouts
 from anyserve_tw.ingress.backpressure import UnreadBytes
 from anyserve_tw.ingress.h2front import (
-    GrpcH2Protocol, H2GrpcService, Method, api_methods, grpc_message, health_methods, parse_timeout,
+    GrpcH2Protocol, H2GrpcService, Method, api_methods, grpc_message, health_methods,
+    parse_timeout,
 )
 from anyserve_tw.wire import protos
 from anyserve_tw.wire.errors import InferenceError
@@ -283,6 +284,9 @@ class UnaryTests(H2TestCase):
 
 
 class DeadlineTests(H2TestCase):
+    def deadline_timers(self):
+        return [c for c in self.clock.getDelayedCalls() if c.active() and c.func == self.protocol.fail]
+
     def test_grpc_timeout(self):
         """The client's deadline: DEADLINE_EXCEEDED on time, and the Deferred
         the API returned is cancelled (which tells the worker)."""
@@ -297,16 +301,14 @@ class DeadlineTests(H2TestCase):
         self.assertEqual(self.responses[sid].status, grpc.StatusCode.DEADLINE_EXCEEDED.value[0])
         self.assertEqual(self.api.cancelled, 1)
         self.assertEqual(self.front.active, 0)
-        self.assertEqual(self.clock.getDelayedCalls(), [c for c in self.clock.getDelayedCalls()
-                                                         if c.func != self.protocol.fail])
+        self.assertEqual(self.deadline_timers(), [])
 
     def test_answer_in_time_cancels_the_timer(self):
         sid = self.call("Later", b"q", headers=[(b"grpc-timeout", b"1S")])
         self.api.pending[0].callback(b"ok")
         self.pump()
         self.assertEqual(self.responses[sid].status, 0)
-        self.assertEqual([c for c in self.clock.getDelayedCalls() if c.active() and c.func == self.protocol.fail],
-                         [])
+        self.assertEqual(self.deadline_timers(), [])
         self.clock.advance(2)
         self.pump()
         self.assertEqual(self.api.cancelled, 0)
@@ -496,6 +498,8 @@ class FakePort:
 class DrainTests(H2TestCase):
     """stopService: new calls UNAVAILABLE, calls in flight finish, then
     each connection gets its GOAWAY and is closed."""
+
+    max_message_size = 1 << 20
 
     def stop(self):
         self.front._listening = FakePort()
