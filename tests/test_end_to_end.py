@@ -461,14 +461,21 @@ class ShutdownTests(IngressTestCase):
         self.assertIn("Server Shut Down", ingress.log())
 
 
-def on_the_thread_front(namespace):
-    """Add a copy of every test class here that runs on ``--front threads``."""
+#: The other fronts every end-to-end class runs on: (class-name suffix, ``--front``).
+OTHER_FRONTS = (("OnThreads", "threads"), ("OnH2", "h2"))
+
+
+def on_the_thread_front(namespace, fronts=OTHER_FRONTS):
+    """Add copies of every test class here whose ``front`` is "aio", one per
+    other front: ``...OnThreads`` (``--front threads``), ``...OnH2``
+    (``--front h2``)."""
     for name, case in list(namespace.items()):
         if (isinstance(case, type) and issubclass(case, SynchronousTestCase)
                 and getattr(case, "front", None) == "aio" and case.__module__ == namespace["__name__"]
                 and name != "IngressTestCase"):
-            namespace[name + "OnThreads"] = type(
-                name + "OnThreads", (case,), {"front": "threads", "__module__": namespace["__name__"]})
+            for suffix, front in fronts:
+                namespace[name + suffix] = type(
+                    name + suffix, (case,), {"front": front, "__module__": namespace["__name__"]})
 
 
 on_the_thread_front(globals())

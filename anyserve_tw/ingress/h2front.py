@@ -50,6 +50,7 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from anyserve_tw.ingress.aiofront import STREAM_BACKOFF
 from anyserve_tw.ingress.backpressure import COUNTED_METHODS, UNREAD_TIMEOUT
 from anyserve_tw.ingress.interfaces import GrpcFrontService, IGrpcFront
 from anyserve_tw.wire import defaults, framing, rpc
@@ -172,7 +173,8 @@ class _Call:
     """One RPC on a connection."""
 
     __slots__ = ("protocol", "stream_id", "method", "timeout", "body", "size", "deferred", "timer",
-                 "stream", "answered", "headers_sent", "pending", "trailers", "unacknowledged", "feeding")
+                 "stream", "answered", "headers_sent", "pending", "trailers", "unacknowledged", "feeding",
+                 "ended", "retry")
 
     def __init__(self, protocol, stream_id, method, timeout):
         self.protocol = protocol
@@ -190,6 +192,8 @@ class _Call:
         self.trailers = None  # sent once pending is
         self.unacknowledged = 0  # a stream's padding bytes not acknowledged yet
         self.feeding = False
+        self.ended = False  # a stream's client sent its last message
+        self.retry = None  # a full stream's next look for room
 
     # The sweep's side (RequestTimeouts): like an asyncio future.
     def done(self):
@@ -379,7 +383,8 @@ class GrpcH2Protocol(Protocol):
         if call is None or call.answered:
             return
         if call.stream is not None:
-            call.stream.half_close()
+            call.ended = True
+            self._stream_messages(call)  # half-closes once the stream has every message
             return
         try:
             message = self._one_message(call)
@@ -474,6 +479,7 @@ class GrpcH2Protocol(Protocol):
             offset = end
             self._acknowledge(_PREFIX.size + length + call.unacknowledged, call.stream_id)
             call.unacknowledged = 0
+            call.size -= _PREFIX.size + length  # acknowledged: not _release's to do again
             try:
                 call.stream.request(message if call.method.parse is None else call.method.parse(message))
             except InferenceError as e:
@@ -483,6 +489,17 @@ class GrpcH2Protocol(Protocol):
         rest = body[offset:]
         call.body = [rest] if rest else []
         call.size = len(rest)
+        if rest and call.stream.full(len(call.pending)):
+            if call.retry is None or not call.retry.active():
+                call.retry = self.front.clock.callLater(STREAM_BACKOFF, self._look_again, call)
+        elif call.ended:
+            call.ended = False  # once
+            call.stream.half_close()
+
+    def _look_again(self, call):
+        if not call.answered and call.size:
+            self._stream_messages(call)
+            self._flush()
 
     def _stream_send(self, call, response):
         if call.answered or self.calls.get(call.stream_id) is not call:
@@ -504,10 +521,19 @@ class GrpcH2Protocol(Protocol):
             return self.fail(call, InferenceError(
                 grpc.StatusCode.RESOURCE_EXHAUSTED, "Sent message larger than max (%d vs. %d)"
                 % (len(payload), self.front.max_message_size)))
-        self._send_message(call, payload)
-        self._finish(call, _OK_TRAILERS)
+        if self._send_message(call, payload):
+            self._finish(call, _OK_TRAILERS)
 
     def _send_message(self, call, payload):
+        """Queue one message of ``call``; False if the unread-bytes cap
+        refused it, which failed the call (RESOURCE_EXHAUSTED)."""
+        size = len(payload) + _PREFIX.size
+        if self.hold is not None:
+            try:
+                self.front.unread.take(self.hold, size)
+            except InferenceError as e:
+                self.fail(call, e)
+                return False
         if not call.headers_sent:
             call.headers_sent = True
             self.conn.send_headers(call.stream_id, _OK_HEADERS)
@@ -518,11 +544,9 @@ class GrpcH2Protocol(Protocol):
             call.pending.append(prefix)
             data = payload
         call.pending.append(memoryview(data))
-        size = len(payload) + _PREFIX.size
         self.unread += size
-        if self.hold is not None:
-            self.front.unread.take(self.hold, size)
         self._send_call(call)
+        return True
 
     def fail(self, call, error):
         """End ``call`` with ``error``'s status (and cancel what it waits for)."""
@@ -545,6 +569,7 @@ class GrpcH2Protocol(Protocol):
     def _finish(self, call, trailers):
         call.answered = True
         call.trailers = trailers
+        self._release(call)
         if call.timer is not None and call.timer.active():
             call.timer.cancel()
         if self.front.timeouts is not None:
@@ -586,6 +611,7 @@ class GrpcH2Protocol(Protocol):
                 if stream is not None and not stream.closed:
                     # Answered before the client finished sending: tell it to stop.
                     conn.reset_stream(stream_id, ErrorCodes.NO_ERROR)
+                self.front.call_ended()  # its answer is out
         except StreamClosedError:
             self._drop(call)
 
@@ -601,6 +627,7 @@ class GrpcH2Protocol(Protocol):
         if left:
             self._delivered(left)
         self.calls.pop(call.stream_id, None)
+        self.front.call_ended()
 
     def _send_pending(self):
         for call in list(self.calls.values()):
@@ -609,8 +636,19 @@ class GrpcH2Protocol(Protocol):
                 if self.paused:
                     return
 
+    def _release(self, call):
+        """Acknowledge what a stream's call held unread: the connection's
+        window must not shrink by it for good."""
+        if call.retry is not None and call.retry.active():
+            call.retry.cancel()
+        if call.stream is not None and (call.size or call.unacknowledged):
+            self._acknowledge(call.size + call.unacknowledged, call.stream_id)
+            call.body = []
+            call.size = call.unacknowledged = 0
+
     def _cancel(self, call):
         """The client reset the stream, or went away."""
+        self._release(call)
         if not call.answered:
             call.answered = True
             if call.timer is not None and call.timer.active():
@@ -670,7 +708,10 @@ class H2GrpcService(GrpcFrontService):
         self.bound_port = port.getHost().port
 
     def call_ended(self):
-        if self.draining and not self.active and self._idle is not None and not self._idle.called:
+        """A call ended, or its answer is out: the end of a drain once no
+        call is in flight and no answer waits to be sent."""
+        if (self.draining and not self.active and self._idle is not None and not self._idle.called
+                and not any(protocol.calls for protocol in self.connections)):
             self._idle.callback(None)
 
     def stopService(self):
@@ -681,8 +722,7 @@ class H2GrpcService(GrpcFrontService):
         self.draining = True
         stopped = self._listening.stopListening() or succeed(None)
         self._idle = Deferred()
-        if not self.active:
-            self._idle.callback(None)
+        self.call_ended()
         idle = self._idle
         idle.addTimeout(self.grace, self.reactor).addErrback(lambda _: None)
 

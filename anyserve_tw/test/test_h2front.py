@@ -15,7 +15,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from anyserve_tw.ingress.aiofront import RequestTimeouts
 from anyserve_tw.ingress.backpressure import UnreadBytes
 from anyserve_tw.ingress.h2front import (
-    GrpcH2Protocol, H2GrpcService, Method, api_methods, grpc_message, health_methods,
+    RECEIVE_WINDOW, GrpcH2Protocol, H2GrpcService, Method, api_methods, grpc_message, health_methods,
     parse_timeout,
 )
 from anyserve_tw.wire import protos
@@ -488,6 +488,33 @@ class FlowControlTests(H2TestCase):
         self.assertEqual(self.protocol.calls, {})
 
 
+class UnreadTests(H2TestCase):
+    """The unread-bytes cap of a client that does not read its answers."""
+
+    max_message_size = 1 << 20
+
+    def setUp(self):
+        super().setUp()
+        self.unread.per_client = 100000
+
+    def test_over_the_cap_is_resource_exhausted(self):
+        """Two answers of 200,000 bytes wait unread: the first is counted
+        (the client was under the cap), the second refused with
+        RESOURCE_EXHAUSTED, and the connection carries on."""
+        first = self.call("Later", b"1")
+        second = self.call("Later", b"2")
+        self.api.pending[0].callback(b"x" * 200000)
+        self.pump()
+        self.api.pending[1].callback(b"y" * 200000)
+        self.pump()
+        self.assertIsNone(self.responses[first].trailers)
+        self.assertEqual(self.responses[second].status, grpc.StatusCode.RESOURCE_EXHAUSTED.value[0])
+        self.assertEqual(self.front.active, 0)
+        # The first answer's bytes wait for the client: its calls are refused.
+        third = self.call("Echo", b"3")
+        self.assertEqual(self.responses[third].status, grpc.StatusCode.RESOURCE_EXHAUSTED.value[0])
+
+
 class FakePort:
     stopped = False
 
@@ -505,6 +532,36 @@ class DrainTests(H2TestCase):
         self.front._listening = FakePort()
         self.front.running = True
         return self.front.stopService()
+
+    def test_answer_in_flight_goes_out_before_the_goaway(self):
+        first = self.call("Later", b"1")
+        stopped = self.stop()
+        self.assertNoResult(stopped)
+        second = self.call("Echo", b"2")
+        self.assertEqual(self.responses[second].status, grpc.StatusCode.UNAVAILABLE.value[0])
+        self.api.pending[0].callback(b"done")
+        self.pump()
+        self.assertEqual(self.responses[first].messages(), [b"done"])
+        self.assertEqual(self.responses[first].status, 0)
+        self.assertTrue(self.transport.disconnecting)
+        self.successResultOf(stopped)
+
+    def test_answer_waiting_for_the_window_is_sent_before_closing(self):
+        """An answer the client has not yet made room for is part of the
+        drain: the connection stays until it is out (within the grace)."""
+        sid = self.call("Big", b"200000")
+        stopped = self.stop()
+        self.pump()
+        self.assertFalse(self.transport.disconnecting)
+        self.assertNoResult(stopped)
+        for _ in range(3):
+            self.client.increment_flow_control_window(65535)
+            self.client.increment_flow_control_window(65535, stream_id=sid)
+            self.pump()
+        self.assertEqual(self.responses[sid].messages(), [b"x" * 200000])
+        self.assertEqual(self.responses[sid].status, 0)
+        self.assertTrue(self.transport.disconnecting)
+        self.successResultOf(stopped)
 
     def test_grace_ends_what_is_left(self):
         first = self.call("Later", b"1")
@@ -568,6 +625,90 @@ class StreamTests(H2TestCase):
         stream.send(b"answer")  # an answer: room again
         self.pump()
         self.assertEqual(stream.requests, [b"1", b"2"])
+
+
+    def test_half_close_waits_for_the_held_requests(self):
+        """A client that sends its last requests while its stream is full:
+        the stream is told the client is done only once it has them all
+        (else it would end, OK, without ever answering them)."""
+        sid = self.open("Chat")
+        self.pump()
+        stream = self.api.streams[0]
+        stream.is_full = True
+        self.client.send_data(sid, message(b"1") + message(b"2"), end_stream=True)
+        self.pump()
+        self.assertEqual(stream.requests, [])
+        self.assertFalse(stream.half_closed)
+        stream.is_full = False
+        stream.send(b"answer")
+        self.pump()
+        self.assertEqual(stream.requests, [b"1", b"2"])
+        self.assertTrue(stream.half_closed)
+
+
+    def test_room_without_an_answer(self):
+        """Room can come without anything sent (a decoupled model's empty
+        last response frees its slot silently): the front looks again, as
+        the asyncio front's reader does every 10 ms."""
+        sid = self.open("Chat")
+        self.pump()
+        stream = self.api.streams[0]
+        stream.is_full = True
+        self.client.send_data(sid, message(b"1"))
+        self.pump()
+        self.assertEqual(stream.requests, [])
+        stream.is_full = False
+        self.clock.advance(0.1)
+        self.pump()
+        self.assertEqual(stream.requests, [b"1"])
+
+
+class StreamWindowTests(H2TestCase):
+    """The bytes a full stream holds unread come back to the connection's
+    window when the stream ends: else, once they add up to the window,
+    no call on the connection can send a byte."""
+
+    max_message_size = 16 << 20
+
+    def send_all(self, sid, data):
+        while data:
+            size = min(len(data), self.client.max_outbound_frame_size,
+                       self.client.local_flow_control_window(sid))
+            self.assertGreater(size, 0, "the client has no window left to send")
+            self.client.send_data(sid, data[:size])
+            data = data[size:]
+            self.pump()
+
+    def fill(self):
+        """A full stream holding the whole connection window."""
+        sid = self.open("Chat")
+        self.pump()
+        self.api.streams[-1].is_full = True
+        self.send_all(sid, message(b"x" * (RECEIVE_WINDOW // 4 - 5)) * 4)
+        self.assertEqual(self.api.streams[-1].requests, [])
+        self.assertEqual(self.client.outbound_flow_control_window, 0)
+        return sid
+
+    def assertConnectionServes(self):
+        other = self.open("Later")
+        self.send_all(other, message(b"y" * 1000))
+        self.client.end_stream(other)
+        self.pump()
+        self.assertEqual(self.api.requests[-1][0], b"y" * 1000)
+
+    def test_held_bytes_are_released_when_the_stream_fails(self):
+        sid = self.fill()
+        self.api.streams[-1].send(InferenceError(grpc.StatusCode.INTERNAL, "broke"))
+        self.pump()
+        self.assertEqual(self.responses[sid].status, grpc.StatusCode.INTERNAL.value[0])
+        self.assertConnectionServes()
+
+    def test_held_bytes_are_released_when_the_client_resets(self):
+        sid = self.fill()
+        self.client.reset_stream(sid)
+        self.pump()
+        self.assertTrue(self.api.streams[-1].cancelled)
+        self.assertConnectionServes()
 
 
 class HealthTests(H2TestCase):
