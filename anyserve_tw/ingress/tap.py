@@ -77,8 +77,8 @@ class Options(usage.Options):
         ["front", None, "aio", "How gRPC is served: aio (grpc.aio on the reactor's asyncio loop, one thread), "
          "threads (a grpcio thread pool bridged into the reactor; always so under a non-asyncio --reactor) "
          "or h2 (the inference port served by our own HTTP/2 protocol on the reactor; not with --tls-cert)."],
-        ["loop", None, "asyncio", "The event loop under the asyncio reactor this plugin installs: asyncio "
-         "(the standard library's) or uvloop (needs the uvloop package)."],
+        ["loop", None, "uvloop", "The event loop under the asyncio reactor this plugin installs: uvloop "
+         "(less CPU per request on every front) or asyncio (the standard library's)."],
     ]
 
     optFlags = [

@@ -113,7 +113,7 @@ class OptionsTests(SynchronousTestCase):
             {"host": "0.0.0.0", "pool-size": 2, "heartbeat-timeout": 6.0, "grace": 10.0,
              "threads": 64, "max-concurrent-rpcs": 1024, "request-timeout": 600.0,
              "front": "aio", "http-port": 8080, "http-host": None, "access-log": None})
-        self.assertEqual(options["loop"], "asyncio")
+        self.assertEqual(options["loop"], "uvloop")
         self.parse("--worker", "x.py")
         self.assertEqual(self.parse()["worker"], [])
 
