@@ -34,7 +34,6 @@ import struct
 
 import grpc
 import hyperframe.frame
-from google.protobuf.message import DecodeError
 from h2.config import H2Configuration
 from h2.connection import H2Connection
 from h2.errors import ErrorCodes
@@ -54,7 +53,7 @@ from anyserve_tw.ingress.aiofront import STREAM_BACKOFF
 from anyserve_tw.ingress.backpressure import COUNTED_METHODS, UNREAD_TIMEOUT
 from anyserve_tw.ingress.interfaces import GrpcFrontService, IGrpcFront
 from anyserve_tw.wire import defaults, framing, rpc
-from anyserve_tw.wire.errors import InferenceError, as_inference_error, invalid_argument
+from anyserve_tw.wire.errors import InferenceError, as_inference_error
 
 #: Window we grant each stream and the connection: a 2 MiB request arrives
 #: without waiting for WINDOW_UPDATEs.
@@ -131,11 +130,14 @@ class Method:
 
 
 def _parser(request_class):
+    """A deserializer raising INVALID_ARGUMENT for bytes that don't parse."""
+    lenient = rpc.lenient_parser(request_class)
+
     def parse(data):
-        try:
-            return request_class.FromString(data)
-        except DecodeError as e:
-            raise invalid_argument("malformed %s: %s" % (request_class.DESCRIPTOR.name, e))
+        request = lenient(data)
+        if type(request) is InferenceError:
+            raise request
+        return request
     return parse
 
 
@@ -567,16 +569,20 @@ class GrpcH2Protocol(Protocol):
         self._flush()
 
     def _finish(self, call, trailers):
-        call.answered = True
         call.trailers = trailers
         self._release(call)
+        self._settle(call)
+        self._send_call(call)
+
+    def _settle(self, call):
+        """``call`` is answered: no timer, no sweep entry, no longer counted."""
+        call.answered = True
         if call.timer is not None and call.timer.active():
             call.timer.cancel()
         if self.front.timeouts is not None:
             self.front.timeouts.forget(call)
         self.front.active -= 1
         self.front.call_ended()
-        self._send_call(call)
 
     def _send_call(self, call):
         """Send what ``call`` has pending, as far as the windows and the
@@ -650,13 +656,7 @@ class GrpcH2Protocol(Protocol):
         """The client reset the stream, or went away."""
         self._release(call)
         if not call.answered:
-            call.answered = True
-            if call.timer is not None and call.timer.active():
-                call.timer.cancel()
-            if self.front.timeouts is not None:
-                self.front.timeouts.forget(call)
-            self.front.active -= 1
-            self.front.call_ended()
+            self._settle(call)
             if call.deferred is not None and not call.deferred.called:
                 call.deferred.cancel()
             if call.stream is not None:

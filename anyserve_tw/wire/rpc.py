@@ -80,7 +80,7 @@ def streaming_methods(service_name):
             if m.client_streaming and m.server_streaming}
 
 
-def _lenient(request_class):
+def lenient_parser(request_class):
     """A deserializer that returns the error instead of raising it: grpc
     answers a raising deserializer UNKNOWN (grpc.aio) or INTERNAL (threads),
     where malformed request bytes are the client's INVALID_ARGUMENT."""
@@ -94,7 +94,7 @@ def _lenient(request_class):
 
 def _refusing_malformed(behavior):
     """``behavior``, aborting with the request's own error when it could
-    not be parsed (see :func:`_lenient`); sync or coroutine, as given."""
+    not be parsed (see :func:`lenient_parser`); sync or coroutine, as given."""
     if inspect.iscoroutinefunction(behavior):
         async def checked(request, context):
             if type(request) is InferenceError:
@@ -133,7 +133,7 @@ def generic_handler(service_name, servicer, raw_methods=()):
         else:
             handlers[name] = make(
                 _refusing_malformed(getattr(servicer, name)),
-                request_deserializer=_lenient(request_class),
+                request_deserializer=lenient_parser(request_class),
                 response_serializer=response_class.SerializeToString,
             )
     return grpc.method_handlers_generic_handler(service_name, handlers)
