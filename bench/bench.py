@@ -42,8 +42,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the checko
 # ``--fronts`` names: the ingress's ``--front`` (and ``--loop``) for each; "default" passes none
 # (the ingress's own default, and the only choice before ``--front`` existed).
 FRONT_ARGS = {"aio": ["--front", "aio"], "threads": ["--front", "threads"], "default": [],
-              "aio-uvloop": ["--front", "aio", "--loop", "uvloop"], "h2": ["--front", "h2"],
-              "h2-uvloop": ["--front", "h2", "--loop", "uvloop"]}
+              "aio-asyncio": ["--front", "aio", "--loop", "asyncio"], "h2": ["--front", "h2"],
+              "h2-asyncio": ["--front", "h2", "--loop", "asyncio"]}
 
 
 # --------------------------------------------------------------------------
@@ -850,9 +850,9 @@ def parse_args(argv=None):
                         "`git worktree add` of the last landed revision, as server 'baseline'")
     p.add_argument("--fronts", default="aio,threads",
                    help="comma-separated ingress fronts to benchmark, each as its own "
-                        "server in the same rounds: aio (anyserve-aio), aio-uvloop "
-                        "(anyserve-aio-uvloop: --loop uvloop), h2 (anyserve-h2: our "
-                        "HTTP/2 front), h2-uvloop, threads "
+                        "server in the same rounds: aio (anyserve-aio), aio-asyncio "
+                        "(anyserve-aio-asyncio: --loop asyncio), h2 (anyserve-h2: our "
+                        "HTTP/2 front), h2-asyncio, threads "
                         "(anyserve-threads), default (anyserve, no --front: for an "
                         "ingress without that option)")
     p.add_argument("--ingress-args", action="append", default=[], metavar="ARGS",
