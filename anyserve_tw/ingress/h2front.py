@@ -42,6 +42,7 @@ from h2.events import (
     StreamReset, WindowUpdated,
 )
 from h2.exceptions import ProtocolError, StreamClosedError
+from h2.frame_buffer import FrameBuffer
 from h2.settings import SettingCodes
 from twisted.internet import endpoints
 from twisted.internet.defer import CancelledError, Deferred, DeferredList, succeed
@@ -65,6 +66,18 @@ MAX_FRAME_SIZE = 4 * 1024 * 1024
 
 #: Bytes read from a client at a time.
 READ_SIZE = 1024 * 1024
+
+#: Largest header list we take (advertised), and largest encoded header
+#: block we buffer while its CONTINUATION frames arrive.
+MAX_HEADER_LIST_SIZE = 16384
+MAX_HEADER_BLOCK = 4 * MAX_HEADER_LIST_SIZE
+
+#: Streams one connection may have open at once.
+MAX_STREAMS = 1024
+
+#: Bytes of our own unsent frames (acknowledgements of PINGs and SETTINGS,
+#: resets) past which we stop reading a client that does not read.
+MAX_UNSENT = 4 * READ_SIZE
 
 #: gRPC's ``grpc-timeout`` units, in seconds.
 _TIMEOUT_UNITS = {b"H": 3600.0, b"M": 60.0, b"S": 1.0, b"m": 1e-3, b"u": 1e-6, b"n": 1e-9}
@@ -110,6 +123,25 @@ def grpc_message(text):
         else:
             out += b"%%%02X" % byte
     return bytes(out)
+
+
+class _FrameBuffer(FrameBuffer):
+    """h2's frame buffer, refusing a header block larger than
+    :data:`MAX_HEADER_BLOCK` while it arrives: h2 checks the header list's
+    size only once the block is complete, up to 64 CONTINUATION frames of
+    up to :data:`MAX_FRAME_SIZE` each later."""
+
+    def _update_header_buffer(self, f):
+        f = super()._update_header_buffer(f)
+        if sum(len(frame.data) for frame in self._headers_buffer) > MAX_HEADER_BLOCK:
+            raise ProtocolError("header block over %d bytes" % MAX_HEADER_BLOCK)
+        return f
+
+
+def _unsent(transport):
+    """Bytes Twisted holds unsent for ``transport`` (0 for a fake)."""
+    return (len(getattr(transport, "dataBuffer", b"")) - getattr(transport, "offset", 0)
+            + getattr(transport, "_tempDataLen", 0))
 
 
 class Method:
@@ -216,6 +248,7 @@ class GrpcH2Protocol(Protocol):
         self.socket = None
         self.hold = None
         self.unread = 0
+        self.stalled = False  # not reading: our own frames wait unsent
 
     # -- connection --------------------------------------------------------------
 
@@ -234,12 +267,15 @@ class GrpcH2Protocol(Protocol):
         self.socket = framing.stream_socket(self.transport)
         self.transport.registerProducer(self, True)
         self.conn = H2Connection(config=front.h2_config)
+        buffer = _FrameBuffer(server=True)
+        buffer.max_frame_size = self.conn.incoming_buffer.max_frame_size
+        self.conn.incoming_buffer = buffer
         self.conn.initiate_connection()
         # A second SETTINGS frame: h2 applies each once the client acknowledges it.
         self.conn.update_settings({
             SettingCodes.INITIAL_WINDOW_SIZE: RECEIVE_WINDOW,
-            SettingCodes.MAX_CONCURRENT_STREAMS: 2 ** 31 - 1,
-            SettingCodes.MAX_HEADER_LIST_SIZE: 16384,
+            SettingCodes.MAX_CONCURRENT_STREAMS: MAX_STREAMS,
+            SettingCodes.MAX_HEADER_LIST_SIZE: MAX_HEADER_LIST_SIZE,
             SettingCodes.MAX_FRAME_SIZE: MAX_FRAME_SIZE,
         })
         self.conn.increment_flow_control_window(RECEIVE_WINDOW - 65535)
@@ -263,6 +299,9 @@ class GrpcH2Protocol(Protocol):
 
     def resumeProducing(self):
         self.paused = False
+        if self.stalled:
+            self.stalled = False
+            self.transport.resumeProducing()
         self._send_pending()
         self._flush()
 
@@ -277,6 +316,10 @@ class GrpcH2Protocol(Protocol):
             self._flush()
             self.transport.loseConnection()
             return
+        # Streams the client resets in this same read: their requests are not
+        # run (a rapid-reset client would have each one forwarded, then cancelled).
+        resets = {e.stream_id for e in events if type(e) is StreamReset} if len(events) > 1 else ()
+        room = False  # more window: answers waiting for it are sent once per read, not per frame
         for event in events:
             kind = type(event)
             if kind is DataReceived:
@@ -284,9 +327,10 @@ class GrpcH2Protocol(Protocol):
             elif kind is RequestReceived:
                 self._request(event)
             elif kind is StreamEnded:
-                self._ended(event.stream_id)
+                if event.stream_id not in resets:
+                    self._ended(event.stream_id)
             elif kind is WindowUpdated or kind is RemoteSettingsChanged:
-                self._send_pending()
+                room = True
             elif kind is StreamReset:
                 call = self.calls.pop(event.stream_id, None)
                 if call is not None:
@@ -295,6 +339,8 @@ class GrpcH2Protocol(Protocol):
                 self._flush()
                 self.transport.loseConnection()
                 return
+        if room:
+            self._send_pending()
         self._flush()
 
     def _flush(self):
@@ -303,6 +349,11 @@ class GrpcH2Protocol(Protocol):
             # In this turn of the loop when nothing waits before it: an answer
             # leaves without a round of the reactor for the socket's writability.
             framing.write_through(self.transport, self.socket, [out])
+            if (self.paused and not self.stalled
+                    and _unsent(self.transport) > MAX_UNSENT + self.conn.max_outbound_frame_size):
+                # A client that sends (PINGs, SETTINGS...) but does not read.
+                self.stalled = True
+                self.transport.pauseProducing()
 
     # -- requests ----------------------------------------------------------------
 
@@ -318,8 +369,7 @@ class GrpcH2Protocol(Protocol):
                 content_type = value
         front = self.front
         if content_type is None or not content_type.startswith(b"application/grpc"):
-            self.conn.send_headers(stream_id, ((b":status", b"415"),), end_stream=True)
-            return
+            return self._end_stream(stream_id, ((b":status", b"415"),))
         method = front.methods.get(path.decode("latin-1") if path else "")
         if method is None:
             return self._refuse(stream_id, grpc.StatusCode.UNIMPLEMENTED,
@@ -346,13 +396,27 @@ class GrpcH2Protocol(Protocol):
         if timeout is not None:
             call.timer = front.clock.callLater(timeout, self.fail, call, InferenceError(
                 grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded"))
+        elif not method.streaming and front.timeouts is not None:
+            # Bounded from its first byte: a request that never ends too.
+            front.timeouts.watch(call, succeed(None), method.default_timeout)
         if method.streaming:
             self._open_stream(call)
 
     def _refuse(self, stream_id, code, message):
-        self.conn.send_headers(stream_id, _OK_HEADERS + (
-            (b"grpc-status", b"%d" % code.value[0]), (b"grpc-message", grpc_message(message))),
-            end_stream=True)
+        self._end_stream(stream_id, _OK_HEADERS + (
+            (b"grpc-status", b"%d" % code.value[0]), (b"grpc-message", grpc_message(message))))
+
+    def _end_stream(self, stream_id, headers):
+        """Answer a stream no call was made for, and close it: h2 would
+        otherwise hold it open until the client ends it."""
+        conn = self.conn
+        try:
+            conn.send_headers(stream_id, headers, end_stream=True)
+            stream = conn.streams.get(stream_id)
+            if stream is not None and not stream.closed:
+                conn.reset_stream(stream_id, ErrorCodes.NO_ERROR)
+        except ProtocolError:
+            pass  # the client reset it in the same read
 
     def _data(self, event):
         stream_id = event.stream_id
@@ -530,15 +594,19 @@ class GrpcH2Protocol(Protocol):
         """Queue one message of ``call``; False if the unread-bytes cap
         refused it, which failed the call (RESOURCE_EXHAUSTED)."""
         size = len(payload) + _PREFIX.size
+        if not call.headers_sent:
+            call.headers_sent = True
+            try:
+                self.conn.send_headers(call.stream_id, _OK_HEADERS)
+            except ProtocolError:  # reset (or GOAWAY) in the read being handled
+                self._cancel(call)
+                return False
         if self.hold is not None:
             try:
                 self.front.unread.take(self.hold, size)
             except InferenceError as e:
                 self.fail(call, e)
                 return False
-        if not call.headers_sent:
-            call.headers_sent = True
-            self.conn.send_headers(call.stream_id, _OK_HEADERS)
         prefix = _PREFIX.pack(0, len(payload))
         if len(payload) < 16384:
             data = prefix + payload
@@ -596,12 +664,13 @@ class GrpcH2Protocol(Protocol):
                 if window <= 0:
                     return
                 chunk = pending[0]
-                if len(chunk) <= window:
+                if len(chunk) > window:
+                    chunk = chunk[:window]
+                conn.send_data(stream_id, chunk)  # may raise: pending still holds chunk
+                if len(chunk) == len(pending[0]):
                     pending.pop(0)
                 else:
-                    pending[0] = chunk[window:]
-                    chunk = chunk[:window]
-                conn.send_data(stream_id, chunk)
+                    pending[0] = pending[0][len(chunk):]
                 self._delivered(len(chunk))
                 if len(chunk) >= 16384:
                     self._flush()  # to the transport, which may pause us
@@ -618,8 +687,8 @@ class GrpcH2Protocol(Protocol):
                     # Answered before the client finished sending: tell it to stop.
                     conn.reset_stream(stream_id, ErrorCodes.NO_ERROR)
                 self.front.call_ended()  # its answer is out
-        except StreamClosedError:
-            self._drop(call)
+        except ProtocolError:  # reset in the read being handled, or GOAWAY
+            self._cancel(call)
 
     def _delivered(self, size):
         self.unread -= size
@@ -637,6 +706,8 @@ class GrpcH2Protocol(Protocol):
 
     def _send_pending(self):
         for call in list(self.calls.values()):
+            if call.pending and self.conn.outbound_flow_control_window <= 0:
+                continue  # only trailers can go before the client opens the window
             if call.pending or call.trailers is not None:
                 self._send_call(call)
                 if self.paused:

@@ -198,6 +198,7 @@ class ReactorHealth:
     def __init__(self):
         self.statuses = {}
         self._watches = {}  # service -> {_Watch}
+        self.closed = False
 
     def set(self, service, status):
         self.statuses[service] = status
@@ -216,6 +217,7 @@ class ReactorHealth:
 
     def shutdown(self, timeout=SHUTDOWN_TIMEOUT):
         """Every status NOT_SERVING; each Watch, told so, ends."""
+        self.closed = True
         for service in list(self.statuses):
             self.set(service, NOT_SERVING)
         for watches in list(self._watches.values()):
@@ -239,6 +241,8 @@ class _Watch:
         self.service = request.service
         self.health._watches.setdefault(self.service, set()).add(self)
         self.tell(self.health.statuses.get(self.service, SERVICE_UNKNOWN))
+        if self.health.closed:  # its request came after shutdown: nothing more to tell
+            self.end()
 
     def tell(self, status):
         if status != self.last:
