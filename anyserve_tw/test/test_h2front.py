@@ -7,6 +7,8 @@ import grpc
 from h2.config import H2Configuration
 from h2.connection import H2Connection
 from h2.events import DataReceived, ResponseReceived, StreamEnded, StreamReset, TrailersReceived
+from h2.settings import SettingCodes
+from hyperframe.frame import ContinuationFrame, HeadersFrame, PingFrame
 from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
@@ -15,8 +17,8 @@ from twisted.trial.unittest import SynchronousTestCase
 from anyserve_tw.ingress.aiofront import RequestTimeouts
 from anyserve_tw.ingress.backpressure import UnreadBytes
 from anyserve_tw.ingress.h2front import (
-    RECEIVE_WINDOW, GrpcH2Protocol, H2GrpcService, Method, api_methods, grpc_message, health_methods,
-    parse_timeout,
+    MAX_HEADER_BLOCK, MAX_STREAMS, MAX_UNSENT, RECEIVE_WINDOW, GrpcH2Protocol, H2GrpcService, Method,
+    api_methods, grpc_message, health_methods, parse_timeout,
 )
 from anyserve_tw.wire import protos
 from anyserve_tw.wire.errors import InferenceError
@@ -121,7 +123,7 @@ class Response:
 class H2TestCase(SynchronousTestCase):
     max_message_size = 1000
     max_concurrent_rpcs = None
-    window = None  # the client's initial stream window (None: h2's 65,535)
+    window = None  # the client's initial stream window, in its SETTINGS (None: h2's 65,535)
 
     def setUp(self):
         self.clock = Clock()
@@ -138,6 +140,8 @@ class H2TestCase(SynchronousTestCase):
         self.protocol.makeConnection(self.transport)
         self.client = H2Connection(H2Configuration(client_side=True, header_encoding=None))
         self.client.initiate_connection()
+        if self.window is not None:
+            self.client.update_settings({SettingCodes.INITIAL_WINDOW_SIZE: self.window})
         self.responses = {}
         self.pump()
 
@@ -818,3 +822,316 @@ class ApiMethodsTests(SynchronousTestCase):
         self.assertEqual((infer.parse, infer.serialize, infer.counted, infer.default_timeout),
                          (None, None, True, 600.0))
         self.assertTrue(methods[prefix + "ModelStreamInfer"].streaming)
+
+
+# -- regressions: defects found by the review of the h2 front -----------------------------
+
+
+class SameReadResetTests(H2TestCase):
+    """A client may reset a stream (or send GOAWAY) in the very bytes the
+    front is handling: h2 has closed the stream before the front answers, and
+    the answer must not raise out of dataReceived (which killed the
+    connection) nor leave the call counted."""
+
+    max_message_size = 1 << 20
+
+    def assertConnectionServes(self):
+        self.assertFalse(self.transport.disconnecting)
+        sid = self.call("Echo", b"still")
+        self.assertEqual(self.responses[sid].messages(), [b"echo:still"])
+        self.assertEqual(self.responses[sid].status, 0)
+
+    def test_reset_with_a_refused_request(self):
+        sid = self.open("Nope")
+        self.client.send_data(sid, message(b"x"), end_stream=True)
+        self.client.reset_stream(sid)
+        self.protocol.dataReceived(self.client.data_to_send())
+        self.pump()
+        self.assertEqual(self.protocol.calls, {})
+        self.assertEqual(self.front.active, 0)
+        self.assertConnectionServes()
+
+    def test_reset_with_a_request_answered_at_once(self):
+        sid = self.open("Echo")
+        self.client.send_data(sid, message(b"x"), end_stream=True)
+        self.client.reset_stream(sid)
+        self.protocol.dataReceived(self.client.data_to_send())
+        self.pump()
+        self.assertIsNone(self.responses[sid].trailers)
+        self.assertEqual(self.protocol.calls, {})
+        self.assertEqual(self.front.active, 0)
+        self.assertConnectionServes()
+
+    def test_answer_after_the_client_goaway(self):
+        """The client says GOAWAY while its call waits on the worker; the
+        answer that comes before the connection is lost is dropped."""
+        self.call("Later", b"q")
+        self.client.close_connection()
+        self.pump()
+        self.api.pending[0].callback(b"late")
+        self.assertIsNone(self.successResultOf(self.api.pending[0]))  # nothing raised in it
+        self.assertEqual(self.front.active, 0)
+        self.assertEqual(self.protocol.calls, {})
+        self.assertEqual(self.protocol.unread, 0)
+        self.assertEqual(self.unread.total, 0)
+
+
+class WindowAndResetTests(H2TestCase):
+    """A window update and a reset of the same stream in one read, while the
+    stream's answer waits for that window: the call ends, its worker stream is
+    cancelled and its unsent bytes leave the unread-bytes count (left there,
+    they aborted the client's connection later)."""
+
+    max_message_size = 1 << 20
+
+    def waiting_stream(self, size=70000):
+        """A Chat stream whose answer of ``size`` bytes waits for the window."""
+        sid = self.open("Chat")
+        self.client.send_data(sid, message(b"a"))
+        self.pump()
+        stream = self.api.streams[0]
+        stream.send(b"y" * size)
+        self.pump()
+        self.assertTrue(self.protocol.calls[sid].pending)
+        self.assertGreater(self.unread.total, 0)
+        return sid, stream
+
+    def assertAllReleased(self, stream):
+        self.assertTrue(stream.cancelled)
+        self.assertEqual(self.front.active, 0)
+        self.assertEqual(self.protocol.calls, {})
+        self.assertEqual(self.protocol.unread, 0)
+        self.assertEqual(self.unread.total, 0)
+        self.assertFalse(self.transport.disconnecting)
+
+    def test_stream_window_and_reset_in_one_read(self):
+        sid, stream = self.waiting_stream()
+        self.client.increment_flow_control_window(100000)
+        self.client.increment_flow_control_window(100000, stream_id=sid)
+        self.client.reset_stream(sid)
+        self.protocol.dataReceived(self.client.data_to_send())
+        self.pump()
+        self.assertAllReleased(stream)
+
+
+class BigWindowAndResetTests(WindowAndResetTests):
+    """The same with a stream window larger than the connection's: the
+    answer waits for the connection window only."""
+
+    window = 1 << 20
+
+    def test_window_makes_the_streams_window(self):
+        self.assertEqual(self.protocol.conn.remote_settings.initial_window_size, 1 << 20)
+
+    def test_connection_window_and_reset_in_one_read(self):
+        sid, stream = self.waiting_stream()
+        self.assertEqual(self.protocol.conn.outbound_flow_control_window, 0)
+        self.client.increment_flow_control_window(100000)  # the connection's
+        self.client.reset_stream(sid)
+        self.protocol.dataReceived(self.client.data_to_send())
+        self.pump()
+        self.assertAllReleased(stream)
+
+
+class BufferTransport(StringTransport):
+    """A StringTransport whose written bytes all count as unsent, as Twisted's
+    own transport shows them (``dataBuffer``, ``offset``, ``_tempDataLen``),
+    on top of ``held`` bytes already waiting: a client that does not read."""
+
+    dataBuffer = b""
+    offset = 0
+    held = 0
+
+    @property
+    def _tempDataLen(self):
+        return self.held + self.io.tell()
+
+
+class UnreadPingTests(H2TestCase):
+    """A client that sends PINGs (whose acknowledgements the front must
+    write) but never reads: once its unsent bytes pass MAX_UNSENT the front
+    stops reading it, instead of letting Twisted buffer without bound."""
+
+    def setUp(self):
+        super().setUp()
+        self.transport = BufferTransport()
+        self.protocol = GrpcH2Protocol(self.front)
+        self.protocol.makeConnection(self.transport)
+        self.client = H2Connection(H2Configuration(client_side=True, header_encoding=None))
+        self.client.initiate_connection()
+        self.pump()
+
+    def pings(self, count):
+        return b"".join(PingFrame(0, opaque_data=b"%08d" % i).serialize() for i in range(count))
+
+    def test_a_client_that_does_not_read_is_not_read(self):
+        self.transport.held = MAX_UNSENT  # e.g. an answer it never took
+        self.protocol.pauseProducing()  # as the transport does once its buffer is full
+        self.protocol.dataReceived(self.pings(10))
+        self.assertEqual(self.transport.producerState, "producing")  # not yet over
+        self.protocol.dataReceived(self.pings(2000))  # 34,000 bytes of acknowledgements
+        self.assertEqual(self.transport.producerState, "paused")
+        # Once the client has read its bytes, the front reads it again.
+        self.transport.held = 0
+        self.transport.clear()
+        self.protocol.resumeProducing()
+        self.assertEqual(self.transport.producerState, "producing")
+        self.protocol.dataReceived(self.pings(1))
+        self.assertGreater(len(self.transport.value()), 0)
+
+    def test_a_reading_client_is_read(self):
+        """Under the cap, or not paused: reading goes on."""
+        self.protocol.dataReceived(self.pings(2000))
+        self.assertEqual(self.transport.producerState, "producing")
+        self.transport.held = MAX_UNSENT
+        self.protocol.dataReceived(self.pings(2000))  # not paused: the transport has room
+        self.assertEqual(self.transport.producerState, "producing")
+
+
+class HeaderBlockTests(H2TestCase):
+    """A header block arriving in CONTINUATION frames is refused once it is
+    over MAX_HEADER_BLOCK, not buffered until h2 checks the header list."""
+
+    def held(self):
+        return sum(len(f.data) for f in self.protocol.conn.incoming_buffer._headers_buffer)
+
+    def test_header_block_over_the_limit(self):
+        sid = self.client.get_next_available_stream_id()
+        self.protocol.dataReceived(HeadersFrame(sid, data=b"\x00" * 16384).serialize())
+        for _ in range(MAX_HEADER_BLOCK // 16384 + 4):
+            if self.transport.disconnecting:
+                break
+            self.assertLessEqual(self.held(), MAX_HEADER_BLOCK)
+            self.protocol.dataReceived(ContinuationFrame(sid, data=b"\x00" * 16384).serialize())
+        self.assertTrue(self.transport.disconnecting)
+        self.assertLessEqual(self.held(), MAX_HEADER_BLOCK + 16384)
+
+
+class StreamLimitTests(H2TestCase):
+    """Streams per connection are bounded, and a stream the front refuses is
+    closed in h2 (else, never ended by its client, it stayed there)."""
+
+    def test_advertised_limit(self):
+        self.assertEqual(self.client.remote_settings.max_concurrent_streams, MAX_STREAMS)
+        self.assertEqual(self.protocol.conn.local_settings.max_concurrent_streams, MAX_STREAMS)
+
+    def test_refused_streams_are_closed(self):
+        unended = [self.open("Nope") for _ in range(5)]
+        not_grpc = self.client.get_next_available_stream_id()
+        self.responses[not_grpc] = Response()
+        self.client.send_headers(not_grpc, [(b":method", b"POST"), (b":scheme", b"http"),
+                                            (b":path", b"/test.Fake/Echo"), (b":authority", b"t"),
+                                            (b"content-type", b"text/plain")])
+        self.pump()
+        for sid in unended:
+            self.assertEqual(self.responses[sid].status, grpc.StatusCode.UNIMPLEMENTED.value[0])
+        self.assertEqual(self.responses[not_grpc].headers[b":status"], b"415")
+        self.assertEqual(self.protocol.conn.open_inbound_streams, 0)
+        self.assertEqual(self.client.open_outbound_streams, 0)
+        self.assertFalse(self.transport.disconnecting)
+        sid = self.call("Echo", b"after")
+        self.assertEqual(self.responses[sid].status, 0)
+
+
+class RapidResetTests(H2TestCase):
+    """HEADERS, DATA with END_STREAM and RST_STREAM for a call, all in one
+    read: the request is not handed to the API (which would forward it to a
+    worker, then cancel it)."""
+
+    def test_requests_reset_in_the_same_read_are_not_made(self):
+        for _ in range(10):
+            sid = self.open("Later")
+            self.client.send_data(sid, message(b"q"), end_stream=True)
+            self.client.reset_stream(sid)
+        self.protocol.dataReceived(self.client.data_to_send())
+        self.pump()
+        self.assertEqual(self.api.requests, [])
+        self.assertEqual(self.api.cancelled, 0)
+        self.assertEqual(self.front.active, 0)
+        self.assertEqual(self.protocol.calls, {})
+        self.assertFalse(self.transport.disconnecting)
+        sid = self.call("Echo", b"next")
+        self.assertEqual(self.responses[sid].messages(), [b"echo:next"])
+
+
+class UnendedUnaryTests(H2TestCase):
+    """A unary call whose request never ends, without grpc-timeout, is
+    bounded by the method's default timeout (30 s here) from its first
+    byte: else it held its place, and its buffered bytes, for ever."""
+
+    max_message_size = 1 << 20
+
+    def test_headers_only(self):
+        sid = self.open("Echo")
+        self.pump()
+        self.assertEqual(self.front.active, 1)
+        self.clock.advance(29)
+        self.pump()
+        self.assertEqual(self.front.active, 1)
+        self.clock.advance(2)
+        self.pump()
+        self.assertEqual(self.responses[sid].status, grpc.StatusCode.DEADLINE_EXCEEDED.value[0])
+        self.assertEqual(self.front.active, 0)
+        self.assertEqual(self.protocol.calls, {})
+        self.assertEqual(len(self.timeouts), 0)
+        self.assertEqual(self.api.requests, [])
+
+    def test_part_of_a_body(self):
+        sid = self.open("Echo")
+        self.client.send_data(sid, message(b"z" * 100000)[:50000])
+        self.pump()
+        self.assertEqual(self.protocol.calls[sid].size, 50000)
+        self.clock.advance(31)
+        self.pump()
+        self.assertEqual(self.responses[sid].status, grpc.StatusCode.DEADLINE_EXCEEDED.value[0])
+        self.assertEqual(self.protocol.calls, {})
+        self.assertEqual(self.front.active, 0)
+
+    def test_ended_in_time_is_answered(self):
+        """The bound counts from the first byte, and the call's own timer
+        (the one its Deferred gets) replaces it once the request is in."""
+        sid = self.open("Later")
+        self.pump()
+        self.clock.advance(20)
+        self.client.send_data(sid, message(b"q"), end_stream=True)
+        self.pump()
+        self.assertEqual(self.api.requests, [(b"q", 30.0)])
+        self.api.pending[0].callback(b"ok")
+        self.pump()
+        self.assertEqual(self.responses[sid].messages(), [b"ok"])
+        self.assertEqual(self.responses[sid].status, 0)
+        self.assertEqual(len(self.timeouts), 0)
+
+
+class WatchAfterShutdownTests(H2TestCase):
+    """A Watch whose request arrives after the health service was shut down
+    is told NOT_SERVING and ends: else it kept the front's drain open for
+    its whole grace."""
+
+    def setUp(self):
+        super().setUp()
+        from anyserve_tw.ingress.health import SERVING, ReactorHealth
+        self.health = ReactorHealth()
+        self.health.set("", SERVING)
+        self.front.methods.update(health_methods(self.health))
+
+    def test_watch_request_after_shutdown(self):
+        from grpc_health.v1 import health_pb2
+
+        from anyserve_tw.ingress.health import NOT_SERVING
+        self.front._listening = FakePort()
+        self.front.running = True
+        sid = self.open(None, path=b"/grpc.health.v1.Health/Watch")
+        self.pump()
+        self.health.shutdown()
+        stopped = self.front.stopService()
+        self.client.send_data(sid, message(health_pb2.HealthCheckRequest(service="").SerializeToString()))
+        self.pump()
+        statuses = [health_pb2.HealthCheckResponse.FromString(m).status
+                    for m in self.responses[sid].messages()]
+        self.assertEqual(statuses, [NOT_SERVING])
+        self.assertEqual(self.responses[sid].status, 0)
+        self.assertEqual(self.front.active, 0)
+        self.assertEqual(self.health._watches.get("", set()), set())
+        self.assertTrue(self.transport.disconnecting)
+        self.successResultOf(stopped)
