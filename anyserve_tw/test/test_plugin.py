@@ -232,6 +232,27 @@ class ServiceTreeTests(SynchronousTestCase):
         self.assertIsInstance(inference, AioGrpcService)
         self.assertIs(inference.loop, loop)  # the reactor's, even when not the current loop
 
+    def test_the_h2_front_on_either_reactor(self):
+        """--front h2 serves inference itself on any reactor; management stays
+        on grpc's server: aio on the asyncio reactor, threads on another."""
+        import asyncio
+
+        from twisted.internet.asyncioreactor import AsyncioSelectorReactor
+        from twisted.internet.testing import MemoryReactorClock
+
+        from anyserve_tw.ingress.aiofront import AioGrpcService
+        from anyserve_tw.ingress.h2front import H2GrpcService
+        from anyserve_tw.ingress.service import make_ingress_service
+        from anyserve_tw.ingress.threadfront import GrpcServerService
+
+        loop = asyncio.new_event_loop()
+        self.addCleanup(loop.close)
+        for reactor, management in ((AsyncioSelectorReactor(loop), AioGrpcService),
+                                    (MemoryReactorClock(), GrpcServerService)):
+            top = make_ingress_service(reactor, front="h2")
+            self.assertIsInstance(top.getServiceNamed("inference"), H2GrpcService)
+            self.assertIsInstance(top.getServiceNamed("management"), management)
+
     def test_router_gets_the_registry_settings(self):
         router = self.make("--http-port", "0", "--forget-after", "7", "--max-inflight-per-model", "3",
                            "--startup-window", "4").getServiceNamed("router")
