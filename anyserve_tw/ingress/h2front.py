@@ -45,7 +45,7 @@ from h2.exceptions import ProtocolError, StreamClosedError
 from h2.frame_buffer import FrameBuffer
 from h2.settings import SettingCodes
 from twisted.internet import endpoints
-from twisted.internet.defer import CancelledError, Deferred, DeferredList, succeed
+from twisted.internet.defer import Deferred, DeferredList, succeed
 from twisted.internet.protocol import Factory, Protocol
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -463,36 +463,42 @@ class GrpcH2Protocol(Protocol):
         except Exception:
             return self.fail(call, as_inference_error(Failure()))
         if isinstance(result, Deferred):
-            call.deferred = result
-            if call.timeout is None and self.front.timeouts is not None:
-                self.front.timeouts.watch(call, result, timeout)
+            call.deferred = result  # what a deadline, a reset or the sweep (watching since _request) cancels
             result.addBoth(self._unary_done, call)
         else:
             self._answer(call, result)
 
-    def _one_message(self, call):
-        body = call.body[0] if len(call.body) == 1 else b"".join(call.body)
-        call.body = None
-        if len(body) < _PREFIX.size:
-            raise InferenceError(grpc.StatusCode.INTERNAL, "the request has no complete gRPC message")
-        flag, length = _PREFIX.unpack_from(body)
+    def _message_length(self, data, offset=0):
+        """The length of the gRPC message whose prefix starts at
+        ``data[offset]``; InferenceError for a compressed or oversized one."""
+        flag, length = _PREFIX.unpack_from(data, offset)
         if flag:
             raise InferenceError(grpc.StatusCode.UNIMPLEMENTED, "compressed messages are not accepted")
         if length > self.front.max_message_size:
             raise InferenceError(grpc.StatusCode.RESOURCE_EXHAUSTED, "Received message larger than max "
                                  "(%d vs. %d)" % (length, self.front.max_message_size))
-        if len(body) != _PREFIX.size + length:
-            raise InferenceError(grpc.StatusCode.UNIMPLEMENTED if len(body) > _PREFIX.size + length
+        return length
+
+    def _one_message(self, call):
+        """A unary call's one message, in one copy of its DATA (not a join
+        and then a slice)."""
+        chunks, call.body = call.body, None
+        if len(chunks[0]) < _PREFIX.size:  # the prefix split over frames: rare
+            chunks = [b"".join(chunks)]
+        if len(chunks[0]) < _PREFIX.size:
+            raise InferenceError(grpc.StatusCode.INTERNAL, "the request has no complete gRPC message")
+        length = self._message_length(chunks[0])
+        if call.size != _PREFIX.size + length:
+            raise InferenceError(grpc.StatusCode.UNIMPLEMENTED if call.size > _PREFIX.size + length
                                  else grpc.StatusCode.INTERNAL,
                                  "a unary call takes exactly one message")
-        return body[_PREFIX.size:] if len(body) < 65536 else memoryview(body)[_PREFIX.size:].tobytes()
+        chunks[0] = memoryview(chunks[0])[_PREFIX.size:]
+        return chunks[0].tobytes() if len(chunks) == 1 else b"".join(chunks)
 
     def _unary_done(self, result, call):
         if self.calls.get(call.stream_id) is not call or call.answered:
             return None
         if isinstance(result, Failure):
-            if result.check(CancelledError) and call.answered:
-                return None
             self.fail(call, as_inference_error(result))
         else:
             self._answer(call, result)
@@ -528,16 +534,11 @@ class GrpcH2Protocol(Protocol):
     def _feed(self, call):
         body = b"".join(call.body)
         offset = 0
-        limit = self.front.max_message_size
         while len(body) - offset >= _PREFIX.size and not call.stream.full(len(call.pending)):
-            flag, length = _PREFIX.unpack_from(body, offset)
-            if flag:
-                return self.fail(call, InferenceError(grpc.StatusCode.UNIMPLEMENTED,
-                                                      "compressed messages are not accepted"))
-            if length > limit:
-                return self.fail(call, InferenceError(
-                    grpc.StatusCode.RESOURCE_EXHAUSTED,
-                    "Received message larger than max (%d vs. %d)" % (length, limit)))
+            try:
+                length = self._message_length(body, offset)
+            except InferenceError as e:
+                return self.fail(call, e)
             end = offset + _PREFIX.size + length
             if end > len(body):
                 break
