@@ -202,7 +202,7 @@ class Batcher:
         #: Batches running (not released).
         self.running = 0
         self._soon = None  # IDelayedCall: look at the queue on the next turn
-        self._due = None  # IDelayedCall: the oldest request's delay runs out
+        self._due = None  # IDelayedCall: the wait for answers expected back runs out
         self._due_at = None  # the clock time it is set for
         self._freed_at = None  # clock time an instance last became free
         self._expected = 0  # answers sent whose senders have not come back
@@ -230,7 +230,7 @@ class Batcher:
 
     def _consider(self):
         """Run what is ready while instances are free; else wait for the
-        oldest request's delay (or for a running batch to end)."""
+        answers expected back (or for a running batch to end)."""
         self._soon = None
         while self.queue and self.running < self.instances:
             entries = self._ready()
@@ -249,9 +249,7 @@ class Batcher:
                 available += entry.rows
                 if available >= self.max_batch_size:
                     break
-        if available >= self.max_batch_size:
-            target = self.max_batch_size
-        elif not self._expecting():
+        if available >= self.max_batch_size or not self._expecting():
             target = self.max_batch_size
         else:
             target = next((size for size in self.preferred if size <= available), None)
