@@ -60,7 +60,7 @@ class UvloopTests(SynchronousTestCase):
     def test_a_child_exiting_after_its_pipes_closed_is_reaped(self):
         self.assertEqual(self.late_exit("uvloop"), ["uvloop", "ended"])
 
-    def test_asyncio_loop_unless_asked(self):
+    def test_asyncio_loop_when_asked(self):
         self.assertEqual(self.late_exit("asyncio"), ["asyncio.unix_events", "ended"])
 
     def test_sigterm_stops_the_ingress_and_its_worker(self):

@@ -167,19 +167,19 @@ class Options(usage.Options):
 log = Logger()
 
 
-def install_reactor(loop_name="asyncio"):
+def install_reactor(loop_name="uvloop"):
     """The global reactor: asyncio's, installed here on a new event loop
-    (``loop_name``: asyncio's own or uvloop's) unless a reactor was
-    installed already (``twistd --reactor=...``, or trial).  On uvloop, see
-    :func:`keep_child_wakeups`."""
+    (``loop_name``: uvloop's, as ``--loop`` defaults, or asyncio's own)
+    unless a reactor was installed already (``twistd --reactor=...``, or
+    trial).  On uvloop, see :func:`keep_child_wakeups`."""
     import asyncio
 
     from twisted.internet import asyncioreactor
     from twisted.internet.error import ReactorAlreadyInstalledError
 
+    on_uvloop = False
     if "twisted.internet.reactor" not in sys.modules:
-        on_uvloop = loop_name == "uvloop"
-        if on_uvloop:
+        if loop_name == "uvloop":
             import uvloop
 
             loop = uvloop.new_event_loop()
@@ -191,12 +191,11 @@ def install_reactor(loop_name="asyncio"):
             loop.close()
         else:
             asyncio.set_event_loop(loop)
-            if on_uvloop:
-                from twisted.internet import reactor
-
-                keep_child_wakeups(reactor, loop)
+            on_uvloop = loop_name == "uvloop"
     from twisted.internet import reactor
 
+    if on_uvloop:
+        keep_child_wakeups(reactor, loop)
     return reactor
 
 
