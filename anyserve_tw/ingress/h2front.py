@@ -412,15 +412,19 @@ class GrpcH2Protocol(Protocol):
 
     def _request(self, event):
         stream_id = event.stream_id
-        path = timeout_value = content_type = None
+        path = timeout_value = content_type = verb = None
         for name, value in event.headers:
             if name == b":path":
                 path = value
+            elif name == b":method":
+                verb = value
             elif name == b"grpc-timeout":
                 timeout_value = value
             elif name == b"content-type":
                 content_type = value
         front = self.front
+        if verb != b"POST":
+            return self._end_stream(stream_id, ((b":status", b"405"),))
         if content_type is None or not content_type.startswith(b"application/grpc"):
             return self._end_stream(stream_id, ((b":status", b"415"),))
         method = front.methods.get(path.decode("latin-1") if path else "")
@@ -821,11 +825,18 @@ class GrpcH2Protocol(Protocol):
 @implementer(IGrpcFront)
 class H2GrpcService(GrpcFrontService):
     """Serves ``methods`` (``{path: Method}``, see :func:`api_methods`) on
-    ``host:port`` over cleartext HTTP/2 on ``reactor``."""
+    ``host:port`` over cleartext HTTP/2 on ``reactor``.
+
+    ``validate_headers`` turns on h2's checks of every received header
+    block (pseudo-headers, connection-specific fields, name case...).  They
+    are off by default: they cost about a tenth of the latency of a small
+    request at 1 in flight, and a call uses only ``:method``, ``:path``,
+    ``content-type`` and ``grpc-timeout``, each checked as it is read; no
+    header goes on to a worker."""
 
     def __init__(self, reactor, label, host, port, methods, timeouts=None,
                  max_message_size=defaults.MAX_MESSAGE_SIZE, max_concurrent_rpcs=None, grace=10.0,
-                 unread=None, unread_timeout=UNREAD_TIMEOUT, validate_headers=True):
+                 unread=None, unread_timeout=UNREAD_TIMEOUT, validate_headers=False):
         super().__init__(label, host, port, methods, max_message_size, max_concurrent_rpcs, grace)
         self.reactor = self.clock = reactor
         self.methods = methods

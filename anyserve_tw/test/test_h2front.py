@@ -381,6 +381,19 @@ class UnaryTests(H2TestCase):
         self.assertEqual(self.responses[sid].headers[b":status"], b"415")
         self.assertEqual(self.api.requests, [])
 
+    def test_not_post(self):
+        """A request with another method than POST gets HTTP 405, and no call."""
+        sid = self.client.get_next_available_stream_id()
+        self.responses[sid] = Response()
+        self.client.send_headers(sid, [(b":method", b"GET"), (b":scheme", b"http"),
+                                       (b":path", b"/test.Fake/Echo"), (b":authority", b"t"),
+                                       (b"content-type", b"application/grpc")], end_stream=True)
+        self.pump()
+        self.assertEqual(self.responses[sid].headers[b":status"], b"405")
+        self.assertTrue(self.responses[sid].ended)
+        self.assertEqual(self.api.requests, [])
+        self.assertEqual(self.front.active, 0)
+
     def test_two_calls_on_one_connection(self):
         first = self.call("Later", b"1")
         second = self.call("Echo", b"2")
