@@ -370,27 +370,27 @@ class UnaryTests(H2TestCase):
         self.assertIn("/test.Fake/Nope", self.responses[sid].details)
         self.assertEqual(self.api.requests, [])
 
-    def test_not_grpc(self):
-        """A request that is not gRPC gets HTTP 415."""
+    def headers_only(self, method, content_type):
+        """A request of headers alone, to Echo; its response."""
         sid = self.client.get_next_available_stream_id()
         self.responses[sid] = Response()
-        self.client.send_headers(sid, [(b":method", b"POST"), (b":scheme", b"http"),
+        self.client.send_headers(sid, [(b":method", method), (b":scheme", b"http"),
                                        (b":path", b"/test.Fake/Echo"), (b":authority", b"t"),
-                                       (b"content-type", b"text/plain")], end_stream=True)
+                                       (b"content-type", content_type)], end_stream=True)
         self.pump()
-        self.assertEqual(self.responses[sid].headers[b":status"], b"415")
+        return self.responses[sid]
+
+    def test_not_grpc(self):
+        """A request that is not gRPC gets HTTP 415."""
+        response = self.headers_only(b"POST", b"text/plain")
+        self.assertEqual(response.headers[b":status"], b"415")
         self.assertEqual(self.api.requests, [])
 
     def test_not_post(self):
         """A request with another method than POST gets HTTP 405, and no call."""
-        sid = self.client.get_next_available_stream_id()
-        self.responses[sid] = Response()
-        self.client.send_headers(sid, [(b":method", b"GET"), (b":scheme", b"http"),
-                                       (b":path", b"/test.Fake/Echo"), (b":authority", b"t"),
-                                       (b"content-type", b"application/grpc")], end_stream=True)
-        self.pump()
-        self.assertEqual(self.responses[sid].headers[b":status"], b"405")
-        self.assertTrue(self.responses[sid].ended)
+        response = self.headers_only(b"GET", b"application/grpc")
+        self.assertEqual(response.headers[b":status"], b"405")
+        self.assertTrue(response.ended)
         self.assertEqual(self.api.requests, [])
         self.assertEqual(self.front.active, 0)
 
