@@ -126,13 +126,19 @@ def parse_timeout(value):
 
 def grpc_message(text):
     """``grpc-message``: the text's UTF-8, printable ASCII but ``%`` as is,
-    the rest percent-encoded."""
+    the rest percent-encoded, and so is a space at either end: an HTTP/2
+    field value may not start or end with whitespace, and h2 clients drop
+    the whole connection over one that does."""
     out = bytearray()
     for byte in text.encode("utf-8", "replace"):
         if 0x20 <= byte <= 0x7E and byte != 0x25:
             out.append(byte)
         else:
             out += b"%%%02X" % byte
+    if out[:1] == b" ":
+        out[:1] = b"%20"
+    if out[-1:] == b" ":
+        out[-1:] = b"%20"
     return bytes(out)
 
 
@@ -415,8 +421,12 @@ class GrpcH2Protocol(Protocol):
         path = timeout_value = content_type = verb = None
         for name, value in event.headers:
             if name == b":path":
+                if path is not None:
+                    return self._malformed(stream_id)
                 path = value
             elif name == b":method":
+                if verb is not None:
+                    return self._malformed(stream_id)
                 verb = value
             elif name == b"grpc-timeout":
                 timeout_value = value
@@ -458,6 +468,15 @@ class GrpcH2Protocol(Protocol):
             front.timeouts.watch(call, succeed(None), method.default_timeout)
         if method.streaming:
             self._open_stream(call)
+
+    def _malformed(self, stream_id):
+        """A request whose ``:path`` or ``:method`` comes twice is malformed
+        (RFC 9113, 8.1.1): reset it rather than pick one of the two, which a
+        proxy in front may have read differently."""
+        try:
+            self.conn.reset_stream(stream_id, ErrorCodes.PROTOCOL_ERROR)
+        except ProtocolError:
+            pass  # the client reset it in the same read
 
     def _refuse(self, stream_id, code, message):
         self._end_stream(stream_id, _OK_HEADERS + (

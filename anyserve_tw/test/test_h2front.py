@@ -386,6 +386,39 @@ class UnaryTests(H2TestCase):
         self.assertEqual(response.headers[b":status"], b"415")
         self.assertEqual(self.api.requests, [])
 
+    def test_missing_path(self):
+        """No ``:path``: UNIMPLEMENTED, in a message h2 clients accept (it
+        ends in a space, sent as %20), and the connection's other calls go on."""
+        other = self.call("Later", b"1")
+        self.client.config.validate_outbound_headers = False  # a client h2 would stop
+        sid = self.client.get_next_available_stream_id()
+        self.responses[sid] = Response()
+        self.client.send_headers(sid, [(b":method", b"POST"), (b":scheme", b"http"),
+                                       (b":authority", b"t"), (b"content-type", b"application/grpc")],
+                                 end_stream=True)
+        self.pump()
+        self.assertEqual(self.responses[sid].status, grpc.StatusCode.UNIMPLEMENTED.value[0])
+        self.assertEqual(self.responses[sid].trailers[b"grpc-message"], b"Method not found:%20")
+        self.api.pending[0].callback(b"one")
+        self.pump()
+        self.assertEqual(self.responses[other].messages(), [b"one"])
+
+    def test_path_or_method_twice(self):
+        """A request naming ``:path`` or ``:method`` twice is reset, not served."""
+        self.client.config.validate_outbound_headers = False
+        for twice in ([(b":path", b"/test.Fake/Echo"), (b":path", b"/test.Fake/Missing")],
+                      [(b":path", b"/test.Fake/Echo"), (b":method", b"GET")]):
+            sid = self.client.get_next_available_stream_id()
+            self.responses[sid] = Response()
+            self.client.send_headers(sid, [(b":method", b"POST"), (b":scheme", b"http")] + twice
+                                     + [(b":authority", b"t"), (b"content-type", b"application/grpc")])
+            self.client.send_data(sid, message(b"x"), end_stream=True)
+            self.pump()
+            self.assertEqual(self.responses[sid].reset, 1)  # PROTOCOL_ERROR
+        self.assertEqual(self.api.requests, [])
+        self.assertEqual(self.front.active, 0)
+        self.assertEqual(self.responses[self.call("Echo", b"ok")].messages(), [b"echo:ok"])
+
     def test_not_post(self):
         """A request with another method than POST gets HTTP 405, and no call."""
         response = self.headers_only(b"GET", b"application/grpc")
@@ -896,7 +929,9 @@ class HeaderValueTests(SynchronousTestCase):
         self.assertEqual(grpc_message("100%"), b"100%25")
         self.assertEqual(grpc_message("caf\u00e9"), b"caf%C3%A9")
         self.assertEqual(grpc_message("two\nlines\t"), b"two%0Alines%09")
-        self.assertEqual(grpc_message("\x7f~ "), b"%7F~ ")
+        self.assertEqual(grpc_message("\x7f~ "), b"%7F~%20")  # no whitespace at either end
+        self.assertEqual(grpc_message(" "), b"%20")
+        self.assertEqual(grpc_message(" a b "), b"%20a b%20")
         self.assertEqual(grpc_message(""), b"")
 
 
