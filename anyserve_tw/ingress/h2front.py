@@ -197,12 +197,6 @@ class _FrameBuffer(FrameBuffer):
         return f
 
 
-def _unsent(transport):
-    """Bytes Twisted holds unsent for ``transport`` (0 for a fake)."""
-    return (len(getattr(transport, "dataBuffer", b"")) - getattr(transport, "offset", 0)
-            + getattr(transport, "_tempDataLen", 0))
-
-
 class Method:
     """One RPC: ``call(request, timeout)`` (unary) or ``call(send, timeout)``
     (a stream object: ``request``, ``half_close``, ``cancel``, ``full``),
@@ -408,8 +402,8 @@ class GrpcH2Protocol(Protocol):
             # In this turn of the loop when nothing waits before it: an answer
             # leaves without a round of the reactor for the socket's writability.
             framing.write_through(self.transport, self.socket, [out])
-            if (self.paused and not self.stalled
-                    and _unsent(self.transport) > MAX_UNSENT + self.conn.max_outbound_frame_size):
+            if self.paused and not self.stalled and (
+                    framing.unsent_bytes(self.transport) > MAX_UNSENT + self.conn.max_outbound_frame_size):
                 # A client that sends (PINGs, SETTINGS...) but does not read.
                 self.stalled = True
                 self.transport.pauseProducing()

@@ -367,13 +367,20 @@ def stream_socket(transport):
     return None
 
 
+def unsent_bytes(transport):
+    """Bytes Twisted holds unsent for ``transport`` (0 for one without
+    Twisted's buffers, such as a test's fake)."""
+    return (len(getattr(transport, "dataBuffer", b"")) - getattr(transport, "offset", 0)
+            + getattr(transport, "_tempDataLen", 0))
+
+
 def _writes_through(transport):
     """True when a write now would go straight to the socket: the connection
     is open and Twisted holds no unsent bytes that must go first."""
     return (transport.connected and not transport.disconnecting
             and not transport._writeDisconnected and not getattr(transport, "_aborting", False)
             and not transport.producerPaused and not getattr(transport, "TLS", False)
-            and not transport._tempDataLen and len(transport.dataBuffer) == transport.offset)
+            and not unsent_bytes(transport))
 
 
 def write_through(transport, sock, parts):
