@@ -311,18 +311,28 @@ class LargeMessageTests(H2TestCase):
         self.assertEqual(response.status, 0)
         self.assertEqual(self.protocol.unread, 0)
 
-    def test_answer_to_a_reset_stream(self):
-        """A large answer to a stream the client reset meanwhile is dropped,
-        and the windows are untouched."""
-        sid = self.open("Later")
-        self.send_in_frames(sid, b"q")
+    def test_large_answer_on_a_stream_h2_has_closed(self):
+        """A large answer for a stream h2 has closed under a live call (as a
+        reset or GOAWAY in the read being handled leaves it) is dropped: no
+        frame is written, the windows are untouched, its unread bytes are
+        given back and the call ends."""
+        sid = self.open("Chat")
         self.pump()
+        send = self.api.streams[0].send
+        send(b"first")
+        self.pump()
+        self.assertEqual(self.responses[sid].messages(), [b"first"])
+        self.protocol.conn.reset_stream(sid)
+        self.protocol._flush()
+        self.transport.clear()
         window = self.protocol.conn.outbound_flow_control_window
-        self.client.reset_stream(sid)
-        self.pump()
-        self.assertEqual(self.api.cancelled, 1)
-        self.assertEqual(self.front.active, 0)
+        send(b"y" * 200000)
+        self.assertEqual(self.transport.value(), b"")
         self.assertEqual(self.protocol.conn.outbound_flow_control_window, window)
+        self.assertEqual(self.protocol.unread, 0)
+        self.assertEqual(self.unread.total, 0)
+        self.assertTrue(self.api.streams[0].cancelled)
+        self.assertEqual((self.front.active, self.protocol.calls), (0, {}))
 
 
 class UnaryTests(H2TestCase):
