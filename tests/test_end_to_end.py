@@ -24,7 +24,7 @@ class IngressTestCase(SynchronousTestCase):
     copies = 1
     args = ()
     ready = ()
-    front = "aio"  # every class runs on the thread front too (see the end)
+    front = "aio"  # every class runs on the other fronts too (see the end)
 
     def setUp(self):
         self.ingress = Ingress(self.workers, self.copies, tuple(self.args) + ("--front", self.front))
@@ -465,7 +465,7 @@ class ShutdownTests(IngressTestCase):
 OTHER_FRONTS = (("OnThreads", "threads"), ("OnH2", "h2"))
 
 
-def on_the_thread_front(namespace, fronts=OTHER_FRONTS):
+def on_the_other_fronts(namespace, fronts=OTHER_FRONTS):
     """Add copies of every test class here whose ``front`` is "aio", one per
     other front: ``...OnThreads`` (``--front threads``), ``...OnH2``
     (``--front h2``)."""
@@ -478,4 +478,4 @@ def on_the_thread_front(namespace, fronts=OTHER_FRONTS):
                     name + suffix, (case,), {"front": front, "__module__": namespace["__name__"]})
 
 
-on_the_thread_front(globals())
+on_the_other_fronts(globals())

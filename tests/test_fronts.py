@@ -8,7 +8,7 @@ import grpc
 import numpy as np
 
 from tests.harness import BackgroundInfer, PROBE_SERVER, KSERVE_SERVER, infer_inputs, wait_for
-from tests.test_end_to_end import IngressTestCase, on_the_thread_front, status_of
+from tests.test_end_to_end import IngressTestCase, on_the_other_fronts, status_of
 
 MODEL_INFER = "/inference.GRPCInferenceService/ModelInfer"
 
@@ -109,7 +109,7 @@ class ConcurrencyLimitTests(IngressTestCase):
         self.client.infer("nap", infer_inputs(seconds=np.array([0.0])))
 
 
-on_the_thread_front(globals())
+on_the_other_fronts(globals())
 
 
 class NoStarvationTests(IngressTestCase):

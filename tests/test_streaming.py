@@ -7,7 +7,7 @@ import time
 import numpy as np
 
 from tests.harness import KSERVE_SERVER, ROOT, infer_inputs
-from tests.test_end_to_end import IngressTestCase, on_the_thread_front, status_of
+from tests.test_end_to_end import IngressTestCase, on_the_other_fronts, status_of
 
 STREAM_SERVER = os.path.join(ROOT, "examples", "stream_server.py")
 
@@ -107,4 +107,4 @@ class StreamTests(IngressTestCase):
         self.assertEqual([int(r.as_numpy("value")[0]) for r, _ in self.take(2)], [1, 0])
 
 
-on_the_thread_front(globals())
+on_the_other_fronts(globals())

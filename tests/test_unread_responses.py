@@ -14,7 +14,7 @@ from tritonclient.utils import InferenceServerException
 
 from tests.harness import PROBE_SERVER, infer_inputs, rss_bytes, wait_for
 from tests.rawh2 import UnreadingClient
-from tests.test_end_to_end import IngressTestCase, on_the_thread_front
+from tests.test_end_to_end import IngressTestCase, on_the_other_fronts
 from anyserve_tw.ingress.backpressure import MAX_UNREAD_PER_CLIENT, UNREAD_TIMEOUT
 from anyserve_tw.wire import protos
 
@@ -145,7 +145,7 @@ class UnreadResponsesTests(IngressTestCase):
         self.assertOthersServed()
 
 
-on_the_thread_front(globals())
+on_the_other_fronts(globals())
 
 
 class StalledStreamsTests(IngressTestCase):
